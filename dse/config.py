@@ -1,0 +1,170 @@
+"""The trial configuration: one frozen, validated dataclass that round-trips through JSON.
+
+Each knob belongs to one transform (see :mod:`dse.transforms`), which declares its
+legal values in :data:`KNOBS`; search spaces may only narrow these.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Optional
+
+from dse.errors import ConfigError
+
+CONFIG_VERSION = 1
+
+# knob -> (owning transform, legal values description, validator or choices)
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "amp-bf16", "amp-fp16")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+KNOBS: dict[str, dict[str, Any]] = {
+    "precision": {"transform": "precision", "choices": PRECISIONS},
+    "moe_experts": {"transform": "moe", "range": (0, 64), "doc": "0 = dense feed-forward"},
+    "moe_top_k": {"transform": "moe", "range": (1, 8)},
+    "moe_hidden": {"transform": "moe", "range": (0, 8192), "doc": "expert hidden dim; 0 = the dense FFN's"},
+    "moe_every": {"transform": "moe", "range": (1, 32), "doc": "MoE in every n-th Emformer layer"},
+    "right_context_frames": {"transform": "geometry", "range": (0, 64), "doc": "None = as trained"},
+    "segment_frames": {"transform": "geometry", "range": (4, 256), "doc": "None = as trained"},
+    "window_samples": {"transform": "frontend", "range": (160, 1600)},
+    "hop_samples": {"transform": "frontend", "range": (80, 800)},
+    "compile": {"transform": "compile", "choices": COMPILE_MODES},
+    "beam_width": {"transform": "decoder", "range": (1, 16)},
+    "threads": {"transform": "runtime", "range": (1, 256)},
+    "adapt_steps": {"transform": "adapt", "range": (0, 100000)},
+}
+
+# Knobs that can change a transcript. Threads and compile only change speed
+# (compiled kernels compute the same operations), so two configurations that differ
+# only in them share one accuracy measurement.
+ACCURACY_KNOBS = ("precision", "moe_experts", "moe_top_k", "moe_hidden", "moe_every", "right_context_frames",
+                  "segment_frames", "window_samples", "hop_samples", "beam_width", "adapt_steps")
+# Knobs that change the weights (and so need adaptation when they differ from the trained model).
+WEIGHT_KNOBS = ("moe_experts", "moe_top_k", "moe_hidden", "moe_every", "right_context_frames", "segment_frames",
+                "window_samples", "hop_samples", "adapt_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialConfig:
+    """One deployment configuration. Frames are feature frames (before time reduction)."""
+
+    precision: str = "fp32"
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_hidden: int = 0
+    moe_every: int = 1
+    right_context_frames: Optional[int] = None
+    segment_frames: Optional[int] = None
+    window_samples: int = 400
+    hop_samples: int = 160
+    compile: str = "off"
+    beam_width: int = 4
+    threads: int = 2
+    adapt_steps: int = 0
+
+    def __post_init__(self):
+        for name, spec in KNOBS.items():
+            value = getattr(self, name)
+            if value is None and name in ("right_context_frames", "segment_frames"):
+                continue
+            if "choices" in spec:
+                if value not in spec["choices"]:
+                    raise ConfigError(f"{name}={value!r} is not one of {', '.join(spec['choices'])}")
+            else:
+                lo, hi = spec["range"]
+                if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                    raise ConfigError(f"{name}={value!r} must be an integer in [{lo}, {hi}]")
+        if self.moe_experts and self.moe_top_k > self.moe_experts:
+            raise ConfigError(f"moe_top_k={self.moe_top_k} cannot exceed moe_experts={self.moe_experts}")
+        if self.moe_experts == 1:
+            raise ConfigError("moe_experts=1 is a dense layer with a router; use 0 (dense) or at least 2")
+        if self.hop_samples > self.window_samples:
+            raise ConfigError(f"hop_samples={self.hop_samples} must not exceed window_samples={self.window_samples} "
+                              "(frames would skip audio)")
+        if self.precision.startswith("amp") and self.compile != "off":
+            raise ConfigError(f"precision={self.precision} (autocast) cannot be combined with compile={self.compile}")
+
+    def validate_for(self, arch: dict) -> None:
+        """Checks that depend on the model: stride multiples and the expert hidden dim."""
+        stride = arch["time_reduction_stride"]
+        for name in ("right_context_frames", "segment_frames"):
+            v = getattr(self, name)
+            if v is not None and v % stride:
+                raise ConfigError(f"{name}={v} must be a multiple of the time-reduction stride {stride}")
+        if self.segment_frames is not None and self.segment_frames < stride:
+            raise ConfigError(f"segment_frames={self.segment_frames} must be at least the stride {stride}")
+
+    def resolved(self, arch: dict) -> "TrialConfig":
+        """Fill ``None`` geometry from the model's trained values."""
+        return dataclasses.replace(
+            self,
+            right_context_frames=arch["right_context_length"] if self.right_context_frames is None else self.right_context_frames,
+            segment_frames=arch["segment_length"] if self.segment_frames is None else self.segment_frames)
+
+    def to_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), version=CONFIG_VERSION)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrialConfig":
+        data = dict(data)
+        version = data.pop("version", CONFIG_VERSION)
+        if version > CONFIG_VERSION:
+            raise ConfigError(f"config version {version} is newer than this dse understands ({CONFIG_VERSION}); upgrade dse")
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(sorted(unknown))}; known: {', '.join(KNOBS)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrialConfig":
+        return cls.from_dict(json.loads(text))
+
+    def key(self, fields=None) -> str:
+        """Content hash of ``fields`` (all by default): names results determined by them."""
+        d = self.to_dict()
+        picked = {k: d[k] for k in (fields or sorted(d))}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+    def accuracy_key(self) -> str:
+        return self.key(ACCURACY_KNOBS)
+
+    def weights_key(self) -> str:
+        return self.key(WEIGHT_KNOBS)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe_experts > 0
+
+
+def add_config_arguments(p) -> None:
+    """The knobs as CLI flags (shared by measure, run and export)."""
+    d = TrialConfig()
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="weights/activations: fp32, bf16, fp16, int8 (dynamic quantisation), or autocast amp-*")
+    p.add_argument("--beam-width", type=int, default=d.beam_width, help="decoder beam width, 1 = greedy (default 4)")
+    p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads for the timed run (default 2)")
+    p.add_argument("--right-context", type=int, dest="right_context_frames",
+                   help="right-context frames (multiple of the stride 4); default as trained")
+    p.add_argument("--segment", type=int, dest="segment_frames", help="segment length in frames; default as trained")
+    p.add_argument("--compile", choices=COMPILE_MODES, default=d.compile, help="torch.compile mode for the encoder")
+    p.add_argument("--moe-experts", type=int, default=d.moe_experts, help="experts per MoE layer; 0 = dense")
+    p.add_argument("--moe-top-k", type=int, default=d.moe_top_k, help="experts each frame is routed to")
+    p.add_argument("--moe-hidden", type=int, default=d.moe_hidden, help="expert hidden dim; 0 = dense FFN's")
+    p.add_argument("--moe-every", type=int, default=d.moe_every, help="MoE in every n-th layer")
+    p.add_argument("--window", type=int, dest="window_samples", default=d.window_samples,
+                   help="mel window in samples at 16 kHz (default 400 = 25 ms)")
+    p.add_argument("--hop", type=int, dest="hop_samples", default=d.hop_samples,
+                   help="mel hop in samples (default 160 = 10 ms)")
+    p.add_argument("--adapt-steps", type=int, default=d.adapt_steps,
+                   help="fine-tuning steps on the adapt split after architecture edits")
+
+
+def config_from_args(args, loaded=None) -> TrialConfig:
+    fields = {f.name for f in dataclasses.fields(TrialConfig)}
+    cfg = TrialConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    if loaded is not None:
+        cfg.validate_for(loaded.arch)
+    return cfg

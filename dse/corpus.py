@@ -1,0 +1,321 @@
+"""Synthetic speech corpus: ``python -m dse.corpus --out DIR``.
+
+Text: sentences from the ``fortunes`` and ``fortunes-min`` Debian packages (BSD-style
+licensed collections of short everyday English quotations), lower-cased, letters and
+apostrophes only, 4-14 words, keeping only sentences whose every word occurs in at
+least two sentences (rare names and fragments of jargon would be unlearnable from one
+sighting). Sentences are split once, by a seeded shuffle, into disjoint eval, adapt
+and train sets: no eval sentence is ever spoken in training.
+
+Voices: every offline engine this machine has. espeak-ng (8 English accents x many
+voice variants), flite (kal, kal16, awb, rms, slt) and festival (kal_diphone,
+ked_diphone, cmu_us_slt_arctic_hts). Rate, pitch and volume are drawn per utterance;
+a share of the utterances get additive noise at 10-30 dB SNR or a synthetic room
+reverberation. The voices in :data:`HELD_OUT_VOICES` are never used in train or
+adapt: they form the eval split's leave-one-out slice.
+
+Everything is deterministic from ``--seed``: the same seed gives the same text,
+voice, parameters and noise for every utterance.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from dse.errors import DSEError
+
+FORTUNE_DIRS = ["/usr/share/games/fortunes"]
+ESPEAK_ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan",
+                  "en-gb-x-gbcwmd", "en-029", "en-us-nyc"]
+ESPEAK_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5",
+                   "klatt", "klatt2", "klatt3", "adam", "linda", "john", "steph", "robert",
+                   "david", "paul", "belinda", "benjamin", "edward", "grandpa", "shelby", "zac"]
+FLITE_VOICES = ["kal", "kal16", "awb", "rms", "slt"]
+FESTIVAL_VOICES = ["kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts"]
+# Never spoken in train or adapt: the eval split's leave-one-out slice.
+HELD_OUT_VOICES = {("flite", "awb"), ("festival", "ked_diphone")}
+SAMPLE_RATE_HZ = 16000
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One utterance to synthesise. ``rate`` is a speed factor (1 = engine default)."""
+    id: str
+    split: str
+    slice: str
+    text: str
+    engine: str
+    voice: str
+    rate: float
+    pitch: float
+    gain: float
+    effect: str  # "clean" | "noise" | "reverb"
+    snr_db: float
+    seed: int
+    out: str
+
+
+def normalise_text(sentence: str) -> str:
+    s = sentence.lower().replace("-", " ")
+    s = re.sub(r"[^a-z' ]", " ", s)
+    words = [w.strip("'") for w in s.split()]
+    return " ".join(w for w in words if w)
+
+
+def load_sentences(dirs=FORTUNE_DIRS, min_words=4, max_words=14, min_word_count=2) -> list[str]:
+    """Every usable sentence from the fortune files, sorted (so the order is reproducible)."""
+    files = sorted(f for d in dirs for f in glob.glob(os.path.join(d, "*"))
+                   if os.path.isfile(f) and "." not in os.path.basename(f))
+    if not files:
+        raise DSEError(f"no fortune files under {dirs}: install the Debian packages 'fortunes' and 'fortunes-min'")
+    sentences = set()
+    for f in files:
+        with open(f, encoding="utf-8", errors="ignore") as fh:
+            for cookie in fh.read().split("\n%\n"):
+                cookie = re.sub(r"\s+", " ", cookie)
+                for raw in re.split(r"(?<=[.!?])\s+", cookie):
+                    if re.search(r"[0-9@#$%^&*_=+<>/\\|{}\[\]~`]", raw):
+                        continue
+                    s = normalise_text(raw)
+                    if any(len(w) == 1 and w not in ("a", "i") for w in s.split()):
+                        continue  # initials and list markers ("h c blow the horn")
+                    if min_words <= len(s.split()) <= max_words:
+                        sentences.add(s)
+    counts = collections.Counter(w for s in sentences for w in s.split())
+    return sorted(s for s in sentences if all(counts[w] >= min_word_count for w in s.split()))
+
+
+def available_voices() -> list[tuple[str, str]]:
+    voices = []
+    if shutil.which("espeak-ng"):
+        voices += [("espeak", f"{a}+{v}") for a in ESPEAK_ACCENTS for v in ESPEAK_VARIANTS]
+    if shutil.which("flite"):
+        voices += [("flite", v) for v in FLITE_VOICES]
+    if shutil.which("text2wave"):
+        root = "/usr/share/festival/voices"
+        voices += [("festival", v) for v in FESTIVAL_VOICES if glob.glob(f"{root}/*/{v}")]
+    return voices
+
+
+def _voice_family(engine: str, voice: str) -> tuple[str, str]:
+    return engine, voice.split("+")[0] if engine == "espeak" else voice
+
+
+def plan(out: Path, seed: int, n_train: int, n_adapt: int, n_eval_per_slice: int) -> list[Job]:
+    """Decide every utterance (text, voice, parameters) from the seed alone."""
+    rng = random.Random(seed)
+    sentences = load_sentences()
+    rng.shuffle(sentences)
+    voices = available_voices()
+    if not voices:
+        raise DSEError("no text-to-speech engine found: install espeak-ng, flite or festival")
+    held = [v for v in voices if v in HELD_OUT_VOICES]
+    seen = [v for v in voices if v not in HELD_OUT_VOICES]
+    engines = sorted({e for e, _ in seen})
+    eval_slices = [(e, [v for v in seen if v[0] == e]) for e in engines]
+    if held:
+        eval_slices.append(("heldout", held))
+    n_eval = n_eval_per_slice * len(eval_slices)
+    if len(sentences) < n_eval + n_adapt + 100:
+        raise DSEError(f"only {len(sentences)} sentences available, need more than {n_eval + n_adapt + 100}")
+    eval_text, rest = sentences[:n_eval], sentences[n_eval:]
+    adapt_text, train_text = rest[:n_adapt], rest[n_adapt:]
+
+    def by_engine(pool):
+        # Balance engines (espeak has far more voice variants than the others).
+        groups = collections.defaultdict(list)
+        for v in pool:
+            groups[v[0]].append(v)
+        return [groups[e] for e in sorted(groups)]
+
+    jobs: list[Job] = []
+
+    def add(split, slice_name, text, pool_groups, index):
+        group = pool_groups[rng.randrange(len(pool_groups))]
+        engine, voice = group[rng.randrange(len(group))]
+        effect = rng.choices(["clean", "noise", "reverb"], weights=[0.6, 0.25, 0.15])[0] if split != "eval" else \
+            rng.choices(["clean", "noise"], weights=[0.8, 0.2])[0]
+        uid = f"{split}-{index:06d}"
+        jobs.append(Job(
+            id=uid, split=split, slice=slice_name, text=text, engine=engine, voice=voice,
+            rate=rng.uniform(0.8, 1.25), pitch=rng.uniform(-0.3, 0.3), gain=rng.uniform(0.3, 0.9),
+            effect=effect, snr_db=rng.uniform(10, 30), seed=rng.randrange(2**31),
+            out=str(out / split / f"{uid}.{'ogg' if split != 'train' else 'flac'}")))
+
+    for i, text in enumerate(eval_text):
+        name, pool = eval_slices[i % len(eval_slices)]
+        add("eval", name, text, [pool], i)
+    seen_groups = by_engine(seen)
+    for i, text in enumerate(adapt_text):
+        add("adapt", "adapt", text, seen_groups, i)
+    i = 0
+    while i < n_train:
+        for text in train_text:
+            if i >= n_train:
+                break
+            add("train", "train", text, seen_groups, i)
+            i += 1
+    return jobs
+
+
+def _run(cmd: list[str], text: str | None = None) -> None:
+    result = subprocess.run(cmd, input=text, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise DSEError(f"{cmd[0]} failed ({result.returncode}): {result.stderr.strip()[:300]}")
+
+
+def synthesise(job: Job, wav_path: str) -> None:
+    """Run the job's engine, writing a WAV file at the engine's own sample rate."""
+    if job.engine == "espeak":
+        speed_wpm = int(175 * job.rate)
+        pitch = int(50 + 40 * job.pitch)
+        _run(["espeak-ng", "-v", job.voice, "-s", str(speed_wpm), "-p", str(pitch), "-w", wav_path, job.text])
+    elif job.engine == "flite":
+        _run(["flite", "-voice", job.voice, "--setf", f"duration_stretch={1 / job.rate:.3f}",
+              "--setf", f"int_f0_target_mean={int(110 * (1 + job.pitch))}" if job.voice in ("kal", "kal16", "awb", "rms")
+              else f"int_f0_target_mean={int(170 * (1 + job.pitch))}",
+              "-t", job.text, "-o", wav_path])
+    elif job.engine == "festival":
+        scheme = f"(voice_{job.voice})(Parameter.set 'Duration_Stretch {1 / job.rate:.3f})"
+        _run(["text2wave", "-eval", scheme, "-o", wav_path], text=job.text)
+    else:
+        raise DSEError(f"unknown engine {job.engine!r}")
+
+
+def _room_impulse(rng: np.random.Generator, rate: int) -> np.ndarray:
+    rt60_s = rng.uniform(0.15, 0.6)
+    n = int(rt60_s * rate)
+    t = np.arange(n) / rate
+    ir = rng.standard_normal(n) * np.exp(-6.9 * t / rt60_s)
+    ir[0] = 1.0
+    return ir / np.sqrt((ir ** 2).sum())
+
+
+def render(job: Job) -> dict:
+    """Synthesise, resample to 16 kHz, apply the job's effect and gain, write the file."""
+    import torch
+    import torchaudio
+    import soundfile
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = os.path.join(tmp, "a.wav")
+        synthesise(job, wav)
+        data, rate = soundfile.read(wav, dtype="float32", always_2d=True)
+    x = data.mean(axis=1)
+    if rate != SAMPLE_RATE_HZ:
+        x = torchaudio.functional.resample(torch.from_numpy(x), rate, SAMPLE_RATE_HZ).numpy()
+    # Trim leading/trailing digital silence beyond 0.15 s, as engines pad very differently.
+    nz = np.flatnonzero(np.abs(x) > 1e-3)
+    if nz.size == 0:
+        raise DSEError(f"{job.id}: {job.engine}/{job.voice} produced silence for {job.text!r}")
+    pad = int(0.15 * SAMPLE_RATE_HZ)
+    x = x[max(0, nz[0] - pad): nz[-1] + pad]
+    rng = np.random.default_rng(job.seed)
+    if job.effect == "reverb":
+        x = np.convolve(x, _room_impulse(rng, SAMPLE_RATE_HZ))[: len(x)]
+    x = x / (np.abs(x).max() + 1e-9) * job.gain
+    if job.effect == "noise":
+        power = np.mean(x ** 2)
+        noise = rng.standard_normal(len(x))
+        if rng.random() < 0.5:  # brown-ish noise as well as white
+            noise = np.cumsum(noise)
+            noise -= np.convolve(noise, np.ones(400) / 400, mode="same")
+        noise *= np.sqrt(power / (np.mean(noise ** 2) + 1e-12) / 10 ** (job.snr_db / 10))
+        x = x + noise
+    x = np.clip(x, -1, 1).astype(np.float32)
+    Path(job.out).parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(job.out, x, SAMPLE_RATE_HZ)
+    return {"id": job.id, "path": job.out, "duration": round(len(x) / SAMPLE_RATE_HZ, 3), "text": job.text,
+            "slice": job.slice, "engine": job.engine, "voice": job.voice, "effect": job.effect}
+
+
+def _render_safe(job: Job):
+    try:
+        return render(job), None
+    except Exception as exc:  # reported and skipped, never fatal to the corpus
+        return None, f"{job.id} ({job.engine}/{job.voice}): {exc}"
+
+
+def generate(out: Path, seed: int, n_train: int, n_adapt: int, n_eval_per_slice: int,
+             workers: int, splits: tuple[str, ...] = ("train", "adapt", "eval")) -> dict[str, Path]:
+    from tqdm import tqdm
+
+    jobs = [j for j in plan(out, seed, n_train, n_adapt, n_eval_per_slice) if j.split in splits]
+    rows: dict[str, list] = collections.defaultdict(list)
+    failures = []
+    todo = []
+    for job in jobs:
+        if Path(job.out).exists():  # resumable: a finished file is not made again
+            import soundfile
+            info = soundfile.info(job.out)
+            rows[job.split].append({"id": job.id, "path": job.out, "duration": round(info.frames / info.samplerate, 3),
+                                    "text": job.text, "slice": job.slice, "engine": job.engine,
+                                    "voice": job.voice, "effect": job.effect})
+        else:
+            todo.append(job)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for row, problem in tqdm(pool.map(_render_safe, todo, chunksize=8), total=len(todo),
+                                 desc="synthesising", unit="utt"):
+            if problem:
+                failures.append(problem)
+            else:
+                rows[row["id"].split("-")[0]].append(row)
+    manifests = {}
+    for split, items in rows.items():
+        items.sort(key=lambda r: r["id"])
+        path = out / f"{split}.jsonl"
+        with open(path, "w") as f:
+            for r in items:
+                r = dict(r, path=os.path.relpath(r["path"], out))
+                f.write(json.dumps(r) + "\n")
+        manifests[split] = path
+    for problem in failures:
+        print(f"skipped: {problem}", file=sys.stderr)
+    print(f"{sum(len(v) for v in rows.values())} utterances written, {len(failures)} skipped", file=sys.stderr)
+    return manifests
+
+
+def audio_hash(path: str | os.PathLike) -> str:
+    import soundfile
+    data, _ = soundfile.read(str(path), dtype="int16")
+    return hashlib.sha256(data.tobytes()).hexdigest()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dse.corpus", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="output folder (train/, adapt/, eval/ and one manifest per split)")
+    p.add_argument("--seed", type=int, default=0, help="seed for text split, voices, parameters and noise (default 0)")
+    p.add_argument("--train", type=int, default=20000, help="number of training utterances (default 20000)")
+    p.add_argument("--adapt", type=int, default=600, help="number of adaptation utterances (default 600)")
+    p.add_argument("--eval-per-slice", type=int, default=60, help="eval utterances per slice (per engine + held-out; default 60)")
+    p.add_argument("--splits", default="train,adapt,eval", help="comma-separated splits to generate (default all)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel synthesis processes")
+    args = p.parse_args(argv)
+    try:
+        generate(args.out, args.seed, args.train, args.adapt, args.eval_per_slice, args.workers,
+                 tuple(args.splits.split(",")))
+    except DSEError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Honest measurement of a streaming recognizer: ``python -m dse.measure``.
+
+Every figure comes from one pass of the real streaming path: audio is fed in the
+pieces a live stream would deliver, each chunk is timed with ``perf_counter_ns``
+after a warm-up utterance that is not counted, and the transcripts of that very
+pass are scored for WER/CER.
+
+Definitions (units in the names):
+
+* ``rtf``: per utterance, total compute time of all its chunks (features, encoder,
+  search, the end-of-stream flush included) divided by the utterance's duration;
+  reported as mean, p50 and p95 over utterances, with a bootstrap 95 % interval of
+  the mean.
+* ``chunk_latency_ms``: wall time of each chunk's compute; p50/p95/p99 over all chunks.
+* ``ttft_s`` (time to first token): a stream starts at t = 0 when its first sample
+  arrives, audio arrives in real time, and chunk ``k`` can start once the samples it
+  needs have arrived (end-of-stream padding counts as arrived when the audio ends)
+  and chunk ``k - 1`` has finished: ``start_k = max(ready_k, end_{k-1})``,
+  ``end_k = start_k + compute_k``. TTFT is ``end_k`` of the first chunk after which
+  the best hypothesis holds a non-blank token: the audio that must arrive plus the
+  compute, queueing included. Utterances that never emit a token have no TTFT and are
+  counted in ``ttft_missing``.
+* ``peak_rss_mib``: the process's peak resident set size so far.
+* ``wer``/``cer``: jiwer over the whole eval set; ``None`` ("not measured") when the
+  weights are random.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from dse.errors import DSEError
+
+SPREAD_WARN_RATIO = 0.25
+
+
+def percentile(values: Sequence[float], q: float) -> Optional[float]:
+    """Linear-interpolated percentile, ``q`` in [0, 100]; ``None`` for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def bootstrap_ci(values: Sequence[float], stat=statistics.fmean, n: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95 % bootstrap interval of ``stat`` over ``values``."""
+    if len(values) < 2:
+        v = values[0] if values else float("nan")
+        return v, v
+    rng = random.Random(seed)
+    samples = sorted(stat([rng.choice(values) for _ in values]) for _ in range(n))
+    return samples[int(0.025 * n)], samples[int(0.975 * n) - 1]
+
+
+def ttft_s(compute_s: Sequence[float], ready_s: Sequence[float], emitted: Sequence[bool]) -> Optional[float]:
+    """Time to first token on the real-time arrival model (see module docstring)."""
+    end = 0.0
+    for c, r, e in zip(compute_s, ready_s, emitted):
+        end = max(r, end) + c
+        if e:
+            return end
+    return None
+
+
+def machine_fingerprint() -> dict:
+    import torchaudio
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu_model": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "torchaudio": torchaudio.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a (possibly nested) state-dict value, packed int8 weights included."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_quantized:
+            return obj.numel() * obj.element_size()
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(o) for o in obj.values())
+    return 0
+
+
+def weight_mib(model: torch.nn.Module) -> float:
+    """MiB of the model's weights in their deployed form (state dict tensors)."""
+    return tensor_bytes(dict(model.state_dict())) / 2**20
+
+
+@dataclasses.dataclass
+class UtteranceTiming:
+    id: str
+    duration_s: float
+    chunk_compute_s: list[float]
+    ttft_s: Optional[float]
+    text: str
+
+    @property
+    def rtf(self) -> float:
+        return sum(self.chunk_compute_s) / self.duration_s
+
+
+def arrival_pieces(num_samples: int, recognizer) -> list[tuple[int, int]]:
+    """(start, end) sample ranges a live stream delivers: one chunk's worth at a time."""
+    cfg = recognizer.logmel.config
+    first = cfg.samples_for_frames(recognizer.chunk_frames)
+    step = recognizer.advance_frames * cfg.hop_samples
+    pieces, start, end = [], 0, min(first, num_samples)
+    while start < num_samples:
+        pieces.append((start, end))
+        start, end = end, min(end + step, num_samples)
+    return pieces
+
+
+def stream_utterance(recognizer, waveform: torch.Tensor, utt_id: str = "") -> UtteranceTiming:
+    """Stream ``waveform`` ``(samples,)`` through ``recognizer``, timing every chunk."""
+    rate = recognizer.logmel.config.sample_rate
+    n = waveform.numel()
+    recognizer.reset()
+    events = []
+    for start, end in arrival_pieces(n, recognizer):
+        events.extend(recognizer.accept_audio(waveform[start:end]))
+    events.extend(recognizer.finish())
+    compute = [e.compute_ns / 1e9 for e in events]
+    ready = [min(e.samples_needed, n) / rate for e in events]
+    emitted = [len(e.tokens) > 0 for e in events]
+    return UtteranceTiming(utt_id, n / rate, compute, ttft_s(compute, ready, emitted), recognizer.text)
+
+
+@dataclasses.dataclass
+class EvalAudio:
+    """Loaded eval utterances (audio read once, outside any timed region)."""
+    ids: list[str]
+    waveforms: list[torch.Tensor]
+    texts: list[str]
+    slices: list[str]
+    skipped: list[str]
+
+
+def load_eval_audio(source, limit: Optional[int] = None, progress: bool = False) -> EvalAudio:
+    from dse.audio import read_audio
+    from dse.datasets import iter_checked, load_eval_set
+
+    utts = load_eval_set(source)[:limit]
+    out = EvalAudio([], [], [], [], [])
+    it = iter_checked(utts, read_audio)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, total=len(utts), desc="reading audio", unit="utt", leave=False)
+    for utt, audio, problem in it:
+        if problem:
+            out.skipped.append(problem)
+            continue
+        out.ids.append(utt.id)
+        out.waveforms.append(audio)
+        out.texts.append(utt.text)
+        out.slices.append(utt.slice)
+    if not out.waveforms:
+        raise DSEError(f"{source}: no usable utterances ({len(out.skipped)} skipped: {out.skipped[:3]})")
+    return out
+
+
+def score(refs: Sequence[str], hyps: Sequence[str]) -> dict:
+    import jiwer
+
+    return {"wer": jiwer.wer(list(refs), list(hyps)), "cer": jiwer.cer(list(refs), list(hyps))}
+
+
+def measure(recognizer, audio: EvalAudio, accuracy: bool = True, warmup: bool = True,
+            progress: bool = False) -> dict:
+    """Time ``recognizer`` on every utterance of ``audio``; score its transcripts when ``accuracy``."""
+    if warmup:
+        stream_utterance(recognizer, audio.waveforms[0])
+    timings = []
+    it = range(len(audio.waveforms))
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="streaming", unit="utt", leave=False)
+    for i in it:
+        timings.append(stream_utterance(recognizer, audio.waveforms[i], audio.ids[i]))
+    rtfs = [t.rtf for t in timings]
+    chunks_ms = [c * 1000 for t in timings for c in t.chunk_compute_s]
+    ttfts = [t.ttft_s for t in timings if t.ttft_s is not None]
+    lo, hi = bootstrap_ci(rtfs)
+    rtf_mean = statistics.fmean(rtfs)
+    result = {
+        "utterances": len(timings), "audio_s": sum(t.duration_s for t in timings), "chunks": len(chunks_ms),
+        "rtf_mean": rtf_mean, "rtf_mean_ci95": [lo, hi], "rtf_p50": percentile(rtfs, 50),
+        "rtf_p95": percentile(rtfs, 95),
+        "chunk_latency_p50_ms": percentile(chunks_ms, 50), "chunk_latency_p95_ms": percentile(chunks_ms, 95),
+        "chunk_latency_p99_ms": percentile(chunks_ms, 99),
+        "ttft_s": statistics.median(ttfts) if ttfts else None, "ttft_p95_s": percentile(ttfts, 95),
+        "ttft_missing": len(timings) - len(ttfts),
+        "peak_rss_mib": peak_rss_mib(), "skipped": audio.skipped,
+        "wer": None, "cer": None, "wer_by_slice": {},
+    }
+    result["spread_warning"] = (
+        f"RTF 95% interval [{lo:.4f}, {hi:.4f}] is wider than {SPREAD_WARN_RATIO:.0%} of the mean {rtf_mean:.4f}: "
+        "the machine is noisy; measure again or use more utterances"
+        if rtf_mean > 0 and (hi - lo) / rtf_mean > SPREAD_WARN_RATIO else None)
+    if accuracy:
+        hyps = [t.text for t in timings]
+        result.update(score(audio.texts, hyps))
+        by_slice: dict[str, list[int]] = {}
+        for i, s in enumerate(audio.slices):
+            by_slice.setdefault(s, []).append(i)
+        if len(by_slice) > 1:
+            result["wer_by_slice"] = {s: score([audio.texts[i] for i in idx], [hyps[i] for i in idx])["wer"]
+                                      for s, idx in sorted(by_slice.items())}
+        result["transcripts"] = [{"id": t.id, "ref": r, "hyp": t.text} for t, r in zip(timings, audio.texts)]
+    return result
+
+
+def interleaved_speedup(candidate, reference, audio: EvalAudio, rounds: int = 1,
+                        limit: Optional[int] = None) -> dict:
+    """Same-run ratio: time ``reference`` and ``candidate`` alternately (A B, then B A) per utterance.
+
+    Returns the median over utterances of ``reference_time / candidate_time`` (> 1 means the
+    candidate is faster), its bootstrap 95 % interval and the sample count.
+    """
+    stream_utterance(candidate, audio.waveforms[0])
+    stream_utterance(reference, audio.waveforms[0])
+    ratios = []
+    n = min(limit or len(audio.waveforms), len(audio.waveforms))
+    for r in range(rounds):
+        for i in range(n):
+            w = audio.waveforms[i]
+            order = (candidate, reference) if (i + r) % 2 == 0 else (reference, candidate)
+            times = {}
+            for rec in order:
+                times[id(rec)] = sum(stream_utterance(rec, w).chunk_compute_s)
+            ratios.append(times[id(reference)] / times[id(candidate)])
+    lo, hi = bootstrap_ci(ratios, stat=statistics.median)
+    return {"speedup": statistics.median(ratios), "speedup_ci95": [lo, hi], "samples": len(ratios)}
+
+
+def _format_table(record: dict) -> str:
+    def fmt(v, unit=""):
+        if v is None:
+            return "not measured"
+        if isinstance(v, float):
+            return f"{v:.4g}{unit}"
+        return f"{v}{unit}"
+
+    rows = [
+        ("model", record["model"]), ("weights", record["weights"]), ("params", fmt(record["params"])),
+        ("weight MiB", fmt(record["weight_mib"])), ("precision", record["precision"]),
+        ("beam width", record["beam_width"]), ("threads", record["threads"]),
+        ("utterances / audio", f"{record['utterances']} / {record['audio_s']:.1f} s"),
+        ("RTF mean [95% CI]", f"{record['rtf_mean']:.4f} [{record['rtf_mean_ci95'][0]:.4f}, {record['rtf_mean_ci95'][1]:.4f}]"),
+        ("RTF p50 / p95", f"{record['rtf_p50']:.4f} / {record['rtf_p95']:.4f}"),
+        ("chunk latency p50/p95/p99", f"{record['chunk_latency_p50_ms']:.2f} / {record['chunk_latency_p95_ms']:.2f} / "
+                                      f"{record['chunk_latency_p99_ms']:.2f} ms"),
+        ("TTFT median / p95", f"{fmt(record['ttft_s'], ' s')} / {fmt(record['ttft_p95_s'], ' s')}"),
+        ("peak RSS", f"{record['peak_rss_mib']:.0f} MiB"),
+        ("WER", fmt(record["wer"])), ("CER", fmt(record["cer"])),
+    ]
+    for s, w in record.get("wer_by_slice", {}).items():
+        rows.append((f"WER [{s}]", fmt(w)))
+    rows.append(("machine", f"{record['machine']['cpu_model']}, {record['machine']['cpu_count']} cores, "
+                            f"torch {record['machine']['torch']}"))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    if record.get("spread_warning"):
+        lines.append(f"warning: {record['spread_warning']}")
+    if record.get("skipped"):
+        lines.append(f"skipped {len(record['skipped'])} bad utterance(s):")
+        lines += [f"  {s}" for s in record["skipped"]]
+    return "\n".join(lines)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="architecture name (base, small, tiny) or a checkpoint path; "
+                                   "default: the shipped default model")
+    p.add_argument("--weights", help="'random', a dse checkpoint, or a directory with torchaudio's "
+                                     "EMFORMER_RNNT_BASE_LIBRISPEECH files; default random for an architecture name")
+    p.add_argument("--eval-set", help="JSONL manifest or LibriSpeech directory; default: the shipped eval split")
+    p.add_argument("--limit", type=int, help="use only the first N utterances")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights")
+
+
+def main(argv=None) -> int:
+    from dse.config import TrialConfig, add_config_arguments, config_from_args
+    from dse.transforms import build_recognizer
+
+    p = argparse.ArgumentParser(prog="python -m dse.measure", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    add_config_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    try:
+        from dse.models import DEFAULT_EVAL, load_model
+
+        loaded = load_model(args.model, args.weights, args.seed)
+        config = config_from_args(args, loaded)
+        eval_set = args.eval_set or DEFAULT_EVAL
+        if not args.eval_set and not os.path.exists(eval_set):
+            raise DSEError(f"no --eval-set given and the shipped eval split {eval_set} is missing")
+        audio = load_eval_audio(eval_set, args.limit, progress=not args.no_progress)
+        torch.set_num_threads(config.threads)
+        built = build_recognizer(loaded, config)
+        result = measure(built.recognizer, audio, accuracy=loaded.trained, progress=not args.no_progress)
+    except DSEError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    record = {"model": loaded.name, "weights": loaded.weights, "params": built.params,
+              "weight_mib": built.weight_mib, "precision": config.precision, "beam_width": config.beam_width,
+              "threads": config.threads, "config": config.to_dict(), "machine": machine_fingerprint(),
+              "build_s": built.build_s, "compile_s": built.compile_s, **result}
+    if args.json:
+        record.pop("transcripts", None)
+        print(json.dumps(record))
+    else:
+        print(_format_table(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

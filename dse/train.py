@@ -1,0 +1,322 @@
+"""Train an Emformer RNN-T on a corpus: ``python -m dse.train --preset small --corpus DIR``.
+
+RNN-T loss (``torchaudio.functional.rnnt_loss``) plus an auxiliary CTC loss on the
+transcriber output, character vocabulary, the same segment/right-context geometry the
+model streams with (Emformer's training forward masks attention block by block, so a
+trained model sees exactly the context it will see when streaming), learning-rate
+warm-up then cosine decay, gradient clipping, SpecAugment-style masking, periodic
+streaming-WER validation on a dev subset of the adapt split, and resumable state:
+everything needed to continue (weights, optimiser, step, data order) is written to
+``--state-dir`` every ``--save-every`` steps, and re-running the same command resumes.
+
+Batches are padded so the time-reduced length is exact: each utterance is padded with
+silence frames to a multiple of the time-reduction stride, the longest one sets the
+batch length, and ``right_context_length`` silence frames follow, as in streaming.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+
+from dse.audio import read_audio
+from dse.datasets import read_manifest
+from dse.errors import DSEError
+from dse.features import FeatureConfig, LogMel
+from dse.models import CharTokenizer, LoadedModel, architecture, build, save_checkpoint
+
+
+@dataclasses.dataclass
+class Preset:
+    arch: str
+    peak_lr: float = 1e-3
+    warmup_steps: int = 500
+    max_steps: int = 8000
+    max_batch_frames: int = 6000
+    ctc_weight: float = 0.3
+    specaug_from_step: int = 1000
+    weight_decay: float = 1e-3
+    grad_clip: float = 5.0
+
+
+PRESETS = {
+    "small": Preset(arch="small"),
+    "tiny": Preset(arch="tiny", peak_lr=2e-3, warmup_steps=20, max_steps=200, max_batch_frames=2000,
+                   specaug_from_step=10**9),
+}
+
+
+def silence_frame(logmel: LogMel) -> torch.Tensor:
+    """The normalised feature vector ``(n_mels,)`` of digital silence."""
+    return (torch.zeros(logmel.config.n_mels) - logmel.mean) * logmel.invstd
+
+
+def collate(feats: list[torch.Tensor], targets: list[list[int]], stride: int, right_context: int,
+            pad_frame: torch.Tensor):
+    """Pad a batch. Returns (features (B, T + rc, D), lengths (B,), targets (B, U), target_lengths (B,)).
+
+    ``T`` is a multiple of ``stride`` equal to the longest padded utterance, so the
+    time-reduced length of that utterance is exactly ``T // stride``.
+    """
+    lengths = torch.tensor([math.ceil(f.size(0) / stride) * stride for f in feats])
+    t_max = int(lengths.max())
+    batch = pad_frame.expand(len(feats), t_max + right_context, pad_frame.numel()).clone()
+    for i, f in enumerate(feats):
+        batch[i, : f.size(0)] = f.float()
+    u_max = max(len(t) for t in targets)
+    tgt = torch.zeros(len(targets), u_max, dtype=torch.int32)
+    for i, t in enumerate(targets):
+        tgt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    return batch, lengths.int(), tgt, torch.tensor([len(t) for t in targets], dtype=torch.int32)
+
+
+def spec_augment(x: torch.Tensor, lengths: torch.Tensor, gen: torch.Generator,
+                 freq_masks=2, freq_width=15, time_masks=2, time_width_ratio=0.05) -> torch.Tensor:
+    """Mask ``freq_masks`` mel bands and ``time_masks`` time spans per utterance (in place)."""
+    b, t, d = x.shape
+    for i in range(b):
+        for _ in range(freq_masks):
+            w = int(torch.randint(0, freq_width + 1, (1,), generator=gen))
+            f0 = int(torch.randint(0, max(1, d - w), (1,), generator=gen))
+            x[i, :, f0:f0 + w] = 0.0
+        n = int(lengths[i])
+        for _ in range(time_masks):
+            w = int(torch.randint(0, max(1, int(n * time_width_ratio)) + 1, (1,), generator=gen))
+            t0 = int(torch.randint(0, max(1, n - w), (1,), generator=gen))
+            x[i, t0:t0 + w] = 0.0
+    return x
+
+
+def rnnt_step_loss(model, ctc_head, batch, blank: int, ctc_weight: float):
+    """RNN-T (+ CTC) loss per target token for one padded batch."""
+    feats, lengths, targets, target_lengths = batch
+    prepended = F.pad(targets, (1, 0), value=blank)
+    logits, logit_lengths, _, _ = model(feats, lengths, prepended, target_lengths + 1)
+    n_tokens = target_lengths.sum().clamp_min(1)
+    loss = torchaudio.functional.rnnt_loss(logits, targets, logit_lengths.int(), target_lengths, blank=blank,
+                                           reduction="sum") / n_tokens
+    enc = None
+    if ctc_head is not None and ctc_weight > 0:
+        enc, enc_lengths = model.transcribe(feats, lengths)
+        log_probs = ctc_head(enc).log_softmax(-1).transpose(0, 1)
+        ctc = F.ctc_loss(log_probs, targets, enc_lengths, target_lengths, blank=blank, reduction="sum",
+                         zero_infinity=True) / n_tokens
+        loss = (1 - ctc_weight) * loss + ctc_weight * ctc
+    return loss, logits
+
+
+def compute_global_stats(paths: list[Path], config: FeatureConfig, limit: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and inverse std ``(n_mels,)`` of raw log-mel over up to ``limit`` files."""
+    logmel = LogMel(config)
+    total, total_sq, count = 0, 0, 0
+    for p in paths[:limit]:
+        f = logmel.raw(read_audio(p))
+        total = total + f.sum(0)
+        total_sq = total_sq + (f ** 2).sum(0)
+        count += f.size(0)
+    mean = total / count
+    std = (total_sq / count - mean ** 2).clamp_min(1e-8).sqrt()
+    return mean, 1.0 / std
+
+
+def extract_all(manifest: Path, logmel: LogMel, tokenizer: CharTokenizer, cache: Path):
+    """Features (fp16) and token ids of every utterance, cached in ``cache``."""
+    from tqdm import tqdm
+
+    if cache.exists():
+        return torch.load(cache, weights_only=False)
+    utts = read_manifest(manifest)
+    feats, targets, skipped = [], [], []
+    for u in tqdm(utts, desc=f"features {manifest.name}", unit="utt"):
+        try:
+            feats.append(logmel(read_audio(u.path)).half())
+            targets.append(tokenizer.encode(u.text))
+        except DSEError as exc:
+            skipped.append(str(exc))
+    for s in skipped:
+        print(f"skipped: {s}", file=sys.stderr)
+    data = {"feats": feats, "targets": targets}
+    torch.save(data, cache)
+    return data
+
+
+def make_batches(lengths: list[int], max_frames: int, rng: random.Random) -> list[list[int]]:
+    """Length-bucketed batches of at most ``max_frames`` padded frames, in shuffled order."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches, cur, cur_max = [], [], 0
+    for i in order:
+        m = max(cur_max, lengths[i])
+        if cur and m * (len(cur) + 1) > max_frames:
+            batches.append(cur)
+            cur, m = [], lengths[i]
+        cur.append(i)
+        cur_max = m
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def lr_at(step: int, preset: Preset) -> float:
+    if step < preset.warmup_steps:
+        return preset.peak_lr * (step + 1) / preset.warmup_steps
+    progress = min(1.0, (step - preset.warmup_steps) / max(1, preset.max_steps - preset.warmup_steps))
+    return preset.peak_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def streaming_wer(loaded: LoadedModel, utts, beam_width: int = 1, limit: int | None = None) -> dict:
+    """Streaming WER/CER of ``loaded`` on ``utts`` (the same path :mod:`dse.measure` times)."""
+    import jiwer
+    from dse.stream import StreamingRecognizer
+
+    rec = StreamingRecognizer.from_loaded(loaded, beam_width=beam_width)
+    refs, hyps = [], []
+    for u in utts[:limit]:
+        refs.append(u.text)
+        hyps.append(rec.transcribe(read_audio(u.path)))
+    return {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "n": len(refs), "example": (refs[0], hyps[0])}
+
+
+def train(args) -> Path:
+    preset = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in
+                                 (("max_steps", args.max_steps), ("peak_lr", args.lr)) if v is not None})
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    torch.set_num_threads(args.threads)
+    state_dir = Path(args.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    corpus = Path(args.corpus)
+    tokenizer = CharTokenizer()
+    fcfg = FeatureConfig()
+    arch = architecture(preset.arch)
+
+    stats_path = state_dir / "global_stats.json"
+    if stats_path.exists():
+        stats = json.loads(stats_path.read_text())
+        mean, invstd = torch.tensor(stats["mean"]), torch.tensor(stats["invstd"])
+    else:
+        train_utts = read_manifest(corpus / "train.jsonl")
+        rng = random.Random(0)
+        sample = [u.path for u in rng.sample(train_utts, min(2000, len(train_utts)))]
+        mean, invstd = compute_global_stats(sample, fcfg)
+        stats_path.write_text(json.dumps({"mean": mean.tolist(), "invstd": invstd.tolist()}))
+    logmel = LogMel(fcfg, mean, invstd)
+    data = extract_all(corpus / "train.jsonl", logmel, tokenizer, state_dir / "train_features.pt")
+    dev = read_manifest(corpus / "adapt.jsonl")[: args.dev_size]
+    pad_frame = silence_frame(logmel)
+    lengths = [f.size(0) for f in data["feats"]]
+
+    torch.manual_seed(args.seed)
+    model = build(arch, tokenizer.num_symbols).to(device)
+    ctc_head = torch.nn.Linear(arch["encoding_dim"], tokenizer.num_symbols).to(device)
+    params = list(model.parameters()) + list(ctc_head.parameters())
+    opt = torch.optim.AdamW(params, lr=preset.peak_lr, betas=(0.9, 0.98), weight_decay=preset.weight_decay)
+    step, history = 0, []
+    ckpt = state_dir / "last.pt"
+    if ckpt.exists():
+        blob = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(blob["model"])
+        ctc_head.load_state_dict(blob["ctc_head"])
+        opt.load_state_dict(blob["opt"])
+        step, history = blob["step"], blob["history"]
+        print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
+    gen = torch.Generator().manual_seed(args.seed + step)
+
+    def loaded_model() -> LoadedModel:
+        m = build(arch, tokenizer.num_symbols)
+        m.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        return LoadedModel(preset.arch, arch, m.eval(), tokenizer, fcfg, mean, invstd, "checkpoint",
+                           {"train_steps": step, "preset": args.preset})
+
+    def save():
+        blob = {"model": model.state_dict(), "ctc_head": ctc_head.state_dict(), "opt": opt.state_dict(),
+                "step": step, "history": history}
+        torch.save(blob, state_dir / "last.tmp")
+        os.replace(state_dir / "last.tmp", ckpt)
+
+    def epoch_batches(epoch):
+        return make_batches(lengths, preset.max_batch_frames, random.Random(args.seed * 1000 + epoch))
+
+    batches_per_epoch = len(epoch_batches(0))
+    t_start = time.time()
+    model.train()
+    while step < preset.max_steps:
+        epoch, index = divmod(step, batches_per_epoch)
+        if index == 0 or "batches" not in locals() or cur_epoch != epoch:
+            batches, cur_epoch = epoch_batches(epoch), epoch
+        idx = batches[index]
+        batch = collate([data["feats"][i] for i in idx], [data["targets"][i] for i in idx],
+                        arch["time_reduction_stride"], arch["right_context_length"], pad_frame)
+        if step >= preset.specaug_from_step:
+            spec_augment(batch[0], batch[1], gen)
+        batch = tuple(t.to(device) for t in batch)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, preset)
+        loss, logits = rnnt_step_loss(model, ctc_head, batch, tokenizer.blank, preset.ctc_weight)
+        if not torch.isfinite(loss):
+            raise DSEError(f"loss became {loss.item()} at step {step}; lower --lr or check the data")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, preset.grad_clip)
+        opt.step()
+        step += 1
+        if step % args.log_every == 0:
+            elapsed = time.time() - t_start
+            print(f"step {step}/{preset.max_steps} epoch {epoch} loss {loss.item():.3f} grad {grad_norm:.2f} "
+                  f"lr {lr_at(step, preset):.2e} {elapsed / args.log_every:.2f}s/step", file=sys.stderr, flush=True)
+            history.append({"step": step, "loss": loss.item(), "time": time.time()})
+            t_start = time.time()
+        if step % args.save_every == 0 or step == preset.max_steps:
+            save()
+        if step % args.eval_every == 0 or step == preset.max_steps:
+            model.eval()
+            res = streaming_wer(loaded_model(), dev, beam_width=1)
+            model.train()
+            history.append({"step": step, "dev_wer": res["wer"], "dev_cer": res["cer"]})
+            print(f"step {step}: dev streaming greedy WER {res['wer']:.3f} CER {res['cer']:.3f} "
+                  f"(n={res['n']}) ref={res['example'][0]!r} hyp={res['example'][1]!r}", file=sys.stderr, flush=True)
+            save()
+            t_start = time.time()
+    out = Path(args.export) if args.export else state_dir / "model.pt"
+    save_checkpoint(out, loaded_model(), half=True, extra={"history": history[-50:]})
+    print(f"wrote {out}", file=sys.stderr)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dse.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small", help="architecture and schedule")
+    p.add_argument("--corpus", required=True, help="folder made by python -m dse.corpus (train.jsonl, adapt.jsonl)")
+    p.add_argument("--state-dir", required=True, help="resumable training state (outside the repository)")
+    p.add_argument("--export", help="where to write the compact fp16 checkpoint at the end")
+    p.add_argument("--max-steps", type=int, help="override the preset's number of optimiser steps")
+    p.add_argument("--lr", type=float, help="override the preset's peak learning rate")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dev-size", type=int, default=60, help="adapt-split utterances used for validation")
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=1000)
+    args = p.parse_args(argv)
+    try:
+        train(args)
+    except DSEError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+import json
+
+import pytest
+import torch
+
+from dse import models
+from dse.errors import ModelLoadError
+
+
+def test_base_is_torchaudio_emformer_rnnt_base():
+    base = models.random_model("base")
+    assert base.num_params() == 76_738_049
+    mib = sum(p.numel() * p.element_size() for p in base.model.parameters()) / 2**20
+    assert round(mib, 1) == 292.7
+    from torchaudio.models import emformer_rnnt_base
+    reference = emformer_rnnt_base(num_symbols=4097)
+    assert [tuple(p.shape) for p in reference.parameters()] == [tuple(p.shape) for p in base.model.parameters()]
+
+
+def test_unknown_architecture_names_known_ones():
+    with pytest.raises(ModelLoadError, match="unknown architecture 'huge'.*base"):
+        models.architecture("huge")
+
+
+def test_torchaudio_bundle_names_missing_file(tmp_path):
+    (tmp_path / "emformer_rnnt_base_librispeech.pt").write_bytes(b"")
+    (tmp_path / "global_stats_rnnt_librispeech.json").write_text(json.dumps({"mean": [0] * 80, "invstddev": [1] * 80}))
+    with pytest.raises(ModelLoadError, match="missing spm_bpe_4096_librispeech.model"):
+        models.load_torchaudio_bundle(tmp_path)
+
+
+def test_torchaudio_bundle_not_a_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a directory"):
+        models.load_torchaudio_bundle(tmp_path / "nowhere")
+
+
+def test_checkpoint_round_trip_fp16(tmp_path, tiny):
+    path = tmp_path / "m.pt"
+    models.save_checkpoint(path, tiny, half=True)
+    back = models.load_checkpoint(path)
+    assert back.arch == tiny.arch and back.tokenizer.symbols == tiny.tokenizer.symbols
+    for (k, a), (_, b) in zip(tiny.model.state_dict().items(), back.model.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-2, rtol=1e-3), k
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="checkpoint not found"):
+        models.load_checkpoint(tmp_path / "absent.pt")
+    bad = tmp_path / "bad.pt"
+    torch.save({"something": 1}, bad)
+    with pytest.raises(ModelLoadError, match="not a dse checkpoint"):
+        models.load_checkpoint(bad)
+
+
+def test_char_tokenizer_round_trip():
+    tok = models.CharTokenizer()
+    ids = tok.encode("it's a test")
+    assert tok.decode(ids) == "it's a test"
+    assert tok.blank == len(tok.symbols) and tok.blank not in ids
