@@ -1,0 +1,240 @@
+"""Search spaces as data: ``search_spaces/<name>.yaml``.
+
+A space selects and narrows the knobs of :data:`dse.config.KNOBS`; it never invents
+one. Format::
+
+    description: what the study asks
+    model: default            # default | base-random | <architecture>-random | <checkpoint path>
+    sampler: nsga2            # nsga2 | tpe | random | grid
+    n_trials: 6               # the study's default trial count
+    objectives:               # each: a metric and a direction
+      - {metric: wer, direction: minimize}
+      - {metric: rtf_p95, direction: minimize}
+    constraints:              # each: a metric and a bound (max and/or min); infeasible trials stay recorded
+      - {metric: ttft_s, max: 0.5}
+    fixed: {beam_width: 4}    # knobs held at one value
+    params:                   # knobs searched: choices, or an integer range
+      precision: {choices: [fp32, int8]}
+      moe_experts: {choices: [0, 4, 8]}
+      adapt_steps: {low: 0, high: 300, step: 100}
+    prune:                    # the project's own early stop for adaptation
+      wer_above: 0.95         # abandon when the dev WER is above this at a check
+      front_margin: 0.10      # ... or above the worst WER on the current Pareto front + margin
+
+Knobs left out take :class:`~dse.config.TrialConfig`'s defaults. MoE sub-knobs are
+set to their defaults when ``moe_experts`` is 0, so dense trials share one identity.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+from typing import Any, Optional
+
+from dse.config import KNOBS, TrialConfig
+from dse.errors import ConfigError
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+METRICS = {
+    "wer": "word error rate on the eval split (lower is better)",
+    "cer": "character error rate",
+    "rtf_mean": "mean real-time factor over utterances",
+    "rtf_p50": "median real-time factor",
+    "rtf_p95": "95th-percentile real-time factor",
+    "chunk_latency_p95_ms": "95th-percentile chunk compute time (ms)",
+    "ttft_s": "median time to first token (s)",
+    "weight_mib": "weights in deployed form (MiB)",
+    "speedup": "same-run speedup against the space's baseline configuration (higher is better)",
+    "rtf_normalised": "baseline's same-run RTF divided by the speedup: an RTF comparable across a noisy study",
+    "flops_per_chunk": "analytic FLOPs per chunk",
+}
+DIRECTIONS = ("minimize", "maximize")
+SAMPLERS = ("nsga2", "tpe", "random", "grid")
+TOP_KEYS = {"description", "model", "sampler", "n_trials", "objectives", "constraints", "fixed", "params",
+            "prune", "baseline", "timing_utterances", "eval_limit"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    metric: str
+    direction: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    metric: str
+    max: Optional[float] = None
+    min: Optional[float] = None
+
+    def violation(self, value: Optional[float]) -> float:
+        """Optuna's convention: <= 0 is feasible. A missing value violates by 1."""
+        if value is None:
+            return 1.0
+        v = -float("inf")
+        if self.max is not None:
+            v = max(v, value - self.max)
+        if self.min is not None:
+            v = max(v, self.min - value)
+        return v
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    knob: str
+    choices: Optional[tuple] = None
+    low: Optional[int] = None
+    high: Optional[int] = None
+    step: int = 1
+
+    def values(self) -> list:
+        return list(self.choices) if self.choices is not None else list(range(self.low, self.high + 1, self.step))
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+    name: str
+    path: Path
+    description: str
+    model: str
+    sampler: str
+    n_trials: int
+    objectives: tuple[Objective, ...]
+    constraints: tuple[Constraint, ...]
+    fixed: dict
+    params: tuple[Param, ...]
+    prune: dict
+    baseline: dict
+    timing_utterances: int
+    eval_limit: Optional[int]
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    def suggest(self, trial) -> TrialConfig:
+        """Sample a configuration on an Optuna trial."""
+        values = dict(self.fixed)
+        for p in self.params:
+            if p.choices is not None:
+                values[p.knob] = trial.suggest_categorical(p.knob, list(p.choices))
+            else:
+                values[p.knob] = trial.suggest_int(p.knob, p.low, p.high, step=p.step)
+        return canonical(values)
+
+    def grid(self) -> dict[str, list]:
+        return {p.knob: p.values() for p in self.params}
+
+    def grid_size(self) -> int:
+        n = 1
+        for p in self.params:
+            n *= len(p.values())
+        return n
+
+    def baseline_config(self) -> TrialConfig:
+        return canonical(dict(self.fixed, **self.baseline))
+
+
+def canonical(values: dict) -> TrialConfig:
+    """A TrialConfig with knobs that have no effect reset to defaults (dense => no MoE sub-knobs)."""
+    values = dict(values)
+    if values.get("moe_experts", 0) == 0:
+        d = TrialConfig()
+        for k in ("moe_top_k", "moe_hidden", "moe_every"):
+            values[k] = getattr(d, k)
+    elif values.get("moe_top_k", 2) > values["moe_experts"]:
+        values["moe_top_k"] = values["moe_experts"]
+    return TrialConfig(**values)
+
+
+def _err(path, key, msg) -> ConfigError:
+    return ConfigError(f"{path}: {key}: {msg}")
+
+
+def _check_knob_value(path, knob, value):
+    spec = KNOBS[knob]
+    if value is None and knob in ("right_context_frames", "segment_frames"):
+        return
+    if "choices" in spec and value not in spec["choices"]:
+        raise _err(path, f"params.{knob}", f"{value!r} is not allowed; allowed values: {', '.join(spec['choices'])}")
+    if "range" in spec:
+        lo, hi = spec["range"]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise _err(path, f"params.{knob}", f"{value!r} is not allowed; allowed: integers in [{lo}, {hi}]")
+
+
+def parse_space(data: Any, path: Path, name: Optional[str] = None) -> Space:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    unknown = set(data) - TOP_KEYS
+    if unknown:
+        raise _err(path, ", ".join(sorted(unknown)), f"unknown key; allowed keys: {', '.join(sorted(TOP_KEYS))}")
+    sampler = data.get("sampler", "nsga2")
+    if sampler not in SAMPLERS:
+        raise _err(path, "sampler", f"{sampler!r} is not one of {', '.join(SAMPLERS)}")
+    objectives = []
+    for i, o in enumerate(data.get("objectives") or []):
+        if not isinstance(o, dict) or o.get("metric") not in METRICS:
+            raise _err(path, f"objectives[{i}].metric", f"{(o or {}).get('metric')!r} is not a metric; allowed: {', '.join(METRICS)}")
+        if o.get("direction") not in DIRECTIONS:
+            raise _err(path, f"objectives[{i}].direction", f"{o.get('direction')!r} must be minimize or maximize")
+        objectives.append(Objective(o["metric"], o["direction"]))
+    if not objectives:
+        raise _err(path, "objectives", "at least one objective is required")
+    constraints = []
+    for i, c in enumerate(data.get("constraints") or []):
+        if not isinstance(c, dict) or c.get("metric") not in METRICS:
+            raise _err(path, f"constraints[{i}].metric", f"{(c or {}).get('metric')!r} is not a metric; allowed: {', '.join(METRICS)}")
+        if c.get("max") is None and c.get("min") is None:
+            raise _err(path, f"constraints[{i}]", "needs a max or a min")
+        constraints.append(Constraint(c["metric"], c.get("max"), c.get("min")))
+    fixed = dict(data.get("fixed") or {})
+    params = []
+    for knob, spec in (data.get("params") or {}).items():
+        if knob not in KNOBS:
+            raise _err(path, f"params.{knob}", f"unknown knob; allowed knobs: {', '.join(KNOBS)}")
+        if not isinstance(spec, dict) or not ({"choices"} <= set(spec) or {"low", "high"} <= set(spec)):
+            raise _err(path, f"params.{knob}", "needs 'choices: [...]' or 'low' and 'high' (and optional 'step')")
+        if "choices" in spec:
+            if not isinstance(spec["choices"], list) or not spec["choices"]:
+                raise _err(path, f"params.{knob}.choices", "must be a non-empty list")
+            for v in spec["choices"]:
+                _check_knob_value(path, knob, v)
+            params.append(Param(knob, choices=tuple(spec["choices"])))
+        else:
+            for v in (spec["low"], spec["high"]):
+                _check_knob_value(path, knob, v)
+            params.append(Param(knob, low=spec["low"], high=spec["high"], step=spec.get("step", 1)))
+    for knob, v in fixed.items():
+        if knob not in KNOBS:
+            raise _err(path, f"fixed.{knob}", f"unknown knob; allowed knobs: {', '.join(KNOBS)}")
+        _check_knob_value(path, knob, v)
+    baseline = dict(data.get("baseline") or {})
+    for knob in baseline:
+        if knob not in KNOBS:
+            raise _err(path, f"baseline.{knob}", f"unknown knob; allowed knobs: {', '.join(KNOBS)}")
+    try:
+        canonical(dict(fixed, **baseline))
+    except ConfigError as exc:
+        raise _err(path, "fixed/baseline", str(exc)) from None
+    return Space(name=name or path.stem, path=path, description=str(data.get("description", "")),
+                 model=str(data.get("model", "default")), sampler=sampler, n_trials=int(data.get("n_trials", 10)),
+                 objectives=tuple(objectives), constraints=tuple(constraints), fixed=fixed, params=tuple(params),
+                 prune=dict(data.get("prune") or {}), baseline=baseline,
+                 timing_utterances=int(data.get("timing_utterances", 24)), eval_limit=data.get("eval_limit"))
+
+
+def load_space(name_or_path: str) -> Space:
+    """A space by name (``search_spaces/<name>.yaml``) or by path."""
+    import yaml
+
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SPACES_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+        raise ConfigError(f"no search space {name_or_path!r} ({path} not found); known: {', '.join(known)}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    return parse_space(data, path)
