@@ -216,7 +216,9 @@ def load_context(space, args):
     if loaded.trained and os.path.exists(adapt_set):
         from dse.adapt import Adapter
         adapt_fn = Adapter(loaded, adapt_set, cache_dir=args.cache_dir, device=args.device)
-    return TrialContext(loaded=loaded, audio=audio, space=space, adapt_fn=adapt_fn, profile=args.profile)
+    ctx = TrialContext(loaded=loaded, audio=audio, space=space, adapt_fn=adapt_fn, profile=args.profile)
+    ctx.eval_set = str(eval_set)
+    return ctx
 
 
 def main(argv=None) -> int:
@@ -269,6 +271,9 @@ def main(argv=None) -> int:
                       f"{max(0, remaining)} to run")
         if remaining > 0:
             ctx = load_context(space, args)
+            study.set_user_attr("eval_set", str(Path(args.eval_set or ctx.eval_set).resolve()))
+            study.set_user_attr("adapt_set", str(ctx.adapt_fn.manifest) if ctx.adapt_fn else None)
+            study.set_user_attr("model", {"name": ctx.loaded.name, "weights": ctx.loaded.weights})
             console.print(f"model {ctx.loaded.name} ({ctx.loaded.weights}), {len(ctx.audio.waveforms)} eval utterances"
                           + (f", {len(ctx.audio.skipped)} skipped" if ctx.audio.skipped else ""))
             from optuna.study import MaxTrialsCallback

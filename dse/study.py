@@ -82,6 +82,7 @@ class TrialContext:
     lock_dir: Optional[str] = None
     ratio_utterances: int = 8
     profile: bool = False
+    eval_set: Optional[str] = None
     _baseline: Optional[Built] = None
 
     @property

@@ -1,0 +1,94 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dse.config import TrialConfig
+from dse.errors import ConfigError
+from dse.models import architecture
+from dse.space import SPACES_DIR, canonical, load_space, parse_space
+
+
+def test_round_trip_json():
+    cfg = TrialConfig(precision="int8", moe_experts=8, moe_top_k=2, moe_hidden=384, right_context_frames=8)
+    assert TrialConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"precision": "fp8"}, "precision='fp8' is not one of fp32"),
+    ({"beam_width": 0}, r"beam_width=0 must be an integer in \[1, 16\]"),
+    ({"moe_experts": 2, "moe_top_k": 3}, "moe_top_k=3 cannot exceed moe_experts=2"),
+    ({"hop_samples": 480, "window_samples": 400}, "hop_samples=480 must not exceed window_samples=400"),
+    ({"precision": "amp-bf16", "compile": "default"}, "cannot be combined"),
+])
+def test_validator_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        TrialConfig(**kwargs)
+
+
+def test_stride_errors_name_value_and_stride():
+    with pytest.raises(ConfigError, match="right_context_frames=3 must be a multiple of the time-reduction stride 4"):
+        TrialConfig(right_context_frames=3).validate_for(architecture("small"))
+
+
+def test_newer_config_version_refused():
+    with pytest.raises(ConfigError, match="newer than this dse"):
+        TrialConfig.from_dict({"version": 99})
+
+
+def test_accuracy_key_ignores_threads_and_compile_only():
+    a = TrialConfig(threads=1, compile="off")
+    assert a.accuracy_key() == TrialConfig(threads=2, compile="default").accuracy_key()
+    for change in ({"precision": "int8"}, {"beam_width": 1}, {"right_context_frames": 0}, {"adapt_steps": 10},
+                   {"moe_experts": 4}, {"hop_samples": 240}):
+        assert a.accuracy_key() != TrialConfig(**change).accuracy_key(), change
+
+
+def test_canonical_dense_drops_moe_subknobs():
+    assert canonical({"moe_experts": 0, "moe_top_k": 1, "moe_hidden": 384}) == TrialConfig()
+
+
+@pytest.mark.parametrize("path", sorted(SPACES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_spaces_parse(path):
+    space = load_space(str(path))
+    assert space.objectives and space.params
+    space.baseline_config()
+
+
+def test_required_spaces_exist():
+    names = {p.stem for p in SPACES_DIR.glob("*.yaml")}
+    assert {"moe", "precision", "context", "frame", "full", "base-latency"} <= names
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"objectives": [{"metric": "wer", "direction": "minimize"}], "params": {"warp_drive": {"choices": [1]}}},
+     r"params.warp_drive: unknown knob; allowed knobs: precision"),
+    ({"objectives": [{"metric": "wer", "direction": "minimize"}], "params": {"precision": {"choices": ["fp8"]}}},
+     r"params.precision: 'fp8' is not allowed; allowed values: fp32, bf16"),
+    ({"objectives": [{"metric": "speed", "direction": "minimize"}]}, r"objectives\[0\].metric: 'speed' is not a metric"),
+    ({"objectives": [{"metric": "wer", "direction": "down"}]}, "must be minimize or maximize"),
+    ({"objectives": []}, "at least one objective"),
+    ({"objectives": [{"metric": "wer", "direction": "minimize"}], "sampler": "cmaes"}, "sampler: 'cmaes' is not one of"),
+    ({"objective": []}, "objective: unknown key"),
+    ({"objectives": [{"metric": "wer", "direction": "minimize"}], "params": {"beam_width": {"low": 0, "high": 4}}},
+     r"params.beam_width: 0 is not allowed"),
+])
+def test_space_errors_name_file_key_and_allowed(tmp_path, data, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=match) as err:
+        load_space(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_malformed_yaml(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("objectives: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_space(str(path))
+
+
+def test_unknown_space_lists_known():
+    with pytest.raises(ConfigError, match="known: .*moe"):
+        load_space("nonexistent")
