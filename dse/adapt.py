@@ -157,7 +157,7 @@ class Adapter:
             total.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), s.grad_clip)
             opt.step()
-            history.append({"step": step, "loss": float(loss), "total": float(total)})
+            history.append({"step": step, "loss": loss.item(), "total": total.item()})
             if step % s.check_every == 0 or step == config.adapt_steps:
                 student.eval()
                 probe = dataclasses.replace(edited, model=student, mean=logmel.mean, invstd=logmel.invstd)

@@ -273,6 +273,7 @@ def main(argv=None) -> int:
             ctx = load_context(space, args)
             study.set_user_attr("eval_set", str(Path(args.eval_set or ctx.eval_set).resolve()))
             study.set_user_attr("adapt_set", str(ctx.adapt_fn.manifest) if ctx.adapt_fn else None)
+            study.set_user_attr("eval_limit", args.eval_limit or space.eval_limit)
             study.set_user_attr("model", {"name": ctx.loaded.name, "weights": ctx.loaded.weights})
             console.print(f"model {ctx.loaded.name} ({ctx.loaded.weights}), {len(ctx.audio.waveforms)} eval utterances"
                           + (f", {len(ctx.audio.skipped)} skipped" if ctx.audio.skipped else ""))

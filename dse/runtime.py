@@ -1,0 +1,307 @@
+"""Serve an exported bundle: ``load(DIR)`` returns a ready :class:`~dse.stream.StreamingRecognizer`.
+
+A bundle (written by ``python -m dse.export``) is a directory::
+
+    config.json       format and version, trial configuration, architecture, MoE edits, files
+    weights.pt        the deployed model's state dict (bf16/fp16 tensors, or int8 packed params)
+    features.json     front-end geometry (samples at the sample rate) and normalisation stats (n_mels,)
+    vocabulary.json   the tokenizer (``vocabulary.model`` beside it for sentencepiece)
+    metrics.json      what the study measured, with the machine it measured on
+    encoder.ts        optional: the streaming encoder alone, as TorchScript (or encoder.pt2 from
+                      torch.export); config.json "encoder_artifact" says which, or why neither
+    README.md
+    MANIFEST.sha256   ``sha256sum`` lines for every other file
+
+This module is the deployment side: it imports torch, torchaudio and the few dse
+modules that build and stream a model, never the study machinery (Optuna, jiwer,
+the dashboard). :func:`load` checks the manifest first, so a missing or altered file
+is refused by name before anything is unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from dse import models
+from dse.errors import DSEError
+from dse.features import FeatureConfig, LogMel
+from dse.moe import apply_moe
+from dse.stream import ChunkEvent, StreamingRecognizer
+
+__all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "BundleError", "load", "read_config", "read_json", "live_pieces", "piece_samples",
+           "stream"]
+
+BUNDLE_FORMAT = "dse-bundle"
+BUNDLE_VERSION = 1
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.pt"
+FEATURES_FILE = "features.json"
+VOCABULARY_FILE = "vocabulary.json"
+METRICS_FILE = "metrics.json"
+README_FILE = "README.md"
+MANIFEST_FILE = "MANIFEST.sha256"
+REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, FEATURES_FILE, VOCABULARY_FILE, METRICS_FILE)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PACKED = "._packed_params._packed_params"
+
+
+class BundleError(DSEError):
+    """A bundle directory is missing, incomplete, altered, or from a newer dse."""
+
+
+# -- manifest -------------------------------------------------------------------------------
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike) -> None:
+    """Write ``MANIFEST.sha256`` (``sha256sum -c`` format) over every other file in ``directory``."""
+    directory = Path(directory)
+    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    lines = [f"{sha256_file(directory / n)}  {n}\n" for n in names]
+    (directory / MANIFEST_FILE).write_text("".join(lines))
+
+
+def verify_manifest(directory: str | os.PathLike) -> dict[str, str]:
+    """Check every file listed in the manifest; returns ``{name: sha256}``.
+
+    Raises :class:`BundleError` naming the first missing or altered file, or a
+    required file the manifest does not list.
+    """
+    directory = Path(directory)
+    manifest = directory / MANIFEST_FILE
+    if not manifest.is_file():
+        raise BundleError(f"{manifest}: manifest missing; the bundle is incomplete, export it again")
+    listed: dict[str, str] = {}
+    for lineno, line in enumerate(manifest.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64 or "/" in name or name in ("", ".", ".."):
+            raise BundleError(f"{manifest}:{lineno}: expected '<sha256>  <file name>', got {line!r:.100}")
+        listed[name] = digest
+    for name in REQUIRED_FILES:
+        if name not in listed:
+            raise BundleError(f"{manifest}: does not list {name}; the bundle is incomplete, export it again")
+    for name, digest in listed.items():
+        path = directory / name
+        if not path.is_file():
+            raise BundleError(f"{path}: file listed in {MANIFEST_FILE} is missing; restore it or export again")
+        actual = sha256_file(path)
+        if actual != digest:
+            raise BundleError(f"{path}: sha256 {actual[:16]}... does not match {MANIFEST_FILE} "
+                              f"({digest[:16]}...); the file was altered or corrupted, export again")
+    return listed
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """The bundle's ``config.json`` after checking its format version and the manifest."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(f"{directory}: not a bundle directory (make one with python -m dse.export)")
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; {directory} is not a complete dse bundle")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc}); the file was altered, export again") from exc
+    if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: not a dse bundle config (expected format={BUNDLE_FORMAT!r})")
+    version = config.get("format_version")
+    if not isinstance(version, int):
+        raise BundleError(f"{path}: format_version={version!r} is not an integer")
+    if version > BUNDLE_VERSION:
+        raise BundleError(f"{directory}: bundle format version {version} is newer than this dse reads "
+                          f"(up to {BUNDLE_VERSION}); upgrade dse")
+    verify_manifest(directory)
+    return config
+
+
+def read_json(directory: str | os.PathLike, name: str) -> dict:
+    """A JSON file of a bundle whose manifest has been checked (see :func:`read_config`)."""
+    path = Path(directory) / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: unreadable ({exc})") from exc
+
+
+# -- model ----------------------------------------------------------------------------------
+def _tokenizer(directory: Path, vocab: dict):
+    kind = vocab.get("kind")
+    if kind == "chars":
+        return models.CharTokenizer(vocab["symbols"])
+    if kind == "sentencepiece":
+        return models.SentencePieceTokenizer(directory / vocab["model_file"])
+    if kind == "numbered":
+        return models._NumberedTokenizer(vocab["num_symbols"])
+    raise BundleError(f"{directory / VOCABULARY_FILE}: unknown tokenizer kind {kind!r} "
+                      "(known: chars, sentencepiece, numbered)")
+
+
+def _deployed_form(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """The module structure the weights were saved from: cast, or int8 dynamic quantisation of Linear."""
+    if precision in _DTYPES:
+        return model.to(_DTYPES[precision])
+    if precision == "int8":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torch.ao.quantization import quantize_dynamic
+            return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    if precision.startswith("amp-"):
+        return model  # fp32 weights, autocast at run time
+    raise BundleError(f"precision {precision!r} is not one a bundle can hold "
+                      f"(known: {', '.join(_DTYPES)}, int8, amp-bf16, amp-fp16)")
+
+
+def _fp32_state(state: dict) -> dict:
+    """``state`` with every float tensor in fp32 and int8 packed Linear weights dequantised."""
+    out = {}
+    packed = {k[: -len(_PACKED)] for k in state if k.endswith(_PACKED)}
+    for key, value in state.items():
+        if key.endswith(_PACKED):
+            prefix = key[: -len(_PACKED)]
+            weight, bias = value
+            out[f"{prefix}.weight"] = weight.dequantize()
+            if bias is not None:
+                out[f"{prefix}.bias"] = bias.float()
+            continue
+        owner = key.rsplit(".", 1)[0]
+        if owner in packed or (owner.endswith("._packed_params") and owner[: -len("._packed_params")] in packed):
+            continue  # scale, zero_point and dtype of a quantised Linear
+        out[key] = value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+    return out
+
+
+def _build_module(config: dict) -> torch.nn.Module:
+    """The fp32 module of the bundle's architecture (MoE blocks included), in eval mode."""
+    model = models.build(config["architecture"], config["num_symbols"])
+    moe = config.get("moe")
+    if moe:
+        layers = apply_moe(model, moe["experts"], moe["top_k"], moe["hidden"], moe["every"], noise=0.0)
+        if layers != moe["layers"]:
+            raise BundleError(f"MoE edit converts layers {layers}, config.json records {moe['layers']}; "
+                              "the bundle is inconsistent, export it again")
+    return model.eval()
+
+
+def _load_model(directory: Path, config: dict, fp32_reference: bool) -> torch.nn.Module:
+    path = directory / WEIGHTS_FILE
+    try:
+        with warnings.catch_warnings():  # int8 packed params warn about TypedStorage
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BundleError(f"{path}: not a readable state dict ({type(exc).__name__}: {exc})") from exc
+    model = _build_module(config)
+    precision = config["trial_config"]["precision"]
+    if fp32_reference:
+        state = _fp32_state(state)
+    else:
+        model = _deployed_form(model, precision)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise BundleError(f"{path}: weights do not fit the architecture in config.json ({str(exc)[:400]})") from exc
+    return model.eval()
+
+
+def load(directory: str | os.PathLike, *, compile: Optional[bool] = None,
+         fp32_reference: bool = False) -> StreamingRecognizer:
+    """Rebuild the bundle's streaming recognizer.
+
+    ``compile``: wrap the encoder's per-chunk ``infer`` in ``torch.compile`` with the
+    trial's mode (``None``: as the trial was measured; the first chunks then pay the
+    compile time). ``fp32_reference``: the same architecture and decoder with the
+    weights in fp32 (int8 weights dequantised), a same-run timing reference.
+    Threads are not set here: call ``torch.set_num_threads`` (the trial's value is
+    ``read_config(directory)["trial_config"]["threads"]``).
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    try:
+        return _recognizer(directory, config, compile, fp32_reference)
+    except (KeyError, TypeError) as exc:
+        raise BundleError(f"{directory}: config.json, features.json or vocabulary.json lacks or mistypes a "
+                          f"field ({type(exc).__name__}: {exc}); export the bundle again") from exc
+
+
+def _recognizer(directory: Path, config: dict, compile: Optional[bool], fp32_reference: bool) -> StreamingRecognizer:
+    feats = read_json(directory, FEATURES_FILE)
+    vocab = read_json(directory, VOCABULARY_FILE)
+    tokenizer = _tokenizer(directory, vocab)
+    if tokenizer.num_symbols != config["num_symbols"]:
+        raise BundleError(f"{directory / VOCABULARY_FILE}: {tokenizer.num_symbols} symbols, config.json "
+                          f"records {config['num_symbols']}; the bundle is inconsistent, export it again")
+    logmel = LogMel(FeatureConfig(**feats["config"]), torch.tensor(feats["mean"]), torch.tensor(feats["invstd"]))
+    model = _load_model(directory, config, fp32_reference)
+    trial = config["trial_config"]
+    precision = "fp32" if fp32_reference else trial["precision"]
+    autocast = _DTYPES[precision.split("-")[1]] if precision.startswith("amp-") else None
+    mode = trial.get("compile", "off")
+    if compile is None:
+        compile = mode != "off"
+    if compile:
+        kwargs = {} if mode in ("off", "default") else {"mode": mode}
+        model.transcriber.infer = torch.compile(model.transcriber.infer, dynamic=False, **kwargs)
+    arch = config["architecture"]
+    return StreamingRecognizer(model, logmel, tokenizer, arch["segment_length"], arch["right_context_length"],
+                               beam_width=trial["beam_width"], dtype=_DTYPES.get(precision, torch.float32),
+                               autocast_dtype=autocast)
+
+
+# -- streaming ------------------------------------------------------------------------------
+def piece_samples(recognizer: StreamingRecognizer) -> tuple[int, int]:
+    """(samples of the first piece, samples of every later piece) of a live stream.
+
+    The first piece holds exactly the samples the first chunk needs, each later piece
+    one chunk advance (``segment_length * hop_samples`` samples): every piece then
+    completes one chunk, which is decoded as soon as its last sample arrives.
+    """
+    cfg = recognizer.logmel.config
+    return cfg.samples_for_frames(recognizer.chunk_frames), recognizer.advance_frames * cfg.hop_samples
+
+
+def live_pieces(num_samples: int, recognizer: StreamingRecognizer) -> list[tuple[int, int]]:
+    """``(start, end)`` sample ranges a live stream of ``num_samples`` samples delivers (:func:`piece_samples`).
+
+    This is the schedule :mod:`dse.measure` times, so a bundle streamed this way gives
+    the transcripts its study measured.
+    """
+    first, step = piece_samples(recognizer)
+    pieces, start, end = [], 0, min(first, num_samples)
+    while start < num_samples:
+        pieces.append((start, end))
+        start, end = end, min(end + step, num_samples)
+    return pieces
+
+
+def stream(recognizer: StreamingRecognizer, waveform: torch.Tensor,
+           on_chunk: Optional[Callable[[ChunkEvent], None]] = None) -> str:
+    """Stream ``waveform`` ``(samples,)`` (float, the bundle's sample rate) as it would arrive live.
+
+    ``on_chunk(event)`` is called after every decoded chunk (partial text:
+    ``recognizer.text``). Returns the final transcript.
+    """
+    recognizer.reset()
+    for start, end in live_pieces(waveform.numel(), recognizer):
+        for event in recognizer.accept_audio(waveform[start:end]):
+            if on_chunk:
+                on_chunk(event)
+    for event in recognizer.finish():
+        if on_chunk:
+            on_chunk(event)
+    return recognizer.text

@@ -1,0 +1,33 @@
+"""The shipped default: loads, and transcribes eval utterances correctly."""
+import pytest
+
+from dse import models
+from dse.audio import read_audio
+from dse.datasets import read_manifest
+from dse.stream import StreamingRecognizer
+
+pytestmark = pytest.mark.skipif(not models.default_available(), reason="no shipped default checkpoint")
+
+
+def test_default_is_compact_and_small_architecture():
+    assert models.DEFAULT_CHECKPOINT.stat().st_size <= 25 * 2**20
+    loaded = models.load_checkpoint(models.DEFAULT_CHECKPOINT)
+    assert loaded.name == "small" and loaded.trained
+    assert loaded.arch == models.architecture("small")
+
+
+def test_default_transcribes_an_eval_utterance():
+    loaded = models.load_checkpoint(models.DEFAULT_CHECKPOINT)
+    rec = StreamingRecognizer.from_loaded(loaded, beam_width=4)
+    utts = [u for u in read_manifest(models.DEFAULT_EVAL) if u.slice != "heldout"]
+    # at least one of the first ten seen-voice eval utterances comes out exactly right
+    exact = [u.text for u in utts[:10] if rec.transcribe(read_audio(u.path)) == u.text]
+    assert exact, "no eval utterance transcribed exactly"
+
+
+def test_shipped_splits_are_large_enough():
+    eval_utts = read_manifest(models.DEFAULT_EVAL)
+    assert len(eval_utts) >= 200 and sum(u.duration_s for u in eval_utts) >= 600
+    assert {"heldout"} <= {u.slice for u in eval_utts}
+    adapt = {u.text for u in read_manifest(models.DEFAULT_ADAPT)}
+    assert not adapt & {u.text for u in eval_utts}

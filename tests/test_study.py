@@ -1,0 +1,206 @@
+"""The study service on a tiny model: real Optuna storages, real subprocesses."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from dse import models, run
+from dse.space import load_space
+
+SPACE = {
+    "sampler": "grid",
+    "objectives": [{"metric": "wer", "direction": "minimize"}, {"metric": "rtf_p95", "direction": "minimize"}],
+    "constraints": [{"metric": "ttft_s", "max": 600.0}],
+    "fixed": {"beam_width": 1},
+    "params": {"precision": {"choices": ["fp32", "int8"]}, "threads": {"choices": [1, 2]}},
+    "timing_utterances": 2,
+}
+
+
+@pytest.fixture
+def setup(tmp_path, manifest):
+    """A tiny trained-looking checkpoint (WER measurable), a space file and a storage URL."""
+    ckpt = tmp_path / "tiny.pt"
+    models.save_checkpoint(ckpt, models.random_model("tiny", seed=0))
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(dict(SPACE, model=str(ckpt), n_trials=2)))
+    return {"ckpt": ckpt, "space": space, "manifest": manifest, "storage": f"sqlite:///{tmp_path / 's.db'}",
+            "tmp": tmp_path}
+
+
+def args(s, *extra):
+    return ["--study", str(s["space"]), "--storage", s["storage"], "--eval-set", str(s["manifest"]), *extra]
+
+
+def load(s, name="space"):
+    return optuna.load_study(study_name=name, storage=s["storage"])
+
+
+def test_two_trial_study_records_everything(setup, monkeypatch):
+    monkeypatch.setenv("DSE_LOCK_DIR", str(setup["tmp"]))
+    assert run.main(args(setup)) == 0
+    study = load(setup)
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 2
+    for t in done:
+        ua = t.user_attrs
+        assert t.values[0] == ua["metrics"]["wer"] and t.values[1] == ua["metrics"]["rtf_p95"]
+        assert 0 <= ua["metrics"]["wer"] and ua["metrics"]["rtf_p95"] > 0
+        assert set(ua["phases_s"]) >= {"build", "measure", "baseline"}
+        assert ua["machine"]["torch"] and ua["config"]["beam_width"] == 1
+        assert ua["speedup"]["samples"] == 2 and ua["constraint_violations"][0] <= 0
+    # the two trials differ only in threads: the second reuses the first's WER (same accuracy key)
+    first, second = sorted(done, key=lambda t: t.number)
+    assert first.user_attrs["accuracy_key"] == second.user_attrs["accuracy_key"]
+    assert second.user_attrs["reused_wer_from"] == first.number
+    assert second.user_attrs["metrics"]["wer"] == first.user_attrs["metrics"]["wer"]
+    assert second.user_attrs["utterances_timed"] == 2 < first.user_attrs["utterances_timed"] == 3
+    # resuming with the same target runs nothing more
+    assert run.main(args(setup)) == 0
+    assert len(load(setup).trials) == 2
+
+
+def test_reuse_rule_needs_same_accuracy_knobs(setup, monkeypatch):
+    monkeypatch.setenv("DSE_LOCK_DIR", str(setup["tmp"]))
+    space = dict(SPACE, model=str(setup["ckpt"]), n_trials=2,
+                 params={"precision": {"choices": ["fp32", "int8"]}})
+    setup["space"].write_text(yaml.safe_dump(space))
+    assert run.main(args(setup)) == 0
+    done = [t for t in load(setup).trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 2 and all("reused_wer_from" not in t.user_attrs for t in done)
+
+
+def test_failed_trial_recorded_and_study_goes_on(setup, monkeypatch):
+    monkeypatch.setenv("DSE_LOCK_DIR", str(setup["tmp"]))
+    # right context 2 is legal for the space file but not a multiple of the stride 4
+    space = dict(SPACE, model=str(setup["ckpt"]), n_trials=1,
+                 params={"right_context_frames": {"choices": [2, 4]}})
+    setup["space"].write_text(yaml.safe_dump(space))
+    assert run.main(args(setup, "--n-trials", "1")) == 0
+    trials = load(setup).trials
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 1
+    assert len(failed) == 1 and "multiple of the time-reduction stride 4" in failed[0].user_attrs["fail_reason"]
+
+
+def test_random_weights_cannot_have_wer_objective(setup, monkeypatch):
+    monkeypatch.setenv("DSE_LOCK_DIR", str(setup["tmp"]))
+    space = dict(SPACE, model="tiny-random", n_trials=1, params={"precision": {"choices": ["fp32"]}})
+    setup["space"].write_text(yaml.safe_dump(space))
+    run.main(args(setup, "--n-trials", "1", "--timeout", "60"))
+    t = load(setup).trials[0]
+    assert t.state == TrialState.FAIL and "not measurable" in t.user_attrs["fail_reason"]
+    assert t.user_attrs.get("metrics") is None or t.user_attrs["metrics"]["wer"] is None
+
+
+def _worker(setup, n, extra=()):
+    env = dict(os.environ, DSE_LOCK_DIR=str(setup["tmp"]), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "dse.run", *args(setup, "--n-trials", str(n), *extra)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_resume_after_killed_worker(setup):
+    space = dict(SPACE, model=str(setup["ckpt"]), sampler="random", n_trials=3,
+                 params={"beam_width": {"choices": [1, 2, 3]}})
+    setup["space"].write_text(yaml.safe_dump(space))
+    proc = _worker(setup, 3)
+    study = None
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill -9 once a trial is running
+        time.sleep(0.5)
+        try:
+            study = load(setup)
+        except KeyError:
+            continue
+        if any(t.state == TrialState.RUNNING for t in study.trials):
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    running = [t.number for t in load(setup).trials if t.state == TrialState.RUNNING]
+    assert running, "the killed worker should leave its trial RUNNING"
+    # the heartbeat grace period is long for real studies; a storage with a short one fails the stale trial
+    storage = optuna.storages.RDBStorage(setup["storage"], heartbeat_interval=1, grace_period=1,
+                                         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+    time.sleep(2)
+    optuna.storages.fail_stale_trials(optuna.load_study(study_name="space", storage=storage))
+    states = {t.number: t.state for t in load(setup).trials}
+    assert all(states[n] == TrialState.FAIL for n in running)
+    out = _worker(setup, 3).communicate(timeout=600)[0]
+    study = load(setup)
+    assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 3, out
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") in running]
+    assert retried, "the stale trial is retried with the same parameters"
+
+
+def test_two_workers_sqlite_no_trial_lost_or_duplicated(setup):
+    space = dict(SPACE, model=str(setup["ckpt"]), sampler="random", n_trials=4,
+                 params={"beam_width": {"choices": [1, 2, 3, 4]}})
+    setup["space"].write_text(yaml.safe_dump(space))
+    procs = [_worker(setup, 4) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    trials = load(setup).trials
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert 4 <= len(complete) <= 5  # MaxTrialsCallback stops both; one in flight may finish
+    assert len({t.number for t in trials}) == len(trials)
+    assert all(t.state in (TrialState.COMPLETE,) for t in trials)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A real PostgreSQL server on loopback, owned by the test."""
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    if not bins:
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    pytest.importorskip("psycopg2")
+    bin_dir = bins[-1]
+    data = tmp_path / "pg"
+    data.mkdir()
+    as_user = []
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        shutil.chown(data, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(as_user + [str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "dse"],
+                   check=True, capture_output=True)
+    port = _free_port()
+    proc = subprocess.Popen(as_user + [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1",
+                                       "-k", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"postgresql://dse@127.0.0.1:{port}/postgres"
+    for _ in range(100):
+        if subprocess.run([str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                          capture_output=True).returncode == 0:
+            break
+        time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_three_workers_on_postgresql(setup, postgres):
+    space = dict(SPACE, model=str(setup["ckpt"]), sampler="random", n_trials=5,
+                 params={"beam_width": {"choices": [1, 2, 3, 4, 5]}})
+    setup["space"].write_text(yaml.safe_dump(space))
+    setup["storage"] = postgres
+    procs = [_worker(setup, 5) for _ in range(3)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    trials = load(setup).trials
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert 5 <= len(complete) <= 7
+    assert len({t.number for t in trials}) == len(trials)
+    assert all(t.state == TrialState.COMPLETE for t in trials)
