@@ -119,13 +119,11 @@ class Adapter:
         distill = s.distill_weight > 0 and edited.features.hop_samples == self.teacher.features.hop_samples
         pad = silence_frame(logmel)
         rng = random.Random(s.seed)
-        gen = torch.Generator().manual_seed(s.seed)
         lengths = [f.size(0) for f in feats]
         batches: list = []
         opt = torch.optim.AdamW(student.parameters(), lr=s.lr, betas=(0.9, 0.98), weight_decay=1e-3)
         history = []
         blank = edited.tokenizer.blank
-        teacher_logmel = self.teacher.logmel()
         for step in range(1, config.adapt_steps + 1):
             if not batches:
                 batches = make_batches(lengths, s.batch_frames, rng)
@@ -167,6 +165,8 @@ class Adapter:
                 if on_progress:
                     on_progress(step, dev_wer)
         student.eval()
+        for block in moe_blocks(student):  # drop the last graph so the model can be copied
+            block.aux_loss = torch.zeros(())
         state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
         info = {"steps": config.adapt_steps, "seconds": time.perf_counter() - t0, "distilled": distill,
                 "final_dev_wer": next((h["dev_wer"] for h in reversed(history) if "dev_wer" in h), None),

@@ -188,7 +188,6 @@ def _rebuild(study, trial, cache_dir: Optional[str], log: Callable[[str], None])
     adapt_fn, adaptation = None, {"steps": config.adapt_steps, "source": "none"}
     if config.adapt_steps > 0:
         from dse.adapt import Adapter
-        from dse.moe import moe_blocks
 
         adapt_set = study.user_attrs.get("adapt_set")
         if not adapt_set:
@@ -203,13 +202,7 @@ def _rebuild(study, trial, cache_dir: Optional[str], log: Callable[[str], None])
             log(f"adapted weights of trial {trial.number} are not in the cache {adapter.cache_dir}: "
                 f"adapting again ({config.adapt_steps} steps); the result may differ from the study's")
 
-        def adapt_fn(edited, cfg):
-            state, info = adapter(edited, cfg)
-            # Training leaves each MoE block's last load-balancing loss attached to the autograd
-            # graph, and such a tensor cannot be deep-copied by the precision transform.
-            for block in moe_blocks(edited.model):
-                block.aux_loss = torch.zeros(())
-            return state, info
+        adapt_fn = adapter
     log(f"building trial {trial.number} ({model_attr['name']}, {config.precision})")
     built = build_recognizer(loaded, dataclasses.replace(config, compile="off"), adapt_fn=adapt_fn)
     recorded = trial.user_attrs.get("metrics", {}).get("params")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import os
 import platform
@@ -36,8 +35,7 @@ import random
 import resource
 import statistics
 import sys
-import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -309,7 +307,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
-    from dse.config import TrialConfig, add_config_arguments, config_from_args
+    from dse.config import add_config_arguments, config_from_args
     from dse.transforms import build_recognizer
 
     p = argparse.ArgumentParser(prog="python -m dse.measure", description=__doc__,

@@ -206,16 +206,35 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
     if blob["version"] > CHECKPOINT_VERSION:
         raise ModelLoadError(f"{path}: checkpoint version {blob['version']} is newer than this dse "
                              f"(reads up to {CHECKPOINT_VERSION}); upgrade dse")
-    tok = blob["tokenizer"]
-    if tok["kind"] != "chars":
-        raise ModelLoadError(f"{path}: unsupported tokenizer kind {tok['kind']!r}")
-    tokenizer = CharTokenizer(tok["symbols"])
+    tokenizer = tokenizer_from_dict(blob["tokenizer"], where=str(path))
     model = build(blob["arch"], tokenizer.num_symbols)
     state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
     model.load_state_dict(state)
+    info = dict(blob.get("info", {}), checkpoint_sha256=file_sha256(path))
     return LoadedModel(blob["name"], blob["arch"], model.eval(), tokenizer, FeatureConfig(**blob["features"]),
-                       torch.tensor(blob["mean"]), torch.tensor(blob["invstd"]), f"checkpoint:{path}",
-                       dict(blob.get("info", {})))
+                       torch.tensor(blob["mean"]), torch.tensor(blob["invstd"]), f"checkpoint:{path.resolve()}", info)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_from_dict(data: dict, where: str = "tokenizer"):
+    """Rebuild a tokenizer from its ``to_dict()`` form."""
+    kind = data.get("kind")
+    if kind == "chars":
+        return CharTokenizer(data["symbols"])
+    if kind == "numbered":
+        return _NumberedTokenizer(data["num_symbols"])
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(data["model_path"])
+    raise ModelLoadError(f"{where}: unsupported tokenizer kind {kind!r} (known: chars, numbered, sentencepiece)")
 
 
 def load_torchaudio_bundle(directory: str | os.PathLike) -> LoadedModel:

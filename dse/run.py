@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -72,7 +71,6 @@ def finished_count(study) -> int:
 
 
 def pareto_trials(study):
-    from optuna.trial import TrialState
     try:
         return study.best_trials
     except Exception:
@@ -80,6 +78,7 @@ def pareto_trials(study):
 
 
 def find_reuse(study, accuracy_key: str) -> Optional[dict]:
+    """WER of a completed trial with the same accuracy key (see :mod:`dse.study`), if any."""
     from optuna.trial import TrialState
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if t.user_attrs.get("accuracy_key") == accuracy_key and t.user_attrs.get("metrics", {}).get("wer") is not None:
@@ -103,7 +102,7 @@ def make_objective(ctx, console):
             config.validate_for(ctx.loaded.arch)
             trial.set_user_attr("config", config.to_dict())
             trial.set_user_attr("accuracy_key", config.accuracy_key())
-            trial.set_user_attr("model", {"name": ctx.loaded.name, "weights": ctx.loaded.weights})
+            trial.set_user_attr("model", model_identity(ctx.loaded))
             reuse = find_reuse(trial.study, config.accuracy_key()) if ctx.loaded.trained else None
 
             def on_phase(name):
@@ -122,6 +121,9 @@ def make_objective(ctx, console):
             trial.set_user_attr("prune_reason", str(exc))
             console.print(f"  trial {trial.number}: [yellow]pruned[/yellow]: {exc}")
             raise optuna.TrialPruned(str(exc)) from None
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted by the user (Ctrl-C)")
+            raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             trial.set_user_attr("fail_reason", reason[:2000])
@@ -162,6 +164,12 @@ def prune_reason(space, study, step: int, dev_wer: float) -> Optional[str]:
             return (f"dev WER {dev_wer:.3f} at adaptation step {step} cannot reach the Pareto front "
                     f"(worst front WER {max(front):.3f} + margin {margin})")
     return None
+
+
+def model_identity(loaded) -> dict:
+    """Which model a trial measured: architecture name, weights source (absolute path) and file hash."""
+    return {"name": loaded.name, "weights": loaded.weights, "sha256": loaded.info.get("checkpoint_sha256"),
+            "params": loaded.num_params()}
 
 
 def describe(config) -> str:
@@ -274,7 +282,7 @@ def main(argv=None) -> int:
             study.set_user_attr("eval_set", str(Path(args.eval_set or ctx.eval_set).resolve()))
             study.set_user_attr("adapt_set", str(ctx.adapt_fn.manifest) if ctx.adapt_fn else None)
             study.set_user_attr("eval_limit", args.eval_limit or space.eval_limit)
-            study.set_user_attr("model", {"name": ctx.loaded.name, "weights": ctx.loaded.weights})
+            study.set_user_attr("model", model_identity(ctx.loaded))
             console.print(f"model {ctx.loaded.name} ({ctx.loaded.weights}), {len(ctx.audio.waveforms)} eval utterances"
                           + (f", {len(ctx.audio.skipped)} skipped" if ctx.audio.skipped else ""))
             from optuna.study import MaxTrialsCallback

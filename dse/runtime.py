@@ -141,15 +141,12 @@ def read_json(directory: str | os.PathLike, name: str) -> dict:
 
 # -- model ----------------------------------------------------------------------------------
 def _tokenizer(directory: Path, vocab: dict):
-    kind = vocab.get("kind")
-    if kind == "chars":
-        return models.CharTokenizer(vocab["symbols"])
-    if kind == "sentencepiece":
-        return models.SentencePieceTokenizer(directory / vocab["model_file"])
-    if kind == "numbered":
-        return models._NumberedTokenizer(vocab["num_symbols"])
-    raise BundleError(f"{directory / VOCABULARY_FILE}: unknown tokenizer kind {kind!r} "
-                      "(known: chars, sentencepiece, numbered)")
+    if vocab.get("kind") == "sentencepiece":  # the model file travels inside the bundle
+        vocab = dict(vocab, model_path=str(directory / vocab["model_file"]))
+    try:
+        return models.tokenizer_from_dict(vocab, where=str(directory / VOCABULARY_FILE))
+    except models.ModelLoadError as exc:
+        raise BundleError(str(exc)) from None
 
 
 def _deployed_form(model: torch.nn.Module, precision: str) -> torch.nn.Module:

@@ -27,11 +27,10 @@ set to their defaults when ``moe_experts`` is 0, so dense trials share one ident
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from pathlib import Path
 from typing import Any, Optional
 
-from dse.config import KNOBS, TrialConfig
+from dse.config import KNOBS, WEIGHT_KNOBS, TrialConfig
 from dse.errors import ConfigError
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -131,7 +130,11 @@ class Space:
         return n
 
     def baseline_config(self) -> TrialConfig:
-        return canonical(dict(self.fixed, **self.baseline))
+        """The configuration every trial is timed against: the space's ``baseline`` over its
+        ``fixed`` knobs, minus fixed knobs that change the weights (the baseline is the
+        model as trained unless ``baseline`` says otherwise)."""
+        fixed = {k: v for k, v in self.fixed.items() if k not in WEIGHT_KNOBS}
+        return canonical(dict(fixed, **self.baseline))
 
 
 def canonical(values: dict) -> TrialConfig:
@@ -213,7 +216,7 @@ def parse_space(data: Any, path: Path, name: Optional[str] = None) -> Space:
         if knob not in KNOBS:
             raise _err(path, f"baseline.{knob}", f"unknown knob; allowed knobs: {', '.join(KNOBS)}")
     try:
-        canonical(dict(fixed, **baseline))
+        canonical(dict({k: v for k, v in fixed.items() if k not in WEIGHT_KNOBS}, **baseline))
     except ConfigError as exc:
         raise _err(path, "fixed/baseline", str(exc)) from None
     return Space(name=name or path.stem, path=path, description=str(data.get("description", "")),

@@ -34,7 +34,7 @@ from dse.errors import DSEError
 from dse.measure import EvalAudio, interleaved_speedup, machine_fingerprint, measure
 from dse.models import LoadedModel
 from dse.space import Space
-from dse.transforms import Built, build_recognizer, needs_adaptation
+from dse.transforms import Built, build_recognizer
 
 
 class Pruned(Exception):
@@ -102,20 +102,19 @@ def run_trial(ctx: TrialContext, config: TrialConfig, reuse: Optional[dict] = No
               on_adapt_progress: Optional[Callable[[int, float], None]] = None) -> dict:
     """Build, adapt, time and score ``config``; returns a record of metrics, phases and extras.
 
+    An edit that invalidates the weights (MoE, frame width) with ``adapt_steps == 0`` is
+    measured as it is: an honest point showing what the edit costs without adaptation.
+
     ``reuse``: WER/CER (and per-slice WER) of an earlier trial with the same accuracy key.
     ``on_adapt_progress(step, dev_wer)`` may raise :class:`Pruned` to stop the adaptation.
     """
     phases = Phases(on_phase)
-    adapt_fn = None
-    if config.adapt_steps > 0:
-        if ctx.adapt_fn is None:
-            raise DSEError("adapt_steps > 0 but this worker has no adaptation split")
+    if config.adapt_steps > 0 and ctx.adapt_fn is None:
+        raise DSEError("adapt_steps > 0 but this worker has no adaptation split (trained weights and an adapt manifest)")
 
-        def adapt_fn(edited, cfg):
-            with phases("adapt"):
-                return ctx.adapt_fn(edited, cfg, on_progress=on_adapt_progress)
-    elif needs_adaptation(ctx.loaded, config):
-        pass  # measured as-is: an honest point showing what the edit costs without adaptation
+    def adapt_fn(edited, cfg):
+        with phases("adapt"):
+            return ctx.adapt_fn(edited, cfg, on_progress=on_adapt_progress)
     with phases("build"):
         built = build_recognizer(ctx.loaded, config, adapt_fn=adapt_fn, warmup_audio=None)
     if "adapt" in phases.seconds:

@@ -250,10 +250,11 @@ def train(args) -> Path:
     batches_per_epoch = len(epoch_batches(0))
     t_start = time.time()
     model.train()
+    batches, batches_epoch = None, -1
     while step < preset.max_steps:
         epoch, index = divmod(step, batches_per_epoch)
-        if index == 0 or "batches" not in locals() or cur_epoch != epoch:
-            batches, cur_epoch = epoch_batches(epoch), epoch
+        if batches_epoch != epoch:
+            batches, batches_epoch = epoch_batches(epoch), epoch
         idx = batches[index]
         batch = collate([data["feats"][i] for i in idx], [data["targets"][i] for i in idx],
                         arch["time_reduction_stride"], arch["right_context_length"], pad_frame)

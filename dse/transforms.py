@@ -26,7 +26,6 @@ import torch
 
 from dse.config import TrialConfig
 from dse.errors import ConfigError, DSEError
-from dse.features import FeatureConfig
 from dse.models import LoadedModel, build
 from dse.stream import StreamingRecognizer
 

@@ -1,5 +1,3 @@
-import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -7,7 +5,7 @@ import yaml
 from dse.config import TrialConfig
 from dse.errors import ConfigError
 from dse.models import architecture
-from dse.space import SPACES_DIR, canonical, load_space, parse_space
+from dse.space import SPACES_DIR, canonical, load_space
 
 
 def test_round_trip_json():

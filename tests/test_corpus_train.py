@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from dse import corpus, models, train
-from dse.features import LogMel
 
 
 def test_sentence_splits_are_disjoint_and_seeded(tmp_path):

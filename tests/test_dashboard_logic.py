@@ -67,8 +67,8 @@ def test_moving_the_wer_limit_changes_the_recommendation(demo):
 
 def test_recommendation_ties_go_to_the_lower_wer_then_the_lower_trial():
     rows = rows_of([TrialSpec({}, wer=0.3, rtf=0.1), TrialSpec({"beam_width": 8}, wer=0.2, rtf=0.1),
-                    TrialSpec({"beam_width": 1}, wer=0.2, rtf=0.1), TrialSpec({"precision": "bf16"}, wer=None, rtf=0.1)],
-                   objectives=("rtf_normalised",))
+                    TrialSpec({"beam_width": 1}, wer=0.2, rtf=0.1),
+                    TrialSpec({"precision": "bf16"}, wer=None, rtf=0.1)], objectives=("rtf_normalised",))
     assert logic.recommend(rows, "rtf_normalised", logic.Limits()) == 1
 
 

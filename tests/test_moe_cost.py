@@ -3,7 +3,7 @@ import torch
 
 from dse import cost, models
 from dse.config import TrialConfig
-from dse.moe import MoEFeedForward, MoERouter, apply_moe, moe_blocks, upcycle
+from dse.moe import MoERouter, apply_moe, moe_blocks, upcycle
 
 
 def test_router_top_k_weights_sum_to_one():

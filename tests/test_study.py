@@ -14,7 +14,6 @@ import yaml
 from optuna.trial import TrialState
 
 from dse import models, run
-from dse.space import load_space
 
 SPACE = {
     "sampler": "grid",

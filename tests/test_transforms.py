@@ -5,7 +5,7 @@ from dse import models
 from dse.adapt import AdaptSettings, Adapter
 from dse.config import TrialConfig
 from dse.errors import ConfigError
-from dse.moe import MoEFeedForward, moe_blocks
+from dse.moe import moe_blocks
 from dse.transforms import TrialFailed, build_recognizer, edit_architecture
 from conftest import tone
 
