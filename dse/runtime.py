@@ -19,7 +19,6 @@ is refused by name before anything is unpickled.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -32,6 +31,7 @@ from dse import models
 from dse.errors import DSEError
 from dse.features import FeatureConfig, LogMel
 from dse.moe import apply_moe
+from dse.precision import AUTOCAST, DTYPES, apply_precision
 from dse.stream import ChunkEvent, StreamingRecognizer
 
 __all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "BundleError", "load", "read_config", "read_json", "live_pieces", "piece_samples",
@@ -49,7 +49,6 @@ README_FILE = "README.md"
 MANIFEST_FILE = "MANIFEST.sha256"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, FEATURES_FILE, VOCABULARY_FILE, METRICS_FILE)
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _PACKED = "._packed_params._packed_params"
 
 
@@ -58,12 +57,7 @@ class BundleError(DSEError):
 
 
 # -- manifest -------------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = models.file_sha256
 
 
 def write_manifest(directory: str | os.PathLike) -> None:
@@ -150,18 +144,11 @@ def _tokenizer(directory: Path, vocab: dict):
 
 
 def _deployed_form(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """The module structure the weights were saved from: cast, or int8 dynamic quantisation of Linear."""
-    if precision in _DTYPES:
-        return model.to(_DTYPES[precision])
-    if precision == "int8":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from torch.ao.quantization import quantize_dynamic
-            return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    if precision.startswith("amp-"):
-        return model  # fp32 weights, autocast at run time
-    raise BundleError(f"precision {precision!r} is not one a bundle can hold "
-                      f"(known: {', '.join(_DTYPES)}, int8, amp-bf16, amp-fp16)")
+    """The module structure the weights were saved from (the study's own precision transform)."""
+    try:
+        return apply_precision(model, precision, in_place=True)
+    except ValueError as exc:
+        raise BundleError(f"{exc}: not a precision a bundle can hold") from None
 
 
 def _fp32_state(state: dict) -> dict:
@@ -247,7 +234,7 @@ def _recognizer(directory: Path, config: dict, compile: Optional[bool], fp32_ref
     model = _load_model(directory, config, fp32_reference)
     trial = config["trial_config"]
     precision = "fp32" if fp32_reference else trial["precision"]
-    autocast = _DTYPES[precision.split("-")[1]] if precision.startswith("amp-") else None
+    autocast = AUTOCAST.get(precision)
     mode = trial.get("compile", "off")
     if compile is None:
         compile = mode != "off"
@@ -256,7 +243,7 @@ def _recognizer(directory: Path, config: dict, compile: Optional[bool], fp32_ref
         model.transcriber.infer = torch.compile(model.transcriber.infer, dynamic=False, **kwargs)
     arch = config["architecture"]
     return StreamingRecognizer(model, logmel, tokenizer, arch["segment_length"], arch["right_context_length"],
-                               beam_width=trial["beam_width"], dtype=_DTYPES.get(precision, torch.float32),
+                               beam_width=trial["beam_width"], dtype=DTYPES.get(precision, torch.float32),
                                autocast_dtype=autocast)
 
 

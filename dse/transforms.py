@@ -16,10 +16,8 @@ Order of transforms (each owns the knobs :data:`dse.config.KNOBS` assigns to it)
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -27,9 +25,9 @@ import torch
 from dse.config import TrialConfig
 from dse.errors import ConfigError, DSEError
 from dse.models import LoadedModel, build
+from dse.precision import AUTOCAST, DTYPES, apply_precision
 from dse.stream import StreamingRecognizer
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrialFailed(DSEError):
@@ -76,19 +74,6 @@ def edit_architecture(loaded: LoadedModel, config: TrialConfig, seed: int = 0) -
     return dataclasses.replace(loaded, arch=arch, model=model.eval(), features=features, info=info)
 
 
-def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """Deployed form of ``model`` (a copy) for ``precision``."""
-    model = copy.deepcopy(model).eval()
-    if precision in DTYPES:
-        return model.to(DTYPES[precision])
-    if precision == "int8":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from torch.ao.quantization import quantize_dynamic
-            return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    return model  # amp-*: fp32 weights, autocast at run time
-
-
 def _compile(model, mode: str) -> float:
     """Compile the transcriber's per-chunk ``infer`` in place; returns 0 (time is taken at first call)."""
     kwargs = {} if mode == "default" else {"mode": mode}
@@ -120,9 +105,7 @@ def build_recognizer(loaded: LoadedModel, config: TrialConfig,
             edited = dataclasses.replace(edited, mean=torch.tensor(adapt_info["mean"]),
                                          invstd=torch.tensor(adapt_info["invstd"]))
     deployed = apply_precision(edited.model, cfg.precision)
-    autocast = None
-    if cfg.precision.startswith("amp-"):
-        autocast = DTYPES[cfg.precision.split("-")[1]]
+    autocast = AUTOCAST.get(cfg.precision)
     if cfg.compile != "off":
         _compile(deployed, cfg.compile)
     rec = StreamingRecognizer(deployed, edited.logmel(), edited.tokenizer, cfg.segment_frames,

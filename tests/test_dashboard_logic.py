@@ -1,11 +1,9 @@
-import math
-
-import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from dashboard import logic
-from dashboard_study import DEMO_TRIALS, TrialSpec, write_study
+pytest.importorskip("pandas", reason="the dashboard needs pandas (pip install -e '.[dashboard]')")
+from dashboard import logic  # noqa: E402
+from dashboard_study import DEMO_TRIALS, TrialSpec, write_study  # noqa: E402
 
 NAN = float("nan")
 
