@@ -19,6 +19,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -37,11 +38,17 @@ def make_storage(url: str):
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
-    except Exception as exc:
-        raise DSEError(f"cannot open storage {url!r}: {type(exc).__name__}: {exc}") from exc
+    # Workers started together race to create the schema on an empty database; the loser's
+    # CREATE fails with a unique violation, and a second attempt finds the tables made.
+    for attempt in range(5):
+        try:
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+        except Exception as exc:
+            if attempt < 4 and type(exc).__name__ in ("IntegrityError", "ProgrammingError", "OperationalError"):
+                time.sleep(0.5 + attempt)
+                continue
+            raise DSEError(f"cannot open storage {url!r}: {type(exc).__name__}: {exc}") from exc
 
 
 def make_sampler(name: str, space, seed: Optional[int]):

@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -161,15 +162,15 @@ def _free_port():
 
 
 @pytest.fixture
-def postgres(tmp_path):
+def postgres():
     """A real PostgreSQL server on loopback, owned by the test."""
     bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
     if not bins:
         pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
-    pytest.importorskip("psycopg2")
+    pytest.importorskip("psycopg")  # SQLAlchemy 2.1 drives postgresql:// URLs with psycopg 3
     bin_dir = bins[-1]
-    data = tmp_path / "pg"
-    data.mkdir()
+    # not under pytest's tmp_path: its parents are private to root, and postgres runs as its own user
+    data = Path(tempfile.mkdtemp(prefix="dse-pg-"))
     as_user = []
     if os.geteuid() == 0:  # postgres refuses to run as root
         shutil.chown(data, "postgres")
@@ -188,6 +189,7 @@ def postgres(tmp_path):
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+    shutil.rmtree(data, ignore_errors=True)
 
 
 def test_three_workers_on_postgresql(setup, postgres):
