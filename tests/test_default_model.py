@@ -31,3 +31,16 @@ def test_shipped_splits_are_large_enough():
     assert {"heldout"} <= {u.slice for u in eval_utts}
     adapt = {u.text for u in read_manifest(models.DEFAULT_ADAPT)}
     assert not adapt & {u.text for u in eval_utts}
+
+
+def test_measure_cli_uses_default_on_any_manifest(manifest):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "dse.measure", "--eval-set", str(manifest), "--json", "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    assert record["model"] == "small" and record["weights"].startswith("checkpoint:")
+    assert record["wer"] is not None and record["utterances"] == 3

@@ -1,0 +1,57 @@
+"""The shipped default model's accuracy and speed, per eval slice, for its model card.
+
+    python benchmarks/default_model.py [--limit N]
+
+Streams the whole eval split through the default model at its default configuration
+(fp32, trained right context, beam 4, 2 threads) and at the settings that show
+whether accuracy responds to the design space as a real model's does: right context
+0, bf16, int8 and greedy decoding. Each row is one streaming pass: WER/CER come from
+the transcripts of the very pass that is timed. Prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from dse.config import TrialConfig
+from dse.measure import load_eval_audio, machine_fingerprint, measure
+from dse.models import DEFAULT_EVAL, load_model
+from dse.transforms import build_recognizer
+
+ROWS = [
+    ("default (fp32, rc 4, beam 4)", TrialConfig()),
+    ("right context 0", TrialConfig(right_context_frames=0)),
+    ("bf16", TrialConfig(precision="bf16")),
+    ("int8", TrialConfig(precision="int8")),
+    ("greedy (beam 1)", TrialConfig(beam_width=1)),
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--limit", type=int, help="first N eval utterances only")
+    args = p.parse_args()
+    loaded = load_model()
+    audio = load_eval_audio(DEFAULT_EVAL, args.limit)
+    m = machine_fingerprint()
+    slices = sorted(set(audio.slices))
+    print(f"model {loaded.weights}, {loaded.num_params():,} parameters; eval: {len(audio.waveforms)} utterances, "
+          f"{sum(w.numel() for w in audio.waveforms) / 16000 / 60:.1f} min; {m['cpu_model']}, 2 threads, torch {m['torch']}\n")
+    print("| configuration | WER | CER | " + " | ".join(f"WER {s}" for s in slices)
+          + " | RTF mean | chunk p95 ms | TTFT s | eval wall s |")
+    print("|---" * (6 + len(slices)) + "|")
+    for name, cfg in ROWS:
+        torch.set_num_threads(cfg.threads)
+        built = build_recognizer(loaded, cfg)
+        t0 = time.perf_counter()
+        r = measure(built.recognizer, audio, accuracy=True)
+        wall = time.perf_counter() - t0
+        per = " | ".join(f"{r['wer_by_slice'].get(s, r['wer']):.3f}" for s in slices)
+        print(f"| {name} | {r['wer']:.3f} | {r['cer']:.3f} | {per} | {r['rtf_mean']:.4f} | "
+              f"{r['chunk_latency_p95_ms']:.2f} | {r['ttft_s']:.3f} | {wall:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
