@@ -54,22 +54,17 @@ def make_storage(url: str):
 def make_sampler(name: str, space, seed: Optional[int]):
     import optuna
 
-    cons = constraints_func if space.constraints else None
+    # Constraints reach the samplers through Trial.set_constraint (see the objective).
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=cons,
-                                             population_size=max(4, min(20, space.n_trials // 2 or 4)))
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, space.n_trials // 2 or 4)))
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constraints_func=cons, multivariate=True,
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True,
                                           n_startup_trials=max(2, min(10, space.n_trials // 3)))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
         return optuna.samplers.GridSampler(space.grid(), seed=seed)
     raise DSEError(f"unknown sampler {name!r}; use nsga2, tpe, random or grid")
-
-
-def constraints_func(trial) -> list[float]:
-    return list(trial.user_attrs.get("constraint_violations", [1.0]))
 
 
 def finished_count(study) -> int:
@@ -142,7 +137,10 @@ def make_objective(ctx, console):
                 trial.set_user_attr(key, value)
         if reuse:
             trial.set_user_attr("reused_wer_from", reuse["trial"])
-        trial.set_user_attr("constraint_violations", [c.violation(metrics.get(c.metric)) for c in space.constraints])
+        violations = [c.violation(metrics.get(c.metric)) for c in space.constraints]
+        trial.set_user_attr("constraint_violations", violations)
+        for c, v in zip(space.constraints, violations):
+            trial.set_constraint(f"{c.metric}<={c.max}" if c.max is not None else f"{c.metric}>={c.min}", v)
         values = []
         for o in space.objectives:
             v = metrics.get(o.metric)
