@@ -50,7 +50,7 @@ class Preset:
 
 
 PRESETS = {
-    "small": Preset(arch="small"),
+    "small": Preset(arch="small", max_steps=5000),
     "tiny": Preset(arch="tiny", peak_lr=2e-3, warmup_steps=20, max_steps=200, max_batch_frames=2000,
                    specaug_from_step=10**9),
 }
