@@ -84,6 +84,7 @@ class TrialContext:
     profile: bool = False
     eval_set: Optional[str] = None
     _baseline: Optional[Built] = None
+    _baseline_rtf: Optional[float] = None
 
     @property
     def timing_audio(self) -> EvalAudio:
@@ -95,6 +96,13 @@ class TrialContext:
         if self._baseline is None:
             self._baseline = build_recognizer(self.loaded, self.space.baseline_config())
         return self._baseline
+
+    def baseline_rtf(self) -> float:
+        """The baseline's mean RTF on the timing utterances, measured once per worker."""
+        if self._baseline_rtf is None:
+            with timing_lock(self.lock_dir):
+                self._baseline_rtf = measure(self.baseline().recognizer, self.timing_audio, accuracy=False)["rtf_mean"]
+        return self._baseline_rtf
 
 
 def run_trial(ctx: TrialContext, config: TrialConfig, reuse: Optional[dict] = None,
@@ -145,15 +153,10 @@ def run_trial(ctx: TrialContext, config: TrialConfig, reuse: Optional[dict] = No
         "chunk_latency_p99_ms", "ttft_s", "ttft_p95_s", "peak_rss_mib")}
     metrics.update({
         "weight_mib": built.weight_mib, "params": built.params, "speedup": ratio["speedup"],
-        "rtf_normalised": None, "compile_s": built.compile_s,
+        "compile_s": built.compile_s,
         "flops_per_chunk": flops_per_chunk(built.loaded.arch, built.config, built.loaded.tokenizer.num_symbols)["total"],
     })
-    base_rtf = ctx.__dict__.setdefault("_baseline_rtf", None)
-    if base_rtf is None:
-        with timing_lock(ctx.lock_dir):
-            base_rtf = measure(ctx.baseline().recognizer, ctx.timing_audio, accuracy=False)["rtf_mean"]
-        ctx.__dict__["_baseline_rtf"] = base_rtf
-    metrics["rtf_normalised"] = base_rtf / ratio["speedup"]
+    metrics["rtf_normalised"] = ctx.baseline_rtf() / ratio["speedup"]
     return {
         "config": built.config.to_dict(), "metrics": metrics, "phases_s": phases.seconds,
         "speedup": ratio, "rtf_mean_ci95": result["rtf_mean_ci95"], "wer_by_slice": result.get("wer_by_slice", {}),
