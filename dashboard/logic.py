@@ -75,27 +75,27 @@ def is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+_FORMATS = {
+    "percent": lambda v: f"{100 * v:.1f} %",
+    "ratio": lambda v: f"{v:.3f}",
+    "factor": lambda v: f"{v:.2f}×",
+    "ms": lambda v: f"{v:.1f} ms",
+    "s": lambda v: f"{v:.3f} s",
+    "mib": lambda v: f"{v:.1f} MiB",
+    "flops": lambda v: f"{v / 1e6:,.2f} MFLOPs",
+}
+
+
+def _FORMAT_COUNT(v: float) -> str:
+    return f"{v:,.0f}"
+
+
 def format_metric(metric: str, value: Any) -> str:
     """``value`` of ``metric`` for people: ``"12.3 %"``, ``"0.118"``, ``"41.2 ms"``; missing -> ``"not measured"``."""
     m = METRICS[metric]
     if is_missing(value):
         return m.missing
-    v = float(value)
-    if m.kind == "percent":
-        return f"{100 * v:.1f} %"
-    if m.kind == "ratio":
-        return f"{v:.3f}"
-    if m.kind == "factor":
-        return f"{v:.2f}×"
-    if m.kind == "ms":
-        return f"{v:.1f} ms"
-    if m.kind == "s":
-        return f"{v:.3f} s"
-    if m.kind == "mib":
-        return f"{v:.1f} MiB"
-    if m.kind == "flops":
-        return f"{v / 1e6:,.2f} MFLOPs"
-    return f"{v:,.0f}"
+    return _FORMATS.get(m.kind, _FORMAT_COUNT)(float(value))
 
 
 def change_from(metric: str, value: Any, reference: Any) -> Optional[str]:

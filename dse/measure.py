@@ -128,15 +128,8 @@ class UtteranceTiming:
 
 
 def arrival_pieces(num_samples: int, recognizer) -> list[tuple[int, int]]:
-    """(start, end) sample ranges a live stream delivers: one chunk's worth at a time."""
-    cfg = recognizer.logmel.config
-    first = cfg.samples_for_frames(recognizer.chunk_frames)
-    step = recognizer.advance_frames * cfg.hop_samples
-    pieces, start, end = [], 0, min(first, num_samples)
-    while start < num_samples:
-        pieces.append((start, end))
-        start, end = end, min(end + step, num_samples)
-    return pieces
+    """(start, end) sample ranges a live stream delivers: see ``StreamingRecognizer.arrival_pieces``."""
+    return recognizer.arrival_pieces(num_samples)
 
 
 def stream_utterance(recognizer, waveform: torch.Tensor, utt_id: str = "") -> UtteranceTiming:

@@ -249,14 +249,8 @@ def _recognizer(directory: Path, config: dict, compile: Optional[bool], fp32_ref
 
 # -- streaming ------------------------------------------------------------------------------
 def piece_samples(recognizer: StreamingRecognizer) -> tuple[int, int]:
-    """(samples of the first piece, samples of every later piece) of a live stream.
-
-    The first piece holds exactly the samples the first chunk needs, each later piece
-    one chunk advance (``segment_length * hop_samples`` samples): every piece then
-    completes one chunk, which is decoded as soon as its last sample arrives.
-    """
-    cfg = recognizer.logmel.config
-    return cfg.samples_for_frames(recognizer.chunk_frames), recognizer.advance_frames * cfg.hop_samples
+    """(first piece, later pieces) in samples: ``StreamingRecognizer.piece_samples``."""
+    return recognizer.piece_samples()
 
 
 def live_pieces(num_samples: int, recognizer: StreamingRecognizer) -> list[tuple[int, int]]:
@@ -265,12 +259,7 @@ def live_pieces(num_samples: int, recognizer: StreamingRecognizer) -> list[tuple
     This is the schedule :mod:`dse.measure` times, so a bundle streamed this way gives
     the transcripts its study measured.
     """
-    first, step = piece_samples(recognizer)
-    pieces, start, end = [], 0, min(first, num_samples)
-    while start < num_samples:
-        pieces.append((start, end))
-        start, end = end, min(end + step, num_samples)
-    return pieces
+    return recognizer.arrival_pieces(num_samples)
 
 
 def stream(recognizer: StreamingRecognizer, waveform: torch.Tensor,

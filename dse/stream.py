@@ -90,6 +90,7 @@ class StreamingRecognizer:
         self.autocast_dtype = autocast_dtype
         self.clock = clock
         self.decoder = RNNTBeamSearch(model, tokenizer.blank)
+        self._chunk_length = torch.tensor([self.chunk_frames])
         self.reset()
 
     @classmethod
@@ -97,6 +98,26 @@ class StreamingRecognizer:
         arch = loaded.arch
         return cls(loaded.model, loaded.logmel(), loaded.tokenizer, arch["segment_length"],
                    arch["right_context_length"], beam_width=beam_width, **kwargs)
+
+    # -- the live arrival schedule ----------------------------------------------------
+    def piece_samples(self) -> tuple[int, int]:
+        """(samples of the first piece, samples of every later piece) of a live stream.
+
+        The first piece holds exactly the samples the first chunk needs, each later piece
+        one chunk advance (``segment_length * hop_samples`` samples): every piece then
+        completes one chunk, which is decoded as soon as its last sample arrives.
+        """
+        cfg = self.logmel.config
+        return cfg.samples_for_frames(self.chunk_frames), self.advance_frames * cfg.hop_samples
+
+    def arrival_pieces(self, num_samples: int) -> list[tuple[int, int]]:
+        """``(start, end)`` sample ranges a live stream of ``num_samples`` samples delivers."""
+        first, step = self.piece_samples()
+        pieces, start, end = [], 0, min(first, num_samples)
+        while start < num_samples:
+            pieces.append((start, end))
+            start, end = end, min(end + step, num_samples)
+        return pieces
 
     # -- stream lifecycle -------------------------------------------------------------
     def initial_encoder_state(self) -> Optional[List[List[torch.Tensor]]]:
@@ -165,10 +186,9 @@ class StreamingRecognizer:
     @torch.inference_mode()
     def _decode_chunk(self, chunk: torch.Tensor, start_ns: int) -> ChunkEvent:
         x = chunk.to(self.dtype).unsqueeze(0)
-        length = torch.tensor([self.chunk_frames])
         with torch.autocast("cpu", dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
-            hyps, enc_state = self.decoder.infer(x, length, self.beam_width, state=self.state.encoder,
+            hyps, enc_state = self.decoder.infer(x, self._chunk_length, self.beam_width, state=self.state.encoder,
                                                  hypothesis=self.state.hypotheses)
         self.state = StreamState(enc_state, hyps)
         elapsed = self.clock() - start_ns
