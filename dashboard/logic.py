@@ -402,9 +402,17 @@ def knob_importances(study, objectives: Sequence[str]) -> dict[str, dict[str, fl
         sign = -1.0 if direction == StudyDirection.MAXIMIZE else 1.0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result[metric] = optuna.importance.get_param_importances(
+            raw = optuna.importance.get_param_importances(
                 study, target=lambda t, i=i, sign=sign: sign * t.values[i])
+        result[metric] = {knob_of_param(name): v for name, v in raw.items()}
     return result
+
+
+def knob_of_param(name: str) -> str:
+    """The knob an Optuna parameter samples (``beam_width_level`` samples ``beam_width``)."""
+    from dse.space import LEVEL_SUFFIX
+
+    return name[:-len(LEVEL_SUFFIX)] if name.endswith(LEVEL_SUFFIX) else name
 
 
 def objective_metrics(study_attrs: dict, n_values: int) -> list[str]:

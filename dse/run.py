@@ -55,6 +55,9 @@ def make_sampler(name: str, space, seed: Optional[int]):
     import optuna
 
     # Constraints reach the samplers through Trial.set_constraint (see the objective).
+    # TPE is the spaces' default: NSGA-II needs several generations of a population to
+    # beat random sampling, more trials than a CPU study of tens of trials runs
+    # (benchmarks/search_efficiency.py measures all three at a 25 % budget).
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, space.n_trials // 2 or 4)))
     if name == "tpe":
@@ -100,7 +103,7 @@ def make_objective(ctx, console):
 
         config = None
         try:
-            config = space.suggest(trial)
+            config = space.suggest(trial, levels=not isinstance(trial.study.sampler, optuna.samplers.GridSampler))
             config.validate_for(ctx.loaded.arch)
             trial.set_user_attr("config", config.to_dict())
             trial.set_user_attr("accuracy_key", config.accuracy_key())

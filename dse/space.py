@@ -5,7 +5,7 @@ one. Format::
 
     description: what the study asks
     model: default            # default | base-random | <architecture>-random | <checkpoint path>
-    sampler: nsga2            # nsga2 | tpe | random | grid
+    sampler: tpe              # tpe (default) | nsga2 | random | grid
     n_trials: 6               # the study's default trial count
     objectives:               # each: a metric and a direction
       - {metric: wer, direction: minimize}
@@ -48,6 +48,7 @@ METRICS = {
     "flops_per_chunk": "analytic FLOPs per chunk",
 }
 DIRECTIONS = ("minimize", "maximize")
+LEVEL_SUFFIX = "_level"   # Optuna parameter name of an ordered knob's level index
 SAMPLERS = ("nsga2", "tpe", "random", "grid")
 TOP_KEYS = {"description", "model", "sampler", "n_trials", "objectives", "constraints", "fixed", "params",
             "prune", "baseline", "timing_utterances", "eval_limit"}
@@ -88,6 +89,16 @@ class Param:
     def values(self) -> list:
         return list(self.choices) if self.choices is not None else list(range(self.low, self.high + 1, self.step))
 
+    @property
+    def ordered(self) -> bool:
+        """Numeric choices are ordered levels, not unrelated categories (see :meth:`Space.suggest`)."""
+        return self.choices is not None and all(
+            isinstance(c, (int, float)) and not isinstance(c, bool) for c in self.choices)
+
+    @property
+    def level_name(self) -> str:
+        return f"{self.knob}{LEVEL_SUFFIX}"
+
 
 @dataclasses.dataclass(frozen=True)
 class Space:
@@ -110,11 +121,24 @@ class Space:
     def directions(self) -> list[str]:
         return [o.direction for o in self.objectives]
 
-    def suggest(self, trial) -> TrialConfig:
-        """Sample a configuration on an Optuna trial."""
+    def suggest(self, trial, levels: bool = True) -> TrialConfig:
+        """Sample a configuration on an Optuna trial.
+
+        Numeric choices (beam width 1/2/4/8, right context 0/4/8, ...) are ordered: with
+        ``levels`` they are suggested as an integer level ``<knob>_level`` (0 = smallest
+        value), so a model-based sampler (TPE, GP) learns that neighbouring values behave
+        alike; as unordered categories it cannot, and on a 36-point grid that costs it
+        about 7 points of hypervolume at a 25 % budget (``benchmarks/search_efficiency.py``).
+        The value used is in the trial's ``config`` user attribute. ``levels=False``
+        suggests every choice list as categories under the knob's own name (the grid
+        sampler needs that).
+        """
         values = dict(self.fixed)
         for p in self.params:
-            if p.choices is not None:
+            if p.choices is not None and levels and p.ordered:
+                ordered = sorted(p.choices)
+                values[p.knob] = ordered[trial.suggest_int(p.level_name, 0, len(ordered) - 1)]
+            elif p.choices is not None:
                 values[p.knob] = trial.suggest_categorical(p.knob, list(p.choices))
             else:
                 values[p.knob] = trial.suggest_int(p.knob, p.low, p.high, step=p.step)
@@ -171,7 +195,7 @@ def parse_space(data: Any, path: Path, name: Optional[str] = None) -> Space:
     unknown = set(data) - TOP_KEYS
     if unknown:
         raise _err(path, ", ".join(sorted(unknown)), f"unknown key; allowed keys: {', '.join(sorted(TOP_KEYS))}")
-    sampler = data.get("sampler", "nsga2")
+    sampler = data.get("sampler", "tpe")
     if sampler not in SAMPLERS:
         raise _err(path, "sampler", f"{sampler!r} is not one of {', '.join(SAMPLERS)}")
     objectives = []

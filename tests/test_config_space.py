@@ -90,3 +90,40 @@ def test_malformed_yaml(tmp_path):
 def test_unknown_space_lists_known():
     with pytest.raises(ConfigError, match="known: .*moe"):
         load_space("nonexistent")
+
+
+def test_numeric_choices_are_suggested_as_ordered_levels():
+    import optuna
+
+    space = load_space("base-latency")
+    beam = next(p for p in space.params if p.knob == "beam_width")
+    precision = next(p for p in space.params if p.knob == "precision")
+    assert beam.ordered and not precision.ordered
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        cfg = space.suggest(trial)
+        level = trial.params["beam_width_level"]
+        assert cfg.beam_width == sorted(beam.choices)[level]
+        assert "beam_width" not in trial.params and trial.params["precision"] == cfg.precision
+        seen.add(cfg.beam_width)
+        study.tell(trial, 0.0)
+    assert seen == set(beam.choices)
+    assert isinstance(study.trials[0].distributions["beam_width_level"], optuna.distributions.IntDistribution)
+
+
+def test_grid_sampler_gets_plain_categories():
+    import optuna
+
+    space = load_space("base-latency")
+    study = optuna.create_study(sampler=optuna.samplers.GridSampler(space.grid(), seed=0))
+    configs = set()
+
+    def objective(trial):
+        configs.add(space.suggest(trial, levels=False))
+        assert "beam_width" in trial.params and "beam_width_level" not in trial.params
+        return 0.0
+
+    study.optimize(objective, n_trials=space.grid_size())
+    assert len(configs) == space.grid_size() == len(study.trials)
