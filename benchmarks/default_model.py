@@ -1,6 +1,6 @@
 """The shipped default model's accuracy and speed, per eval slice, for its model card.
 
-    python benchmarks/default_model.py [--limit N]
+    python benchmarks/default_model.py [--limit N] [--model CHECKPOINT]
 
 Streams the whole eval split through the default model at its default configuration
 (fp32, trained right context, beam 4, 2 threads) and at the settings that show
@@ -32,8 +32,9 @@ ROWS = [
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, help="first N eval utterances only")
+    p.add_argument("--model", help="a candidate checkpoint instead of the shipped default")
     args = p.parse_args()
-    loaded = load_model()
+    loaded = load_model(args.model)
     audio = load_eval_audio(DEFAULT_EVAL, args.limit)
     m = machine_fingerprint()
     slices = sorted(set(audio.slices))
