@@ -7,15 +7,23 @@ least two sentences (rare names and fragments of jargon would be unlearnable fro
 sighting). Sentences are split once, by a seeded shuffle, into disjoint eval, adapt
 and train sets: no eval sentence is ever spoken in training.
 
-Voices: every offline engine this machine has. espeak-ng (8 English accents x many
-voice variants), flite (kal, kal16, awb, rms, slt) and festival (kal_diphone,
-ked_diphone, cmu_us_slt_arctic_hts). Rate, pitch and volume are drawn per utterance;
+Voices: the offline engines named by ``--engines`` that this machine has. espeak-ng
+(8 English accents x many voice variants), flite (kal, kal16, awb, rms, slt) and
+festival (kal_diphone, ked_diphone, cmu_us_slt_arctic_hts) are the default set;
+``pico`` (SVOX Pico, en-US and en-GB; Debian non-free ``libttspico-utils``) and
+``mbrola`` (the MBROLA diphone voices us1, us2, us3 and en1 spoken through both
+espeak-ng and festival; Debian contrib/non-free ``mbrola-*`` and ``festvox-*1``) add
+voices. Rate, pitch and volume are drawn per utterance;
 a share of the utterances get additive noise at 10-30 dB SNR or a synthetic room
 reverberation. The voices in :data:`HELD_OUT_VOICES` are never used in train or
 adapt: they form the eval split's leave-one-out slice.
 
-Everything is deterministic from ``--seed``: the same seed gives the same text,
-voice, parameters and noise for every utterance.
+Everything is deterministic from ``--seed`` (and the installed voices): the same seed
+gives the same text, voice, parameters and noise for every utterance. ``--voice-seed``
+keeps the seed's split of sentences (so eval and adapt sentences stay out of
+training) but draws new voices and parameters: that is how to add a second training
+set with other engines to an existing corpus (``--splits train --engines pico,mbrola
+--voice-seed 1 --out OTHER_DIR``; train on both with ``dse.train --corpus A --corpus B``).
 """
 from __future__ import annotations
 
@@ -47,6 +55,10 @@ ESPEAK_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "
                    "david", "paul", "belinda", "benjamin", "edward", "grandpa", "shelby", "zac"]
 FLITE_VOICES = ["kal", "kal16", "awb", "rms", "slt"]
 FESTIVAL_VOICES = ["kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts"]
+PICO_VOICES = ["en-US", "en-GB"]
+MBROLA_VOICES = ["us1", "us2", "us3", "en1"]
+ENGINES = ("espeak", "flite", "festival", "pico", "mbrola")
+DEFAULT_ENGINES = ("espeak", "flite", "festival")
 # Never spoken in train or adapt: the eval split's leave-one-out slice.
 HELD_OUT_VOICES = {("flite", "awb"), ("festival", "ked_diphone")}
 SAMPLE_RATE_HZ = 16000
@@ -100,15 +112,37 @@ def load_sentences(dirs=FORTUNE_DIRS, min_words=4, max_words=14, min_word_count=
     return sorted(s for s in sentences if all(counts[w] >= min_word_count for w in s.split()))
 
 
-def available_voices() -> list[tuple[str, str]]:
+def _mbrola_voice_installed(voice: str) -> bool:
+    return bool(shutil.which("mbrola")) and bool(glob.glob(f"/usr/share/mbrola/{voice}/{voice}*"))
+
+
+def available_voices(engines=DEFAULT_ENGINES) -> list[tuple[str, str]]:
+    """``(engine, voice)`` pairs of the selected engines that this machine can run.
+
+    An MBROLA voice is spoken by the engine that drives it (``espeak`` voice
+    ``mb-us1``, ``festival`` voice ``us1_mbrola``).
+    """
+    unknown = sorted(set(engines) - set(ENGINES))
+    if unknown:
+        raise DSEError(f"unknown engine(s) {', '.join(unknown)}; allowed: {', '.join(ENGINES)}")
     voices = []
-    if shutil.which("espeak-ng"):
+    festival_root = "/usr/share/festival/voices"
+    if "espeak" in engines and shutil.which("espeak-ng"):
         voices += [("espeak", f"{a}+{v}") for a in ESPEAK_ACCENTS for v in ESPEAK_VARIANTS]
-    if shutil.which("flite"):
+    if "flite" in engines and shutil.which("flite"):
         voices += [("flite", v) for v in FLITE_VOICES]
-    if shutil.which("text2wave"):
-        root = "/usr/share/festival/voices"
-        voices += [("festival", v) for v in FESTIVAL_VOICES if glob.glob(f"{root}/*/{v}")]
+    if "festival" in engines and shutil.which("text2wave"):
+        voices += [("festival", v) for v in FESTIVAL_VOICES if glob.glob(f"{festival_root}/*/{v}")]
+    if "pico" in engines and shutil.which("pico2wave"):
+        voices += [("pico", v) for v in PICO_VOICES]
+    if "mbrola" in engines:
+        for v in MBROLA_VOICES:
+            if not _mbrola_voice_installed(v):
+                continue
+            if shutil.which("espeak-ng"):
+                voices.append(("espeak", f"mb-{v}"))
+            if shutil.which("text2wave") and glob.glob(f"{festival_root}/*/{v}_mbrola"):
+                voices.append(("festival", f"{v}_mbrola"))
     return voices
 
 
@@ -116,14 +150,18 @@ def _voice_family(engine: str, voice: str) -> tuple[str, str]:
     return engine, voice.split("+")[0] if engine == "espeak" else voice
 
 
-def plan(out: Path, seed: int, n_train: int, n_adapt: int, n_eval_per_slice: int) -> list[Job]:
+def plan(out: Path, seed: int, n_train: int, n_adapt: int, n_eval_per_slice: int,
+         engines=DEFAULT_ENGINES, voice_seed: int | None = None) -> list[Job]:
     """Decide every utterance (text, voice, parameters) from the seed alone."""
     rng = random.Random(seed)
     sentences = load_sentences()
     rng.shuffle(sentences)
-    voices = available_voices()
+    if voice_seed is not None:
+        rng = random.Random(voice_seed)
+    voices = available_voices(engines)
     if not voices:
-        raise DSEError("no text-to-speech engine found: install espeak-ng, flite or festival")
+        raise DSEError(f"no text-to-speech voice found for engines {', '.join(engines)}: install espeak-ng, "
+                       "flite or festival (pico: libttspico-utils; mbrola: mbrola and mbrola-us1 ...)")
     held = [v for v in voices if v in HELD_OUT_VOICES]
     seen = [v for v in voices if v not in HELD_OUT_VOICES]
     engines = sorted({e for e, _ in seen})
@@ -190,6 +228,11 @@ def synthesise(job: Job, wav_path: str) -> None:
               "--setf", f"int_f0_target_mean={int(110 * (1 + job.pitch))}" if job.voice in ("kal", "kal16", "awb", "rms")
               else f"int_f0_target_mean={int(170 * (1 + job.pitch))}",
               "-t", job.text, "-o", wav_path])
+    elif job.engine == "pico":
+        # SVOX Pico takes rate and pitch as markup; levels are percentages of its default.
+        markup = (f'<speed level="{int(100 * job.rate)}"><pitch level="{int(100 * (1 + job.pitch))}">'
+                  f"{job.text}</pitch></speed>")
+        _run(["pico2wave", "-l", job.voice, "-w", wav_path, markup])
     elif job.engine == "festival":
         scheme = f"(voice_{job.voice})(Parameter.set 'Duration_Stretch {1 / job.rate:.3f})"
         _run(["text2wave", "-eval", scheme, "-o", wav_path], text=job.text)
@@ -253,10 +296,21 @@ def _render_safe(job: Job):
 
 
 def generate(out: Path, seed: int, n_train: int, n_adapt: int, n_eval_per_slice: int,
-             workers: int, splits: tuple[str, ...] = ("train", "adapt", "eval")) -> dict[str, Path]:
+             workers: int, splits: tuple[str, ...] = ("train", "adapt", "eval"),
+             engines=DEFAULT_ENGINES, voice_seed: int | None = None) -> dict[str, Path]:
     from tqdm import tqdm
 
-    jobs = [j for j in plan(out, seed, n_train, n_adapt, n_eval_per_slice) if j.split in splits]
+    jobs = [j for j in plan(out, seed, n_train, n_adapt, n_eval_per_slice, engines, voice_seed)
+            if j.split in splits]
+    # A finished file is reused on a rerun (resumable), so the folder must hold this very plan.
+    digest = hashlib.sha256(json.dumps([dataclasses.astuple(dataclasses.replace(j, out=os.path.relpath(j.out, out)))
+                                      for j in jobs]).encode()).hexdigest()
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = out / f"plan-{'-'.join(splits)}.sha256"
+    if stamp.exists() and stamp.read_text().strip() != digest:
+        raise DSEError(f"{out} holds a corpus planned with other settings (seed, counts, engines or installed "
+                       f"voices differ); use another --out or delete {stamp} and the audio")
+    stamp.write_text(digest + "\n")
     rows: dict[str, list] = collections.defaultdict(list)
     failures = []
     todo = []
@@ -307,10 +361,14 @@ def main(argv=None) -> int:
     p.add_argument("--eval-per-slice", type=int, default=60, help="eval utterances per slice (per engine + held-out; default 60)")
     p.add_argument("--splits", default="train,adapt,eval", help="comma-separated splits to generate (default all)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel synthesis processes")
+    p.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
+                   help=f"comma-separated engines to use, of {', '.join(ENGINES)} (default {','.join(DEFAULT_ENGINES)})")
+    p.add_argument("--voice-seed", type=int,
+                   help="draw voices and parameters from this seed, keeping --seed's split of sentences")
     args = p.parse_args(argv)
     try:
         generate(args.out, args.seed, args.train, args.adapt, args.eval_per_slice, args.workers,
-                 tuple(args.splits.split(",")))
+                 tuple(args.splits.split(",")), tuple(e for e in args.engines.split(",") if e), args.voice_seed)
     except DSEError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ from dse.audio import read_audio
 from dse.datasets import read_manifest
 from dse.errors import DSEError
 from dse.features import FeatureConfig, LogMel
-from dse.models import CharTokenizer, LoadedModel, architecture, build, save_checkpoint
+from dse.models import CharTokenizer, LoadedModel, architecture, build, file_sha256, save_checkpoint
 
 
 @dataclasses.dataclass
@@ -195,7 +195,8 @@ def train(args) -> Path:
     torch.set_num_threads(args.threads)
     state_dir = Path(args.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    corpus = Path(args.corpus)
+    corpora = [Path(c) for c in args.corpus]
+    corpus = corpora[0]
     tokenizer = CharTokenizer()
     fcfg = FeatureConfig()
     arch = architecture(preset.arch)
@@ -211,7 +212,14 @@ def train(args) -> Path:
         mean, invstd = compute_global_stats(sample, fcfg)
         stats_path.write_text(json.dumps({"mean": mean.tolist(), "invstd": invstd.tolist()}))
     logmel = LogMel(fcfg, mean, invstd)
-    data = extract_all(corpus / "train.jsonl", logmel, tokenizer, state_dir / "train_features.pt")
+    data = {"feats": [], "targets": []}
+    for c in corpora:
+        manifest = c / "train.jsonl"
+        if not manifest.exists():
+            raise DSEError(f"{manifest} not found: --corpus takes folders made by python -m dse.corpus")
+        part = extract_all(manifest, logmel, tokenizer, state_dir / f"features-{file_sha256(manifest)[:12]}.pt")
+        data["feats"] += part["feats"]
+        data["targets"] += part["targets"]
     dev = read_manifest(corpus / "adapt.jsonl")[: args.dev_size]
     pad_frame = silence_frame(logmel)
     lengths = [f.size(0) for f in data["feats"]]
@@ -298,7 +306,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dse.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="small", help="architecture and schedule")
-    p.add_argument("--corpus", required=True, help="folder made by python -m dse.corpus (train.jsonl, adapt.jsonl)")
+    p.add_argument("--corpus", required=True, action="append",
+                   help="folder made by python -m dse.corpus (train.jsonl, adapt.jsonl); repeat it to train on the "
+                        "union of several corpora's train splits (the first one's adapt split is the dev set and "
+                        "its train split sets the feature normalisation)")
     p.add_argument("--state-dir", required=True, help="resumable training state (outside the repository)")
     p.add_argument("--export", help="where to write the compact fp16 checkpoint at the end")
     p.add_argument("--max-steps", type=int, help="override the preset's number of optimiser steps")

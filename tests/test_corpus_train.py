@@ -22,12 +22,42 @@ def test_sentence_splits_are_disjoint_and_seeded(tmp_path):
     assert not held & corpus.HELD_OUT_VOICES
 
 
-@pytest.mark.parametrize("engine", ["espeak", "flite", "festival"])
-def test_generation_is_deterministic(tmp_path, engine):
-    binary = {"espeak": "espeak-ng", "flite": "flite", "festival": "text2wave"}[engine]
+def test_voice_seed_keeps_the_sentence_split(tmp_path):
+    try:
+        base = corpus.plan(tmp_path, seed=3, n_train=40, n_adapt=10, n_eval_per_slice=3)
+        other = corpus.plan(tmp_path, seed=3, n_train=40, n_adapt=10, n_eval_per_slice=3, voice_seed=9)
+    except Exception as exc:
+        pytest.skip(f"no corpus sources here: {exc}")
+    for split in ("train", "adapt", "eval"):
+        assert {j.text for j in base if j.split == split} == {j.text for j in other if j.split == split}
+    assert [j.voice for j in base] != [j.voice for j in other]
+
+
+def test_unknown_engine_and_changed_plan_are_refused(tmp_path):
+    from dse.errors import DSEError
+
+    with pytest.raises(DSEError, match="unknown engine.*allowed: espeak, flite, festival, pico, mbrola"):
+        corpus.available_voices(("espeak", "sapi"))
+    if not corpus.available_voices():
+        pytest.skip("no text-to-speech engine installed")
+    corpus.generate(tmp_path, 3, 2, 0, 0, workers=1, splits=("train",))
+    assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(DSEError, match="planned with other settings"):
+        corpus.generate(tmp_path, 4, 2, 0, 0, workers=1, splits=("train",))
+
+
+VOICES = {"espeak": ("espeak-ng", "espeak", "en-us+m3"), "flite": ("flite", "flite", "slt"),
+          "festival": ("text2wave", "festival", "kal_diphone"), "pico": ("pico2wave", "pico", "en-GB"),
+          "mbrola": ("mbrola", "espeak", "mb-us2"), "festival-mbrola": ("mbrola", "festival", "us1_mbrola")}
+
+
+@pytest.mark.parametrize("name", sorted(VOICES))
+def test_generation_is_deterministic(tmp_path, name):
+    binary, engine, voice = VOICES[name]
     if shutil.which(binary) is None:
-        pytest.skip(f"{binary} is not installed (apt-get install {'espeak-ng' if engine == 'espeak' else engine})")
-    voice = {"espeak": "en-us+m3", "flite": "slt", "festival": "kal_diphone"}[engine]
+        pytest.skip(f"{binary} is not installed (see python -m dse.corpus --help for the Debian packages)")
+    if name.endswith("mbrola") and (engine, voice) not in corpus.available_voices(("mbrola",)):
+        pytest.skip(f"the MBROLA voice {voice} is not installed (mbrola-us1/-us2 and festvox-us1)")
     hashes = []
     for run in range(2):
         job = corpus.Job(id="u", split="eval", slice=engine, text="the quick brown fox", engine=engine, voice=voice,
@@ -87,3 +117,23 @@ def test_make_batches_respects_frame_budget():
     batches = train.make_batches(lengths, 2000, random.Random(0))
     assert sorted(i for b in batches for i in b) == list(range(200))
     assert all(max(lengths[i] for i in b) * len(b) <= 2000 or len(b) == 1 for b in batches)
+
+
+def test_train_command_on_two_corpora_resumes(tmp_path):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    for name, voice_seed in (("a", None), ("b", 5)):
+        corpus.generate(tmp_path / name, 0, 6, 2, 0, workers=1, splits=("train", "adapt"),
+                        engines=("espeak",), voice_seed=voice_seed)
+    state = tmp_path / "state"
+    common = ["--preset", "tiny", "--corpus", str(tmp_path / "a"), "--corpus", str(tmp_path / "b"),
+              "--state-dir", str(state), "--dev-size", "1", "--log-every", "1", "--threads", "1"]
+    assert train.main(common + ["--max-steps", "2", "--export", str(tmp_path / "m2.pt")]) == 0
+    features = sorted(p.name for p in state.glob("features-*.pt"))
+    assert len(features) == 2  # one cache per corpus manifest
+    assert torch.load(state / "last.pt", weights_only=False)["step"] == 2
+    assert train.main(common + ["--max-steps", "3", "--export", str(tmp_path / "m3.pt")]) == 0
+    assert torch.load(state / "last.pt", weights_only=False)["step"] == 3
+    loaded = models.load_checkpoint(tmp_path / "m3.pt")
+    assert loaded.name == "tiny"
+    assert train.main(["--preset", "tiny", "--corpus", str(tmp_path / "none"), "--state-dir", str(state)]) == 2
