@@ -150,6 +150,18 @@ def _voice_family(engine: str, voice: str) -> tuple[str, str]:
     return engine, voice.split("+")[0] if engine == "espeak" else voice
 
 
+def shipped_texts() -> tuple[set[str], set[str]]:
+    """Sentences of the shipped default's eval and adapt splits (empty sets when absent)."""
+    from dse.models import DEFAULT_ADAPT, DEFAULT_EVAL
+
+    def texts(manifest: Path) -> set[str]:
+        if not manifest.exists():
+            return set()
+        return {json.loads(line)["text"] for line in manifest.read_text().splitlines() if line.strip()}
+
+    return texts(DEFAULT_EVAL), texts(DEFAULT_ADAPT)
+
+
 def plan(out: Path, seed: int, n_train: int, n_adapt: int, n_eval_per_slice: int,
          engines=DEFAULT_ENGINES, voice_seed: int | None = None) -> list[Job]:
     """Decide every utterance (text, voice, parameters) from the seed alone."""
@@ -173,6 +185,11 @@ def plan(out: Path, seed: int, n_train: int, n_adapt: int, n_eval_per_slice: int
         raise DSEError(f"only {len(sentences)} sentences available, need more than {n_eval + n_adapt + 100}")
     eval_text, rest = sentences[:n_eval], sentences[n_eval:]
     adapt_text, train_text = rest[:n_adapt], rest[n_adapt:]
+    # Whatever the seed, engines or counts: the shipped default's eval sentences are never
+    # spoken in adapt or train, nor its adapt sentences in train.
+    shipped_eval, shipped_adapt = shipped_texts()
+    adapt_text = [t for t in adapt_text if t not in shipped_eval]
+    train_text = [t for t in train_text if t not in shipped_eval and t not in shipped_adapt]
 
     def by_engine(pool):
         # Balance engines (espeak has far more voice variants than the others).

@@ -137,3 +137,16 @@ def test_train_command_on_two_corpora_resumes(tmp_path):
     loaded = models.load_checkpoint(tmp_path / "m3.pt")
     assert loaded.name == "tiny"
     assert train.main(["--preset", "tiny", "--corpus", str(tmp_path / "none"), "--state-dir", str(state)]) == 2
+
+
+def test_shipped_eval_sentences_never_reach_training_whatever_the_seed(tmp_path):
+    shipped_eval, shipped_adapt = corpus.shipped_texts()
+    if not shipped_eval:
+        pytest.skip("no shipped eval split")
+    try:
+        jobs = corpus.plan(tmp_path, seed=11, n_train=3000, n_adapt=600, n_eval_per_slice=10)
+    except Exception as exc:
+        pytest.skip(f"no corpus sources here: {exc}")
+    train_text = {j.text for j in jobs if j.split == "train"}
+    adapt_text = {j.text for j in jobs if j.split == "adapt"}
+    assert not train_text & shipped_eval and not train_text & shipped_adapt and not adapt_text & shipped_eval
