@@ -5,7 +5,9 @@ licensed collections of short everyday English quotations), lower-cased, letters
 apostrophes only, 4-14 words, keeping only sentences whose every word occurs in at
 least two sentences (rare names and fragments of jargon would be unlearnable from one
 sighting). Sentences are split once, by a seeded shuffle, into disjoint eval, adapt
-and train sets: no eval sentence is ever spoken in training.
+and train sets: no eval sentence is ever spoken in training, and whatever the seed,
+engines or counts, the shipped default's eval and adapt sentences (``dse/default``)
+never enter a train split.
 
 Voices: the offline engines named by ``--engines`` that this machine has. espeak-ng
 (8 English accents x many voice variants), flite (kal, kal16, awb, rms, slt) and
@@ -20,9 +22,8 @@ adapt: they form the eval split's leave-one-out slice.
 
 Everything is deterministic from ``--seed`` (and the installed voices): the same seed
 gives the same text, voice, parameters and noise for every utterance. ``--voice-seed``
-keeps the seed's split of sentences (so eval and adapt sentences stay out of
-training) but draws new voices and parameters: that is how to add a second training
-set with other engines to an existing corpus (``--splits train --engines pico,mbrola
+keeps the seed's shuffle of sentences but draws new voices and parameters: that is
+how to add a second training set with other engines to an existing corpus (``--splits train --engines pico,mbrola
 --voice-seed 1 --out OTHER_DIR``; train on both with ``dse.train --corpus A --corpus B``).
 """
 from __future__ import annotations
