@@ -150,3 +150,17 @@ def test_shipped_eval_sentences_never_reach_training_whatever_the_seed(tmp_path)
     train_text = {j.text for j in jobs if j.split == "train"}
     adapt_text = {j.text for j in jobs if j.split == "adapt"}
     assert not train_text & shipped_eval and not train_text & shipped_adapt and not adapt_text & shipped_eval
+
+
+def test_training_dropout_reaches_every_dropout_module_and_not_eval():
+    model = models.build(models.architecture("tiny"), models.CharTokenizer().num_symbols)
+    assert train.set_dropout(model, 0.5) > 0
+    assert all(m.p == 0.5 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    x = torch.randn(1, 40 + models.architecture("tiny")["right_context_length"], 80)
+    lengths = torch.tensor([40])
+    model.train()
+    a = model.transcribe(x, lengths)[0]
+    b = model.transcribe(x, lengths)[0]
+    assert not torch.equal(a, b)
+    model.eval()
+    assert torch.equal(model.transcribe(x, lengths)[0], model.transcribe(x, lengths)[0])
