@@ -12,8 +12,8 @@
    for ``--seeds`` seeds, suggesting through :meth:`dse.space.Space.suggest` as a
    study does. Printed: the hypervolume it reached as a fraction of the whole grid's
    hypervolume (both objectives minimised, reference point 1.1 x the worst value of
-   each), median and worst over seeds. ``tpe-categorical`` is TPE with every knob
-   suggested as an unordered category, to show what ordered levels are worth.
+   each), median and worst over seeds. ``gp-categorical`` and ``tpe-categorical``
+   suggest every knob as an unordered category, to show what ordered levels are worth.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
 
 def grid_space(n_trials: int):
     """The grid as a search space file, loaded the way ``python -m dse.run`` loads one."""
-    spec = {"description": "search-efficiency grid", "model": "default", "sampler": "tpe", "n_trials": n_trials,
+    spec = {"description": "search-efficiency grid", "model": "default", "sampler": "gp", "n_trials": n_trials,
             "objectives": [{"metric": "wer", "direction": "minimize"},
                            {"metric": "rtf_mean", "direction": "minimize"}],
             "params": {k: {"choices": v} for k, v in GRID.items()}}
@@ -74,8 +74,8 @@ def grid_space(n_trials: int):
 
 def run_sampler(name: str, table: dict, n_trials: int, seed: int) -> np.ndarray:
     space = grid_space(n_trials)
-    levels = name != "tpe-categorical"
-    sampler = make_sampler("tpe" if name == "tpe-categorical" else name, space, seed)
+    levels = not name.endswith("-categorical")
+    sampler = make_sampler(name.removesuffix("-categorical"), space, seed)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
 
     def objective(trial):
@@ -106,7 +106,7 @@ def main() -> None:
     full = hypervolume(points, ref)
     n = max(1, round(0.25 * len(table)))
     print(f"grid: {len(table)} configurations, hypervolume {full:.5f}; samplers get {n} trials (25 %)")
-    for name in ("tpe", "tpe-categorical", "nsga2", "random"):
+    for name in ("gp", "gp-categorical", "tpe", "tpe-categorical", "nsga2", "random"):
         fractions = [hypervolume(run_sampler(name, table, n, seed), ref) / full for seed in range(args.seeds)]
         print(f"  {name:<15} hypervolume fraction: median {statistics.median(fractions):.3f}, "
               f"worst {min(fractions):.3f}, best {max(fractions):.3f} over {args.seeds} seeds")

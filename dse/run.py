@@ -55,19 +55,23 @@ def make_sampler(name: str, space, seed: Optional[int]):
     import optuna
 
     # Constraints reach the samplers through Trial.set_constraint (see the objective).
-    # TPE is the spaces' default: NSGA-II needs several generations of a population to
-    # beat random sampling, more trials than a CPU study of tens of trials runs
-    # (benchmarks/search_efficiency.py measures all three at a 25 % budget).
+    # GP (Gaussian-process Bayesian optimisation, log expected hypervolume improvement,
+    # constraints from Trial.set_constraint) is the spaces' default: at the budgets a CPU
+    # study affords (tens of trials) it finds more of the front than TPE, and NSGA-II
+    # needs several generations of a population before it beats random sampling
+    # (benchmarks/search_efficiency.py measures all of them at a 25 % budget).
+    startup = max(2, min(10, space.n_trials // 3))
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, space.n_trials // 2 or 4)))
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True,
-                                          n_startup_trials=max(2, min(10, space.n_trials // 3)))
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
         return optuna.samplers.GridSampler(space.grid(), seed=seed)
-    raise DSEError(f"unknown sampler {name!r}; use nsga2, tpe, random or grid")
+    raise DSEError(f"unknown sampler {name!r}; use gp, tpe, nsga2, random or grid")
 
 
 def finished_count(study) -> int:
@@ -247,7 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--storage", default=os.environ.get("DSE_STORAGE", DEFAULT_STORAGE),
                    help=f"Optuna storage URL (default {DEFAULT_STORAGE}; postgresql://user@host/db for many workers)")
     p.add_argument("--study-name", help="name of the study in the storage (default: the space's name)")
-    p.add_argument("--sampler", choices=["nsga2", "tpe", "random", "grid"], help="override the space's sampler")
+    p.add_argument("--sampler", choices=["gp", "tpe", "nsga2", "random", "grid"], help="override the space's sampler")
     p.add_argument("--model", help="'default', '<arch>-random', an architecture name or a checkpoint path")
     p.add_argument("--eval-set", help="JSONL manifest or LibriSpeech directory (default: the shipped eval split)")
     p.add_argument("--eval-limit", type=int, help="use only the first N eval utterances")

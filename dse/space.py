@@ -5,7 +5,7 @@ one. Format::
 
     description: what the study asks
     model: default            # default | base-random | <architecture>-random | <checkpoint path>
-    sampler: tpe              # tpe (default) | nsga2 | random | grid
+    sampler: gp               # gp (default) | tpe | nsga2 | random | grid
     n_trials: 6               # the study's default trial count
     objectives:               # each: a metric and a direction
       - {metric: wer, direction: minimize}
@@ -49,7 +49,7 @@ METRICS = {
 }
 DIRECTIONS = ("minimize", "maximize")
 LEVEL_SUFFIX = "_level"   # Optuna parameter name of an ordered knob's level index
-SAMPLERS = ("nsga2", "tpe", "random", "grid")
+SAMPLERS = ("gp", "tpe", "nsga2", "random", "grid")
 TOP_KEYS = {"description", "model", "sampler", "n_trials", "objectives", "constraints", "fixed", "params",
             "prune", "baseline", "timing_utterances", "eval_limit"}
 
@@ -126,9 +126,9 @@ class Space:
 
         Numeric choices (beam width 1/2/4/8, right context 0/4/8, ...) are ordered: with
         ``levels`` they are suggested as an integer level ``<knob>_level`` (0 = smallest
-        value), so a model-based sampler (TPE, GP) learns that neighbouring values behave
-        alike; as unordered categories it cannot, and on a 36-point grid that costs it
-        about 7 points of hypervolume at a 25 % budget (``benchmarks/search_efficiency.py``).
+        value), so a model-based sampler (GP, TPE) learns that neighbouring values behave
+        alike; as unordered categories it cannot (``benchmarks/search_efficiency.py``
+        measures both).
         The value used is in the trial's ``config`` user attribute. ``levels=False``
         suggests every choice list as categories under the knob's own name (the grid
         sampler needs that).
@@ -195,7 +195,7 @@ def parse_space(data: Any, path: Path, name: Optional[str] = None) -> Space:
     unknown = set(data) - TOP_KEYS
     if unknown:
         raise _err(path, ", ".join(sorted(unknown)), f"unknown key; allowed keys: {', '.join(sorted(TOP_KEYS))}")
-    sampler = data.get("sampler", "tpe")
+    sampler = data.get("sampler", "gp")
     if sampler not in SAMPLERS:
         raise _err(path, "sampler", f"{sampler!r} is not one of {', '.join(SAMPLERS)}")
     objectives = []

@@ -127,3 +127,24 @@ def test_grid_sampler_gets_plain_categories():
 
     study.optimize(objective, n_trials=space.grid_size())
     assert len(configs) == space.grid_size() == len(study.trials)
+
+
+@pytest.mark.parametrize("sampler", ["gp", "tpe", "nsga2", "random"])
+def test_samplers_drive_a_constrained_study_past_their_start_up(sampler):
+    import optuna
+
+    from dse.run import make_sampler
+
+    space = load_space("base-latency")
+    study = optuna.create_study(directions=space.directions, sampler=make_sampler(sampler, space, 0))
+
+    def objective(trial):
+        cfg = space.suggest(trial)
+        rtf = {"fp32": 1.0, "bf16": 0.8, "int8": 0.4}[cfg.precision] * (1 + 0.1 * cfg.beam_width)
+        trial.set_constraint("ttft_s<=0.5", 0.05 * cfg.right_context_frames - 0.3)
+        return [rtf * (1 + 0.02 * cfg.right_context_frames)] * len(space.directions)
+
+    study.optimize(objective, n_trials=8)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials), \
+        [t.state for t in study.trials]
+    assert len(study.trials) == 8
