@@ -123,7 +123,7 @@ def test_train_command_on_two_corpora_resumes(tmp_path):
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
     for name, voice_seed in (("a", None), ("b", 5)):
-        corpus.generate(tmp_path / name, 0, 6, 2, 0, workers=1, splits=("train", "adapt"),
+        corpus.generate(tmp_path / name, 3, 6, 2, 0, workers=1, splits=("train", "adapt"),
                         engines=("espeak",), voice_seed=voice_seed)
     state = tmp_path / "state"
     common = ["--preset", "tiny", "--corpus", str(tmp_path / "a"), "--corpus", str(tmp_path / "b"),
