@@ -22,9 +22,8 @@ import itertools
 import json
 import math
 import statistics
-from pathlib import Path
-
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -72,8 +71,7 @@ def grid_space(n_trials: int):
         return load_space(str(path))
 
 
-def run_sampler(name: str, table: dict, n_trials: int, seed: int) -> np.ndarray:
-    space = grid_space(n_trials)
+def run_sampler(name: str, table: dict, space, n_trials: int, seed: int) -> np.ndarray:
     levels = not name.endswith("-categorical")
     sampler = make_sampler(name.removesuffix("-categorical"), space, seed)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
@@ -106,8 +104,9 @@ def main() -> None:
     full = hypervolume(points, ref)
     n = max(1, round(0.25 * len(table)))
     print(f"grid: {len(table)} configurations, hypervolume {full:.5f}; samplers get {n} trials (25 %)")
+    space = grid_space(n)
     for name in ("gp", "gp-categorical", "tpe", "tpe-categorical", "nsga2", "random"):
-        fractions = [hypervolume(run_sampler(name, table, n, seed), ref) / full for seed in range(args.seeds)]
+        fractions = [hypervolume(run_sampler(name, table, space, n, seed), ref) / full for seed in range(args.seeds)]
         print(f"  {name:<15} hypervolume fraction: median {statistics.median(fractions):.3f}, "
               f"worst {min(fractions):.3f}, best {max(fractions):.3f} over {args.seeds} seeds")
 

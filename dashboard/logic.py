@@ -86,16 +86,12 @@ _FORMATS = {
 }
 
 
-def _FORMAT_COUNT(v: float) -> str:
-    return f"{v:,.0f}"
-
-
 def format_metric(metric: str, value: Any) -> str:
     """``value`` of ``metric`` for people: ``"12.3 %"``, ``"0.118"``, ``"41.2 ms"``; missing -> ``"not measured"``."""
     m = METRICS[metric]
     if is_missing(value):
         return m.missing
-    return _FORMATS.get(m.kind, _FORMAT_COUNT)(float(value))
+    return _FORMATS.get(m.kind, "{:,.0f}".format)(float(value))
 
 
 def change_from(metric: str, value: Any, reference: Any) -> Optional[str]:

@@ -23,8 +23,9 @@ adapt: they form the eval split's leave-one-out slice.
 Everything is deterministic from ``--seed`` (and the installed voices): the same seed
 gives the same text, voice, parameters and noise for every utterance. ``--voice-seed``
 keeps the seed's shuffle of sentences but draws new voices and parameters: that is
-how to add a second training set with other engines to an existing corpus (``--splits train --engines pico,mbrola
---voice-seed 1 --out OTHER_DIR``; train on both with ``dse.train --corpus A --corpus B``).
+how to add a second training set with other engines to an existing corpus
+(``--splits train --engines pico,mbrola --voice-seed 1 --out OTHER_DIR``; train on
+both with ``dse.train --corpus A --corpus B``).
 """
 from __future__ import annotations
 
@@ -147,10 +148,6 @@ def available_voices(engines=DEFAULT_ENGINES) -> list[tuple[str, str]]:
     return voices
 
 
-def _voice_family(engine: str, voice: str) -> tuple[str, str]:
-    return engine, voice.split("+")[0] if engine == "espeak" else voice
-
-
 def shipped_texts() -> tuple[set[str], set[str]]:
     """Sentences of the shipped default's eval and adapt splits (empty sets when absent)."""
     from dse.models import DEFAULT_ADAPT, DEFAULT_EVAL
@@ -165,7 +162,7 @@ def shipped_texts() -> tuple[set[str], set[str]]:
 
 def plan(out: Path, seed: int, n_train: int, n_adapt: int, n_eval_per_slice: int,
          engines=DEFAULT_ENGINES, voice_seed: int | None = None) -> list[Job]:
-    """Decide every utterance (text, voice, parameters) from the seed alone."""
+    """Decide every utterance (text, voice, parameters) from the seeds and the installed voices."""
     rng = random.Random(seed)
     sentences = load_sentences()
     rng.shuffle(sentences)

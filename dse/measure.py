@@ -127,18 +127,13 @@ class UtteranceTiming:
         return sum(self.chunk_compute_s) / self.duration_s
 
 
-def arrival_pieces(num_samples: int, recognizer) -> list[tuple[int, int]]:
-    """(start, end) sample ranges a live stream delivers: see ``StreamingRecognizer.arrival_pieces``."""
-    return recognizer.arrival_pieces(num_samples)
-
-
 def stream_utterance(recognizer, waveform: torch.Tensor, utt_id: str = "") -> UtteranceTiming:
     """Stream ``waveform`` ``(samples,)`` through ``recognizer``, timing every chunk."""
     rate = recognizer.logmel.config.sample_rate
     n = waveform.numel()
     recognizer.reset()
     events = []
-    for start, end in arrival_pieces(n, recognizer):
+    for start, end in recognizer.arrival_pieces(n):
         events.extend(recognizer.accept_audio(waveform[start:end]))
     events.extend(recognizer.finish())
     compute = [e.compute_ns / 1e9 for e in events]

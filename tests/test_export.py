@@ -310,8 +310,15 @@ def test_unreadable_audio_file_is_a_clear_error(bundles, tmp_path, capsys):
 
 def test_live_pieces_are_the_schedule_the_study_timed(bundles):
     recognizer = runtime.load(bundles["fp32"])
+    first, step = runtime.piece_samples(recognizer)
+    assert first == recognizer.logmel.config.samples_for_frames(recognizer.chunk_frames)
+    assert step == recognizer.advance_frames * recognizer.logmel.config.hop_samples
     for num_samples in (1, 3000, 3360, 16000, 33333):
-        assert runtime.live_pieces(num_samples, recognizer) == measure.arrival_pieces(num_samples, recognizer)
+        pieces = runtime.live_pieces(num_samples, recognizer)
+        assert pieces == recognizer.arrival_pieces(num_samples)  # the schedule dse.measure streams
+        assert pieces[0] == (0, min(first, num_samples)) and pieces[-1][1] == num_samples
+        assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+        assert all(end - start == step for start, end in pieces[1:-1])
 
 
 def test_fp32_reference_dequantises_int8_weights(bundles):
