@@ -30,6 +30,8 @@ KNOBS: dict[str, dict[str, Any]] = {
     "hop_samples": {"transform": "frontend", "range": (80, 800)},
     "compile": {"transform": "compile", "choices": COMPILE_MODES},
     "beam_width": {"transform": "decoder", "range": (1, 16)},
+    "lm_weight": {"transform": "decoder", "range": (0.0, 4.0), "kind": "float",
+                  "doc": "character LM shallow-fusion weight; 0 = no LM"},
     "threads": {"transform": "runtime", "range": (1, 256)},
     "adapt_steps": {"transform": "adapt", "range": (0, 100000)},
 }
@@ -38,10 +40,25 @@ KNOBS: dict[str, dict[str, Any]] = {
 # (compiled kernels compute the same operations), so two configurations that differ
 # only in them share one accuracy measurement.
 ACCURACY_KNOBS = ("precision", "moe_experts", "moe_top_k", "moe_hidden", "moe_every", "right_context_frames",
-                  "segment_frames", "window_samples", "hop_samples", "beam_width", "adapt_steps")
+                  "segment_frames", "window_samples", "hop_samples", "beam_width", "lm_weight", "adapt_steps")
 # Knobs that change the weights (and so need adaptation when they differ from the trained model).
 WEIGHT_KNOBS = ("moe_experts", "moe_top_k", "moe_hidden", "moe_every", "right_context_frames", "segment_frames",
                 "window_samples", "hop_samples", "adapt_steps")
+
+
+def knob_problem(name: str, value: Any) -> Optional[str]:
+    """Why ``value`` is not a legal value of knob ``name`` (``None`` when it is)."""
+    spec = KNOBS[name]
+    if value is None and name in ("right_context_frames", "segment_frames"):
+        return None
+    if "choices" in spec:
+        return None if value in spec["choices"] else f"is not one of {', '.join(spec['choices'])}"
+    lo, hi = spec["range"]
+    if spec.get("kind") == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+        return None if ok else f"must be a number in [{lo}, {hi}]"
+    ok = isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+    return None if ok else f"must be an integer in [{lo}, {hi}]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,21 +76,17 @@ class TrialConfig:
     hop_samples: int = 160
     compile: str = "off"
     beam_width: int = 4
+    lm_weight: float = 0.0
     threads: int = 2
     adapt_steps: int = 0
 
     def __post_init__(self):
-        for name, spec in KNOBS.items():
-            value = getattr(self, name)
-            if value is None and name in ("right_context_frames", "segment_frames"):
-                continue
-            if "choices" in spec:
-                if value not in spec["choices"]:
-                    raise ConfigError(f"{name}={value!r} is not one of {', '.join(spec['choices'])}")
-            else:
-                lo, hi = spec["range"]
-                if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                    raise ConfigError(f"{name}={value!r} must be an integer in [{lo}, {hi}]")
+        if isinstance(self.lm_weight, int) and not isinstance(self.lm_weight, bool):
+            object.__setattr__(self, "lm_weight", float(self.lm_weight))
+        for name in KNOBS:
+            problem = knob_problem(name, getattr(self, name))
+            if problem:
+                raise ConfigError(f"{name}={getattr(self, name)!r} {problem}")
         if self.moe_experts and self.moe_top_k > self.moe_experts:
             raise ConfigError(f"moe_top_k={self.moe_top_k} cannot exceed moe_experts={self.moe_experts}")
         if self.moe_experts == 1:
@@ -145,6 +158,9 @@ def add_config_arguments(p) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="weights/activations: fp32, bf16, fp16, int8 (dynamic quantisation), or autocast amp-*")
     p.add_argument("--beam-width", type=int, default=d.beam_width, help="decoder beam width, 1 = greedy (default 4)")
+    p.add_argument("--lm-weight", type=float, default=d.lm_weight,
+                   help="character language model fused into the beam search with this weight; "
+                        "0 = none (default). Needs a model with an LM (the embedded default has one) or --lm")
     p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads for the timed run (default 2)")
     p.add_argument("--right-context", type=int, dest="right_context_frames",
                    help="right-context frames (multiple of the stride 4); default as trained")

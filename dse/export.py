@@ -174,6 +174,21 @@ def _load_base(weights: str, name: str):
     return loaded
 
 
+def _attach_lm(loaded, model_attr: dict, trial_number: int):
+    """The language model the study fused, checked against the hash it recorded."""
+    from dse.models import with_lm
+
+    path, recorded = model_attr.get("lm"), model_attr.get("lm_sha256")
+    if not path:
+        raise DSEError(f"trial {trial_number} fused a language model but the study records none")
+    if not os.path.isfile(path):
+        raise DSEError(f"trial {trial_number} fused the language model {path}, which is gone; put it back")
+    if recorded and runtime.sha256_file(path) != recorded:
+        raise DSEError(f"the language model {path} changed since trial {trial_number} measured it "
+                       "(sha256 differs); export from a study run with this file")
+    return with_lm(loaded, path)
+
+
 def _rebuild(study, trial, cache_dir: Optional[str], log: Callable[[str], None]):
     """(Built, adaptation record) for ``trial``, compiled off: the bundle holds eager weights."""
     from dse.config import TrialConfig
@@ -184,6 +199,8 @@ def _rebuild(study, trial, cache_dir: Optional[str], log: Callable[[str], None])
         raise DSEError(f"trial {trial.number} records no model; it was not written by python -m dse.run")
     loaded = _load_base(model_attr["weights"], model_attr["name"])
     config = TrialConfig.from_dict(trial.user_attrs["config"])
+    if config.lm_weight > 0:
+        loaded = _attach_lm(loaded, model_attr, trial.number)
     resolved = config.resolved(loaded.arch)
     adapt_fn, adaptation = None, {"steps": config.adapt_steps, "source": "none"}
     if config.adapt_steps > 0:
@@ -328,6 +345,7 @@ def _write_readme(directory: Path, config: dict, metrics: dict) -> None:
         "",
         f"Model `{config['model']['name']}` ({config['model']['weights']}), {config['model']['params']:,} parameters, "
         f"{f('weight_mib', '.2f', ' MiB')} of weights in {tc['precision']}; beam width {tc['beam_width']}, "
+        + (f"LM weight {tc['lm_weight']}, " if tc.get("lm_weight") else "") +
         f"{tc['threads']} thread(s), segment {config['architecture']['segment_length']} + right context "
         f"{config['architecture']['right_context_length']} frames"
         + (f", MoE {config['moe']['experts']} experts top-{config['moe']['top_k']} (hidden "
@@ -361,7 +379,10 @@ def _write_readme(directory: Path, config: dict, metrics: dict) -> None:
         "## Files",
         "",
         "`weights.pt` (state dict of the deployed model), `features.json` (mel front end, normalisation), "
-        "`vocabulary.json`, `config.json`, `metrics.json`; `MANIFEST.sha256` checks them "
+        "`vocabulary.json`, `config.json`, `metrics.json`"
+        + (f", `{runtime.LM_FILE}` (character {config['language_model']['order']}-gram language model, fused "
+           f"with weight {config['language_model']['weight']})" if config.get("language_model") else "")
+        + "; `MANIFEST.sha256` checks them "
         "(`sha256sum -c MANIFEST.sha256`), and loading refuses a bundle whose files do not match.",
         "",
     ]
@@ -397,6 +418,12 @@ def _write_bundle(directory: Path, study, trial, storage_url: str, built, adapta
     _write_json(directory / runtime.VOCABULARY_FILE, vocab)
     artifact, artifact_error = _write_encoder_artifact(directory, built.recognizer)
     cfg = built.config
+    language_model = None
+    if cfg.lm_weight > 0:
+        shutil.copyfile(loaded.lm_path, directory / runtime.LM_FILE)
+        lm = built.recognizer.decoder.lm
+        language_model = {"file": runtime.LM_FILE, "order": lm.order, "weight": cfg.lm_weight,
+                          "sha256": runtime.sha256_file(directory / runtime.LM_FILE)}
     moe = None
     if cfg.is_moe:
         moe = {"experts": cfg.moe_experts, "top_k": cfg.moe_top_k, "every": cfg.moe_every,
@@ -424,7 +451,7 @@ def _write_bundle(directory: Path, study, trial, storage_url: str, built, adapta
                   "weight_mib": built.weight_mib},
         "trial_config": trial_config.to_dict(), "baseline_config": study.user_attrs.get("baseline_config"),
         "architecture": loaded.arch, "num_symbols": loaded.tokenizer.num_symbols, "moe": moe,
-        "eval": eval_info, "adaptation": adaptation,
+        "eval": eval_info, "adaptation": adaptation, "language_model": language_model,
         "encoder_artifact": artifact, "encoder_artifact_error": artifact_error,
         "torch": torch.__version__,
     }

@@ -260,7 +260,8 @@ def _format_table(record: dict) -> str:
     rows = [
         ("model", record["model"]), ("weights", record["weights"]), ("params", fmt(record["params"])),
         ("weight MiB", fmt(record["weight_mib"])), ("precision", record["precision"]),
-        ("beam width", record["beam_width"]), ("threads", record["threads"]),
+        ("beam width", record["beam_width"]), ("LM weight", record.get("lm_weight", 0.0)),
+        ("threads", record["threads"]),
         ("utterances / audio", f"{record['utterances']} / {record['audio_s']:.1f} s"),
         ("RTF mean [95% CI]", f"{record['rtf_mean']:.4f} [{record['rtf_mean_ci95'][0]:.4f}, {record['rtf_mean_ci95'][1]:.4f}]"),
         ("RTF p50 / p95", f"{record['rtf_p50']:.4f} / {record['rtf_p95']:.4f}"),
@@ -289,6 +290,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                                    "default: the shipped default model")
     p.add_argument("--weights", help="'random', a dse checkpoint, or a directory with torchaudio's "
                                      "EMFORMER_RNNT_BASE_LIBRISPEECH files; default random for an architecture name")
+    p.add_argument("--lm", help="character language model file (.lm.gz) for --lm-weight; default: the one "
+                                "beside the checkpoint (the embedded default ships one)")
     p.add_argument("--eval-set", help="JSONL manifest or LibriSpeech directory; default: the shipped eval split")
     p.add_argument("--limit", type=int, help="use only the first N utterances")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights")
@@ -306,9 +309,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
-        from dse.models import DEFAULT_EVAL, load_model
+        from dse.models import DEFAULT_EVAL, load_model, with_lm
 
-        loaded = load_model(args.model, args.weights, args.seed)
+        loaded = with_lm(load_model(args.model, args.weights, args.seed), args.lm)
         config = config_from_args(args, loaded)
         eval_set = args.eval_set or DEFAULT_EVAL
         if not args.eval_set and not os.path.exists(eval_set):
@@ -322,7 +325,7 @@ def main(argv=None) -> int:
         return 2
     record = {"model": loaded.name, "weights": loaded.weights, "params": built.params,
               "weight_mib": built.weight_mib, "precision": config.precision, "beam_width": config.beam_width,
-              "threads": config.threads, "config": config.to_dict(), "machine": machine_fingerprint(),
+              "lm_weight": config.lm_weight, "threads": config.threads, "config": config.to_dict(), "machine": machine_fingerprint(),
               "build_s": built.build_s, "compile_s": built.compile_s, **result}
     if args.json:
         record.pop("transcripts", None)

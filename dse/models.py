@@ -108,6 +108,8 @@ class LoadedModel:
 
     ``weights`` says where the weights came from: ``"checkpoint:<path>"``,
     ``"torchaudio:<dir>"`` or ``"random"`` (accuracy is then not measurable).
+    ``lm_path``: a character language model (:mod:`dse.lm`) for shallow fusion, or
+    ``None``; a checkpoint ``X.pt`` brings ``X.lm.gz`` when that file sits beside it.
     """
     name: str
     arch: dict
@@ -118,6 +120,7 @@ class LoadedModel:
     invstd: torch.Tensor
     weights: str
     info: dict = dataclasses.field(default_factory=dict)
+    lm_path: Optional[str] = None
 
     @property
     def trained(self) -> bool:
@@ -211,8 +214,24 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
     state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
     model.load_state_dict(state)
     info = dict(blob.get("info", {}), checkpoint_sha256=file_sha256(path))
+    lm = lm_beside(path)
     return LoadedModel(blob["name"], blob["arch"], model.eval(), tokenizer, FeatureConfig(**blob["features"]),
-                       torch.tensor(blob["mean"]), torch.tensor(blob["invstd"]), f"checkpoint:{path.resolve()}", info)
+                       torch.tensor(blob["mean"]), torch.tensor(blob["invstd"]), f"checkpoint:{path.resolve()}", info,
+                       str(lm) if lm.exists() else None)
+
+
+def lm_beside(checkpoint: str | os.PathLike) -> Path:
+    """Where a checkpoint's own language model lives: ``X.pt`` -> ``X.lm.gz``."""
+    return Path(checkpoint).with_suffix(".lm.gz")
+
+
+def with_lm(loaded: LoadedModel, lm_path: Optional[str]) -> LoadedModel:
+    """``loaded`` with the language model at ``lm_path`` (``None``: unchanged)."""
+    if lm_path is None:
+        return loaded
+    if not Path(lm_path).is_file():
+        raise ModelLoadError(f"language model {lm_path} not found (build one with python -m dse.lm build)")
+    return dataclasses.replace(loaded, lm_path=str(lm_path))
 
 
 def file_sha256(path: str | os.PathLike) -> str:

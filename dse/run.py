@@ -179,9 +179,13 @@ def prune_reason(space, study, step: int, dev_wer: float) -> Optional[str]:
 
 
 def model_identity(loaded) -> dict:
-    """Which model a trial measured: architecture name, weights source (absolute path) and file hash."""
+    """Which model a trial measured: architecture name, weights source (absolute path) and file hash,
+    and the language model available to ``lm_weight`` (absolute path and hash, or ``None``)."""
+    from dse.models import file_sha256
+
+    lm = os.path.abspath(loaded.lm_path) if loaded.lm_path else None
     return {"name": loaded.name, "weights": loaded.weights, "sha256": loaded.info.get("checkpoint_sha256"),
-            "params": loaded.num_params()}
+            "params": loaded.num_params(), "lm": lm, "lm_sha256": file_sha256(lm) if lm else None}
 
 
 def describe(config) -> str:
@@ -216,7 +220,7 @@ def pareto_table(study, space):
 
 def load_context(space, args):
     from dse.measure import load_eval_audio
-    from dse.models import DEFAULT_ADAPT, DEFAULT_EVAL, load_model, random_model
+    from dse.models import DEFAULT_ADAPT, DEFAULT_EVAL, load_model, random_model, with_lm
     from dse.study import TrialContext
 
     model_arg = args.model or space.model
@@ -226,6 +230,7 @@ def load_context(space, args):
         loaded = random_model(model_arg[: -len("-random")], args.seed)
     else:
         loaded = load_model(model_arg, None, args.seed)
+    loaded = with_lm(loaded, getattr(args, "lm", None))
     eval_set = args.eval_set or DEFAULT_EVAL
     if not os.path.exists(eval_set):
         raise DSEError(f"eval set {eval_set} not found; pass --eval-set MANIFEST_OR_DIR")
@@ -253,6 +258,8 @@ def main(argv=None) -> int:
     p.add_argument("--study-name", help="name of the study in the storage (default: the space's name)")
     p.add_argument("--sampler", choices=["gp", "tpe", "nsga2", "random", "grid"], help="override the space's sampler")
     p.add_argument("--model", help="'default', '<arch>-random', an architecture name or a checkpoint path")
+    p.add_argument("--lm", help="character language model (.lm.gz) for trials with lm_weight > 0; default: the "
+                                "one beside the checkpoint (the embedded default ships one)")
     p.add_argument("--eval-set", help="JSONL manifest or LibriSpeech directory (default: the shipped eval split)")
     p.add_argument("--eval-limit", type=int, help="use only the first N eval utterances")
     p.add_argument("--adapt-set", help="manifest of the adaptation split (default: the shipped adapt split)")

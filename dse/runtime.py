@@ -6,6 +6,7 @@ A bundle (written by ``python -m dse.export``) is a directory::
     weights.pt        the deployed model's state dict (bf16/fp16 tensors, or int8 packed params)
     features.json     front-end geometry (samples at the sample rate) and normalisation stats (n_mels,)
     vocabulary.json   the tokenizer (``vocabulary.model`` beside it for sentencepiece)
+    lm.lm.gz          only when the trial fused a character language model (lm_weight > 0)
     metrics.json      what the study measured, with the machine it measured on
     encoder.ts        optional: the streaming encoder alone, as TorchScript (or encoder.pt2 from
                       torch.export); config.json "encoder_artifact" says which, or why neither
@@ -47,6 +48,7 @@ VOCABULARY_FILE = "vocabulary.json"
 METRICS_FILE = "metrics.json"
 README_FILE = "README.md"
 MANIFEST_FILE = "MANIFEST.sha256"
+LM_FILE = "lm.lm.gz"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, FEATURES_FILE, VOCABULARY_FILE, METRICS_FILE)
 
 _PACKED = "._packed_params._packed_params"
@@ -242,9 +244,20 @@ def _recognizer(directory: Path, config: dict, compile: Optional[bool], fp32_ref
         kwargs = {} if mode in ("off", "default") else {"mode": mode}
         model.transcriber.infer = torch.compile(model.transcriber.infer, dynamic=False, **kwargs)
     arch = config["architecture"]
+    lm_weight = float(trial.get("lm_weight", 0.0))
+    lm = None
+    if lm_weight > 0:
+        from dse.lm import CharNgramLM
+
+        entry = config.get("language_model") or {}
+        path = directory / entry.get("file", LM_FILE)
+        if not path.is_file():
+            raise BundleError(f"{path}: the trial fuses a language model (lm_weight={lm_weight}) and the bundle "
+                              "lacks it; export the bundle again")
+        lm = CharNgramLM.load(path)
     return StreamingRecognizer(model, logmel, tokenizer, arch["segment_length"], arch["right_context_length"],
                                beam_width=trial["beam_width"], dtype=DTYPES.get(precision, torch.float32),
-                               autocast_dtype=autocast)
+                               autocast_dtype=autocast, lm=lm, lm_weight=lm_weight)
 
 
 # -- streaming ------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
-from dse.config import KNOBS, WEIGHT_KNOBS, TrialConfig
+from dse.config import KNOBS, WEIGHT_KNOBS, TrialConfig, knob_problem
 from dse.errors import ConfigError
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -178,15 +178,9 @@ def _err(path, key, msg) -> ConfigError:
 
 
 def _check_knob_value(path, knob, value):
-    spec = KNOBS[knob]
-    if value is None and knob in ("right_context_frames", "segment_frames"):
-        return
-    if "choices" in spec and value not in spec["choices"]:
-        raise _err(path, f"params.{knob}", f"{value!r} is not allowed; allowed values: {', '.join(spec['choices'])}")
-    if "range" in spec:
-        lo, hi = spec["range"]
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise _err(path, f"params.{knob}", f"{value!r} is not allowed; allowed: integers in [{lo}, {hi}]")
+    problem = knob_problem(knob, value)
+    if problem:
+        raise _err(path, f"params.{knob}", f"{value!r} {problem}")
 
 
 def parse_space(data: Any, path: Path, name: Optional[str] = None) -> Space:
@@ -228,6 +222,8 @@ def parse_space(data: Any, path: Path, name: Optional[str] = None) -> Space:
                 _check_knob_value(path, knob, v)
             params.append(Param(knob, choices=tuple(spec["choices"])))
         else:
+            if KNOBS[knob].get("kind") == "float":
+                raise _err(path, f"params.{knob}", "a real-valued knob is searched over a list: 'choices: [...]'")
             for v in (spec["low"], spec["high"]):
                 _check_knob_value(path, knob, v)
             params.append(Param(knob, low=spec["low"], high=spec["high"], step=spec.get("step", 1)))

@@ -71,12 +71,14 @@ class StreamingRecognizer:
     matching the model's training; ``tokenizer``: has ``blank`` and ``decode(ids)``.
     ``beam_width`` 1 is greedy search. ``dtype`` is the dtype the model's weights are in
     (features and state follow it). ``autocast_dtype`` runs each chunk under CPU autocast.
-    ``clock`` returns nanoseconds (replaceable in tests).
+    ``clock`` returns nanoseconds (replaceable in tests). ``lm``: a
+    :class:`dse.lm.CharNgramLM` fused into the search with ``lm_weight`` (ignored at 0).
     """
 
     def __init__(self, model, logmel, tokenizer, segment_length: int, right_context_length: int,
                  beam_width: int = 4, dtype: torch.dtype = torch.float32,
-                 autocast_dtype: Optional[torch.dtype] = None, clock: Callable[[], int] = time.perf_counter_ns):
+                 autocast_dtype: Optional[torch.dtype] = None, clock: Callable[[], int] = time.perf_counter_ns,
+                 lm=None, lm_weight: float = 0.0):
         if beam_width < 1:
             raise ValueError(f"beam_width={beam_width} must be at least 1")
         self.model = model
@@ -89,7 +91,13 @@ class StreamingRecognizer:
         self.dtype = dtype
         self.autocast_dtype = autocast_dtype
         self.clock = clock
-        self.decoder = RNNTBeamSearch(model, tokenizer.blank)
+        self.lm_weight = float(lm_weight) if lm is not None else 0.0
+        if self.lm_weight > 0:
+            from dse.lm import FusedBeamSearch
+
+            self.decoder = FusedBeamSearch(model, tokenizer, lm, self.lm_weight)
+        else:
+            self.decoder = RNNTBeamSearch(model, tokenizer.blank)
         self._chunk_length = torch.tensor([self.chunk_frames])
         self.reset()
 

@@ -12,7 +12,7 @@ Order of transforms (each owns the knobs :data:`dse.config.KNOBS` assigns to it)
    int8 dynamic quantisation of every Linear layer (the predictor's LSTM is built
    from Linear layers in torchaudio, so it is quantised too); ``amp-*`` autocast.
 6. ``compile``: ``torch.compile`` of the transcriber's per-chunk ``infer``.
-7. ``decoder``/``runtime``: beam width and threads.
+7. ``decoder``/``runtime``: beam width, language-model fusion weight and threads.
 """
 from __future__ import annotations
 
@@ -108,9 +108,18 @@ def build_recognizer(loaded: LoadedModel, config: TrialConfig,
     autocast = AUTOCAST.get(cfg.precision)
     if cfg.compile != "off":
         _compile(deployed, cfg.compile)
+    lm = None
+    if cfg.lm_weight > 0:
+        from dse.lm import load_cached
+
+        if edited.lm_path is None:
+            raise ConfigError(f"lm_weight={cfg.lm_weight} needs a character language model and this model has "
+                              "none: pass --lm FILE (python -m dse.lm build makes one) or set lm_weight 0")
+        lm = load_cached(edited.lm_path)
     rec = StreamingRecognizer(deployed, edited.logmel(), edited.tokenizer, cfg.segment_frames,
                               cfg.right_context_frames, beam_width=cfg.beam_width,
-                              dtype=DTYPES.get(cfg.precision, torch.float32), autocast_dtype=autocast)
+                              dtype=DTYPES.get(cfg.precision, torch.float32), autocast_dtype=autocast,
+                              lm=lm, lm_weight=cfg.lm_weight)
     build_s = time.perf_counter() - t0
     compile_s = None
     if cfg.compile != "off":

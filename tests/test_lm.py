@@ -1,0 +1,232 @@
+"""Character n-gram language model: probabilities, files, shallow fusion, studies and bundles."""
+import gzip
+import json
+import math
+import subprocess
+import sys
+
+import optuna
+import pytest
+import soundfile
+import torch
+from torchaudio.models import RNNTBeamSearch
+
+from conftest import tone
+from dse import export, lm as lmmod, models, run, runtime
+from dse.config import TrialConfig
+from dse.errors import ConfigError, DSEError, ModelLoadError
+from dse.lm import CharNgramLM, FusedBeamSearch
+from dse.stream import StreamingRecognizer
+from dse.transforms import build_recognizer
+
+SYMBOLS = models.CharTokenizer().symbols
+TEXTS = ["the cat sat on the mat", "the cat ate the rat", "a dog sat on the log", "the mat is flat"]
+
+
+@pytest.fixture(scope="module")
+def small_lm():
+    return CharNgramLM.train(TEXTS, SYMBOLS, order=4)
+
+
+@pytest.mark.parametrize("order", [1, 2, 4])
+@pytest.mark.parametrize("history", ["", "the c", "zzq", "the cat sat on the mat and"])
+def test_distribution_is_normalised_after_any_history(order, history):
+    lm = CharNgramLM.train(TEXTS, SYMBOLS, order=order)
+    probs = lm.distribution(history).exp()
+    assert probs.shape == (len(SYMBOLS) + 1,)
+    assert abs(float(probs.double().sum()) - 1.0) < 1e-6
+    assert float(probs.min()) > 0  # every character stays possible
+
+
+def test_trained_spelling_is_more_likely_than_a_misspelling(small_lm):
+    assert small_lm.log_prob("the cat sat") > small_lm.log_prob("tha cst sat") + 5
+    # after "the c" the model has only seen "a" follow
+    dist = small_lm.distribution("the c")
+    assert int(dist.argmax()) == small_lm.vocab.index("a")
+    assert small_lm.bits_per_char(TEXTS) < CharNgramLM.train(TEXTS, SYMBOLS, order=1).bits_per_char(TEXTS)
+
+
+def test_save_and_load_round_trip(small_lm, tmp_path):
+    path = small_lm.save(tmp_path / "x.lm.gz")
+    back = CharNgramLM.load(path)
+    assert (back.order, back.symbols, back.discount) == (small_lm.order, small_lm.symbols, small_lm.discount)
+    assert back.info["texts"] == len(TEXTS)
+    for history in ["", "the ", "xyz", "on the m"]:
+        assert torch.equal(back.distribution(history), small_lm.distribution(history))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not gzip at all", "unreadable language model"),
+    (gzip.compress(b'{"format": "something-else"}\n'), "is not a character n-gram model"),
+    (gzip.compress(b'{"format": "dse-char-ngram", "version": 99}\n'), "version 99"),
+    (gzip.compress(b'{"format": "dse-char-ngram", "version": 1, "order": 2, "discount": 0.75, "symbols": ["a"]}\n'
+                   b"1\tbroken line\n"), "unreadable language model"),
+])
+def test_bad_file_is_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "bad.lm.gz"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message):
+        CharNgramLM.load(path)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        CharNgramLM.load(tmp_path / "missing.lm.gz")
+
+
+def test_fused_scores_add_the_weighted_lm_to_non_blank_tokens_only(tiny, small_lm):
+    plain = RNNTBeamSearch(tiny.model, tiny.tokenizer.blank)
+    fused = FusedBeamSearch(tiny.model, tiny.tokenizer, small_lm, lm_weight=0.7)
+    enc = torch.randn(1, 1, tiny.arch["encoding_dim"])
+    hypos = plain._init_b_hypos(torch.device("cpu"))
+    history_tokens = tiny.tokenizer.encode("the c")
+    hypos = [(hypos[0][0] + history_tokens,) + hypos[0][1:]]
+    base = plain._gen_next_token_probs(enc, hypos, torch.device("cpu"))
+    got = fused._gen_next_token_probs(enc, hypos, torch.device("cpu"))
+    lm_scores = small_lm.distribution("the c")[: len(SYMBOLS)]  # symbol i of the LM is token i here
+    assert torch.allclose(got[0, :-1], base[0, :-1] + 0.7 * lm_scores, atol=1e-6)
+    assert got[0, -1] == base[0, -1]  # the blank
+
+
+def test_weight_zero_is_plain_beam_search(tiny, small_lm):
+    audio = torch.from_numpy(tone(2.0, seed=3))
+    plain = StreamingRecognizer.from_loaded(tiny, beam_width=3)
+    off = StreamingRecognizer.from_loaded(tiny, beam_width=3, lm=small_lm, lm_weight=0.0)
+    assert type(off.decoder) is RNNTBeamSearch
+    assert plain.transcribe(audio) == off.transcribe(audio)
+    on = StreamingRecognizer.from_loaded(tiny, beam_width=3, lm=small_lm, lm_weight=1.0)
+    assert isinstance(on.decoder, FusedBeamSearch)
+
+
+def test_fusion_needs_a_character_tokenizer(small_lm):
+    base = models.random_model("base")
+    with pytest.raises(DSEError, match="needs a character tokenizer"):
+        FusedBeamSearch(base.model, base.tokenizer, small_lm, 0.5)
+
+
+@pytest.mark.parametrize("value, message", [(-0.1, "must be a number in"), (4.5, "must be a number in"),
+                                            (True, "must be a number in"), ("0.3", "must be a number in")])
+def test_lm_weight_is_validated(value, message):
+    with pytest.raises(ConfigError, match=f"lm_weight={value!r} {message}"):
+        TrialConfig(lm_weight=value)
+    assert TrialConfig(lm_weight=1).lm_weight == 1.0 and isinstance(TrialConfig(lm_weight=1).lm_weight, float)
+
+
+def test_build_without_a_language_model_says_how_to_get_one(tiny):
+    with pytest.raises(ConfigError, match="needs a character language model.*--lm FILE"):
+        build_recognizer(tiny, TrialConfig(lm_weight=0.3, beam_width=2, threads=1))
+
+
+def test_checkpoint_brings_the_language_model_beside_it(tiny, small_lm, tmp_path):
+    models.save_checkpoint(tmp_path / "m.pt", tiny)
+    assert models.load_checkpoint(tmp_path / "m.pt").lm_path is None
+    small_lm.save(tmp_path / "m.lm.gz")
+    loaded = models.load_checkpoint(tmp_path / "m.pt")
+    assert loaded.lm_path == str(tmp_path / "m.lm.gz")
+    built = build_recognizer(loaded, TrialConfig(lm_weight=0.3, beam_width=2, threads=1))
+    assert isinstance(built.recognizer.decoder, FusedBeamSearch) and built.recognizer.decoder.lm_weight == 0.3
+    with pytest.raises(ModelLoadError, match="not found"):
+        models.with_lm(loaded, str(tmp_path / "nope.lm.gz"))
+
+
+def test_default_model_ships_an_lm_counted_from_the_training_texts_only():
+    if not models.default_available():
+        pytest.skip("no embedded default model")
+    path = models.lm_beside(models.DEFAULT_CHECKPOINT)
+    assert models.load_model().lm_path == str(path)
+    shipped = CharNgramLM.load(path)
+    try:
+        texts = lmmod.default_texts()
+    except DSEError as exc:
+        pytest.skip(str(exc))  # the fortune packages are not installed
+    from dse.corpus import shipped_texts
+
+    held_eval, held_adapt = shipped_texts()
+    assert held_eval and held_adapt and not (set(texts) & (held_eval | held_adapt))
+    # the shipped file was counted from exactly these texts: rebuilding it is reproducible
+    rebuilt = CharNgramLM.train(texts, SYMBOLS, order=shipped.order)
+    assert shipped.info["sha256_of_texts"] == rebuilt.info["sha256_of_texts"]
+    assert shipped.info["texts"] == len(texts)
+
+
+def test_cli_builds_and_scores(tmp_path, capsys):
+    manifest = tmp_path / "t.jsonl"
+    manifest.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    out = tmp_path / "x.lm.gz"
+    assert lmmod.main(["build", "--out", str(out), "--order", "3", "--texts", str(manifest)]) == 0
+    assert "order 3, 4 sentences" in capsys.readouterr().out
+    assert lmmod.main(["score", str(out), str(manifest)]) == 0
+    bits = float(capsys.readouterr().out.split(": ")[1].split()[0])
+    assert 0 < bits < math.log2(len(SYMBOLS) + 1)
+    assert lmmod.main(["build", "--out", str(out), "--texts", str(tmp_path / "none.txt")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+# -- a study that fuses the LM, exported and served ------------------------------------------
+SPACE = """\
+model: {checkpoint}
+sampler: grid
+n_trials: 2
+objectives: [{{metric: wer, direction: minimize}}, {{metric: rtf_p95, direction: minimize}}]
+params: {{lm_weight: {{choices: [0.0, 0.8]}}}}
+fixed: {{beam_width: 2, threads: 1}}
+timing_utterances: 2
+"""
+
+
+@pytest.fixture(scope="module")
+def fused_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmstudy")
+    rows = []
+    for i, secs in enumerate([1.1, 1.7]):
+        soundfile.write(root / f"u{i}.wav", tone(secs, freq=180 + 60 * i, seed=i), 16000)
+        rows.append({"path": f"u{i}.wav", "text": "the cat sat"})
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    checkpoint = root / "tiny.pt"
+    models.save_checkpoint(checkpoint, models.random_model("tiny", seed=1))
+    lm_file = CharNgramLM.train(TEXTS, SYMBOLS, order=3).save(root / "other.lm.gz")
+    (root / "space.yaml").write_text(SPACE.format(checkpoint=checkpoint))
+    storage = f"sqlite:///{root}/s.db"
+    assert run.main(["--study", str(root / "space.yaml"), "--storage", storage, "--eval-set", str(manifest),
+                     "--model", str(checkpoint), "--lm", str(lm_file)]) == 0
+    study = optuna.load_study(study_name="space", storage=storage)
+    trials = {t.user_attrs["config"]["lm_weight"]: t
+              for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    assert set(trials) == {0.0, 0.8}
+    return root, storage, trials, lm_file
+
+
+def test_study_records_the_language_model_it_fused(fused_study):
+    root, storage, trials, lm_file = fused_study
+    model = trials[0.8].user_attrs["model"]
+    assert model["lm"] == str(lm_file) and model["lm_sha256"] == runtime.sha256_file(lm_file)
+
+
+def test_bundle_carries_the_lm_and_streams_what_the_study_measured(fused_study, tmp_path):
+    root, storage, trials, lm_file = fused_study
+    trial = trials[0.8]
+    bundle = export.export_bundle(storage, "space", tmp_path / "b", trial=trial.number)
+    config = runtime.read_config(bundle)
+    assert config["language_model"]["file"] == runtime.LM_FILE and config["language_model"]["weight"] == 0.8
+    assert runtime.sha256_file(bundle / runtime.LM_FILE) == runtime.sha256_file(lm_file)
+    assert runtime.LM_FILE in (bundle / runtime.MANIFEST_FILE).read_text()
+    recognizer = runtime.load(bundle)
+    assert isinstance(recognizer.decoder, FusedBeamSearch) and recognizer.decoder.lm.order == 3
+    out = subprocess.run([sys.executable, "-m", "dse.transcribe", str(bundle), str(root / "u0.wav"),
+                          str(root / "u1.wav")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [t["hyp"] for t in trial.user_attrs["transcripts"]]
+    (bundle / runtime.LM_FILE).unlink()
+    with pytest.raises(runtime.BundleError, match=runtime.LM_FILE):
+        runtime.load(bundle)
+
+
+def test_export_refuses_an_lm_changed_since_the_study(fused_study, tmp_path):
+    root, storage, trials, lm_file = fused_study
+    saved = lm_file.read_bytes()
+    try:
+        CharNgramLM.train(["something else entirely"], SYMBOLS, order=3).save(lm_file)
+        with pytest.raises(DSEError, match="changed since trial"):
+            export.export_bundle(storage, "space", tmp_path / "b", trial=trials[0.8].number)
+    finally:
+        lm_file.write_bytes(saved)
+    bundle = export.export_bundle(storage, "space", tmp_path / "plain", trial=trials[0.0].number)
+    assert not (bundle / runtime.LM_FILE).exists() and runtime.read_config(bundle)["language_model"] is None
