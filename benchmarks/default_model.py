@@ -1,11 +1,12 @@
 """The shipped default model's accuracy and speed, per eval slice, for its model card.
 
-    python benchmarks/default_model.py [--limit N] [--model CHECKPOINT]
+    python benchmarks/default_model.py [--limit N] [--model CHECKPOINT] [--rows SUBSTRING ...]
 
 Streams the whole eval split through the default model at its default configuration
 (fp32, trained right context, beam 4, 2 threads) and at the settings that show
 whether accuracy responds to the design space as a real model's does: right context
-0, bf16, int8 and greedy decoding. Each row is one streaming pass: WER/CER come from
+0, bf16, int8 and greedy decoding, and with the shipped character language model
+fused into the search (weight 0.3, chosen on the adapt split; beam 4 and 8). Each row is one streaming pass: WER/CER come from
 the transcripts of the very pass that is timed. Prints a Markdown table.
 """
 from __future__ import annotations
@@ -17,7 +18,9 @@ import torch
 
 from dse.config import TrialConfig
 from dse.measure import load_eval_audio, machine_fingerprint, measure
-from dse.models import DEFAULT_EVAL, load_model
+from dse.models import DEFAULT_CHECKPOINT, DEFAULT_EVAL, lm_beside, load_model, with_lm
+
+DEFAULT_LM = lm_beside(DEFAULT_CHECKPOINT)
 from dse.transforms import build_recognizer
 
 ROWS = [
@@ -26,15 +29,22 @@ ROWS = [
     ("bf16", TrialConfig(precision="bf16")),
     ("int8", TrialConfig(precision="int8")),
     ("greedy (beam 1)", TrialConfig(beam_width=1)),
+    ("LM 0.3 (beam 4)", TrialConfig(lm_weight=0.3)),
+    ("LM 0.3, beam 8", TrialConfig(lm_weight=0.3, beam_width=8)),
 ]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, help="first N eval utterances only")
-    p.add_argument("--model", help="a candidate checkpoint instead of the shipped default")
+    p.add_argument("--model", help="a candidate checkpoint instead of the shipped default (its LM: the .lm.gz "
+                                   "beside it, else the default's)")
+    p.add_argument("--rows", nargs="+", help="only the rows whose name contains one of these strings")
     args = p.parse_args()
     loaded = load_model(args.model)
+    if loaded.lm_path is None and DEFAULT_LM.exists():
+        loaded = with_lm(loaded, str(DEFAULT_LM))
+    rows = [(n, c) for n, c in ROWS if not args.rows or any(r in n for r in args.rows)]
     audio = load_eval_audio(DEFAULT_EVAL, args.limit)
     m = machine_fingerprint()
     slices = sorted(set(audio.slices))
@@ -43,7 +53,7 @@ def main() -> None:
     print("| configuration | WER | CER | " + " | ".join(f"WER {s}" for s in slices)
           + " | RTF mean | chunk p95 ms | TTFT s | eval wall s |")
     print("|---" * (6 + len(slices)) + "|")
-    for name, cfg in ROWS:
+    for name, cfg in rows:
         torch.set_num_threads(cfg.threads)
         built = build_recognizer(loaded, cfg)
         t0 = time.perf_counter()
