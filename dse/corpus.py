@@ -9,6 +9,15 @@ and train sets: no eval sentence is ever spoken in training, and whatever the se
 engines or counts, the shipped default's eval and adapt sentences (``dse/default``)
 never enter a train split.
 
+``--text wordfreq`` replaces the fortune sentences by word sequences (4-12 words)
+drawn from the 30,000 most frequent English words of the ``wordfreq`` package's
+frequency lists (MIT code, CC-BY-SA data; ``pip install wordfreq``), each word with a
+probability proportional to the square root of its frequency: a training set that
+spells many more words than the fortunes hold, in no sentence a model can memorise.
+Only words that are lower-case entries of the system word list (Debian ``wamerican``,
+``/usr/share/dict/words``) are kept: no names, acronyms or spellings a voice would
+read out letter by letter.
+
 Voices: the offline engines named by ``--engines`` that this machine has. espeak-ng
 (8 English accents x many voice variants), flite (kal, kal16, awb, rms, slt) and
 festival (kal_diphone, ked_diphone, cmu_us_slt_arctic_hts) are the default set;
@@ -114,6 +123,36 @@ def load_sentences(dirs=FORTUNE_DIRS, min_words=4, max_words=14, min_word_count=
     return sorted(s for s in sentences if all(counts[w] >= min_word_count for w in s.split()))
 
 
+TEXT_SOURCES = ("fortunes", "wordfreq")
+WORD_LIST = "/usr/share/dict/words"
+
+
+def wordfreq_sentences(seed: int, count: int, top_n: int = 30000, min_words: int = 4,
+                       max_words: int = 12) -> list[str]:
+    """``count`` distinct word sequences drawn from ``wordfreq``'s English list, sorted."""
+    try:
+        import wordfreq
+    except ImportError:
+        raise DSEError("--text wordfreq needs the wordfreq package: pip install wordfreq") from None
+    if not os.path.exists(WORD_LIST):
+        raise DSEError(f"--text wordfreq keeps only dictionary words and {WORD_LIST} is missing: "
+                       "apt-get install wamerican")
+    with open(WORD_LIST, encoding="utf-8", errors="ignore") as fh:
+        dictionary = {line.strip() for line in fh if re.fullmatch(r"[a-z']+", line.strip())}
+    words, seen = [], set()
+    for raw in wordfreq.top_n_list("en", top_n):
+        w = normalise_text(raw)
+        if w in dictionary and w not in seen and (len(w) > 1 or w in ("a", "i")):
+            seen.add(w)
+            words.append(w)
+    weights = [wordfreq.word_frequency(w, "en") ** 0.5 for w in words]
+    rng = random.Random(seed)
+    sentences: set[str] = set()
+    while len(sentences) < count:
+        sentences.add(" ".join(rng.choices(words, weights, k=rng.randint(min_words, max_words))))
+    return sorted(sentences)
+
+
 def _mbrola_voice_installed(voice: str) -> bool:
     return bool(shutil.which("mbrola")) and bool(glob.glob(f"/usr/share/mbrola/{voice}/{voice}*"))
 
@@ -161,10 +200,16 @@ def shipped_texts() -> tuple[set[str], set[str]]:
 
 
 def plan(out: Path, seed: int, n_train: int, n_adapt: int, n_eval_per_slice: int,
-         engines=DEFAULT_ENGINES, voice_seed: int | None = None) -> list[Job]:
+         engines=DEFAULT_ENGINES, voice_seed: int | None = None, text: str = "fortunes") -> list[Job]:
     """Decide every utterance (text, voice, parameters) from the seeds and the installed voices."""
+    if text not in TEXT_SOURCES:
+        raise DSEError(f"unknown text source {text!r}; allowed: {', '.join(TEXT_SOURCES)}")
     rng = random.Random(seed)
-    sentences = load_sentences()
+    if text == "fortunes":
+        sentences = load_sentences()
+    else:
+        n_slices = len(ENGINES) + 1
+        sentences = wordfreq_sentences(seed, n_train + n_adapt + n_eval_per_slice * n_slices + 100)
     rng.shuffle(sentences)
     if voice_seed is not None:
         rng = random.Random(voice_seed)
@@ -312,10 +357,10 @@ def _render_safe(job: Job):
 
 def generate(out: Path, seed: int, n_train: int, n_adapt: int, n_eval_per_slice: int,
              workers: int, splits: tuple[str, ...] = ("train", "adapt", "eval"),
-             engines=DEFAULT_ENGINES, voice_seed: int | None = None) -> dict[str, Path]:
+             engines=DEFAULT_ENGINES, voice_seed: int | None = None, text: str = "fortunes") -> dict[str, Path]:
     from tqdm import tqdm
 
-    jobs = [j for j in plan(out, seed, n_train, n_adapt, n_eval_per_slice, engines, voice_seed)
+    jobs = [j for j in plan(out, seed, n_train, n_adapt, n_eval_per_slice, engines, voice_seed, text)
             if j.split in splits]
     # A finished file is reused on a rerun (resumable), so the folder must hold this very plan.
     digest = hashlib.sha256(json.dumps([dataclasses.astuple(dataclasses.replace(j, out=os.path.relpath(j.out, out)))
@@ -380,10 +425,13 @@ def main(argv=None) -> int:
                    help=f"comma-separated engines to use, of {', '.join(ENGINES)} (default {','.join(DEFAULT_ENGINES)})")
     p.add_argument("--voice-seed", type=int,
                    help="draw voices and parameters from this seed, keeping --seed's split of sentences")
+    p.add_argument("--text", choices=TEXT_SOURCES, default="fortunes",
+                   help="sentences: fortune-file sentences (default) or wordfreq word sequences")
     args = p.parse_args(argv)
     try:
         generate(args.out, args.seed, args.train, args.adapt, args.eval_per_slice, args.workers,
-                 tuple(args.splits.split(",")), tuple(e for e in args.engines.split(",") if e), args.voice_seed)
+                 tuple(args.splits.split(",")), tuple(e for e in args.engines.split(",") if e), args.voice_seed,
+                 args.text)
     except DSEError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -33,11 +33,34 @@ def test_voice_seed_keeps_the_sentence_split(tmp_path):
     assert [j.voice for j in base] != [j.voice for j in other]
 
 
+def test_wordfreq_text_is_seeded_dictionary_words_and_never_a_shipped_sentence(tmp_path):
+    pytest.importorskip("wordfreq", reason="pip install wordfreq (the 'corpus' extra) for --text wordfreq")
+    if not __import__("os").path.exists(corpus.WORD_LIST):
+        pytest.skip(f"{corpus.WORD_LIST} missing: apt-get install wamerican")
+    first = corpus.wordfreq_sentences(seed=4, count=300)
+    assert first == corpus.wordfreq_sentences(seed=4, count=300) != corpus.wordfreq_sentences(seed=5, count=300)
+    assert len(set(first)) == 300 and all(4 <= len(s.split()) <= 12 for s in first)
+    with open(corpus.WORD_LIST) as fh:
+        dictionary = {w.strip() for w in fh}
+    words = {w for s in first for w in s.split()}
+    assert words <= dictionary and len(words) > 1000  # many distinct words, every one a dictionary word
+    try:
+        jobs = corpus.plan(tmp_path, seed=4, n_train=30, n_adapt=5, n_eval_per_slice=2, text="wordfreq")
+    except Exception as exc:
+        pytest.skip(f"no voices here: {exc}")
+    held_eval, held_adapt = corpus.shipped_texts()
+    train_text = {j.text for j in jobs if j.split == "train"}
+    assert len(train_text) == 30 and not train_text & (held_eval | held_adapt)
+    assert not train_text & {j.text for j in jobs if j.split == "eval"}
+
+
 def test_unknown_engine_and_changed_plan_are_refused(tmp_path):
     from dse.errors import DSEError
 
     with pytest.raises(DSEError, match="unknown engine.*allowed: espeak, flite, festival, pico, mbrola"):
         corpus.available_voices(("espeak", "sapi"))
+    with pytest.raises(DSEError, match="unknown text source 'bible'; allowed: fortunes, wordfreq"):
+        corpus.plan(tmp_path, seed=0, n_train=1, n_adapt=1, n_eval_per_slice=1, text="bible")
     if not corpus.available_voices():
         pytest.skip("no text-to-speech engine installed")
     corpus.generate(tmp_path, 3, 2, 0, 0, workers=1, splits=("train",))
