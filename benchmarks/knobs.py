@@ -1,6 +1,6 @@
 """A first map of the design space on the embedded default: each knob alone against the baseline.
 
-    python benchmarks/knobs.py [--utterances 40] [--ratio-utterances 12] [--profile]
+    python benchmarks/knobs.py [--utterances 40] [--ratio-utterances 12] [--knobs KNOB ...] [--profile]
 
 Baseline: fp32, beam 10, the trained geometry, 2 threads. For each knob setting,
 one row: same-run speedup over the baseline (interleaved A B / B A per utterance,
@@ -26,6 +26,7 @@ BASELINE = TrialConfig(beam_width=10, threads=2)
 SETTINGS = [
     ("precision", "bf16"), ("precision", "fp16"), ("precision", "int8"), ("precision", "amp-bf16"),
     ("beam_width", 1), ("beam_width", 4),
+    ("lm_weight", 0.3),
     ("right_context_frames", 0), ("right_context_frames", 8),
     ("segment_frames", 8), ("segment_frames", 32),
     ("moe_experts", 4), ("moe_experts", 8),
@@ -39,6 +40,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--utterances", type=int, default=40, help="eval utterances for WER and timing (default 40)")
     p.add_argument("--ratio-utterances", type=int, default=12, help="utterances for the interleaved ratio")
+    p.add_argument("--knobs", nargs="+", help="only the settings of these knobs (default: all)")
     p.add_argument("--profile", action="store_true", help="operator breakdown for baseline, int8 and MoE")
     args = p.parse_args()
     loaded = load_model()
@@ -56,7 +58,12 @@ def main() -> None:
     header = f"{'knob':<22} {'value':>9} {'speedup':>8} {'95% CI':>13} {'chunk p95 ms':>13} {'TTFT s':>7} {'WER':>6} {'dWER':>7} {'MiB':>6}"
     print(header)
     print("-" * len(header))
+    unknown = set(args.knobs or ()) - {k for k, _ in SETTINGS}
+    if unknown:
+        p.error(f"no setting of {', '.join(sorted(unknown))}; knobs here: {', '.join(dict(SETTINGS))}")
     for knob, value in SETTINGS:
+        if args.knobs and knob not in args.knobs:
+            continue
         cfg = dataclasses.replace(BASELINE, **{knob: value})
         if knob == "moe_experts":
             cfg = dataclasses.replace(cfg, moe_top_k=2, moe_hidden=loaded.arch["transformer_ffn_dim"] // 2)
