@@ -116,8 +116,10 @@ def test_resume_after_killed_worker(setup):
     proc = _worker(setup, 3)
     study = None
     deadline = time.time() + 120
-    while time.time() < deadline:  # kill -9 once a trial is running
-        time.sleep(0.5)
+    while time.time() < deadline:  # kill -9 once a trial is running (poll often: tiny trials are short)
+        time.sleep(0.05)
+        if proc.poll() is not None:
+            break  # finished before a poll saw a trial running: the assertion below says so
         try:
             study = load(setup)
         except KeyError:
