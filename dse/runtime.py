@@ -206,26 +206,28 @@ def _load_model(directory: Path, config: dict, fp32_reference: bool) -> torch.nn
 
 
 def load(directory: str | os.PathLike, *, compile: Optional[bool] = None,
-         fp32_reference: bool = False) -> StreamingRecognizer:
+         fp32_reference: bool = False, lm_weight: Optional[float] = None) -> StreamingRecognizer:
     """Rebuild the bundle's streaming recognizer.
 
     ``compile``: wrap the encoder's per-chunk ``infer`` in ``torch.compile`` with the
     trial's mode (``None``: as the trial was measured; the first chunks then pay the
     compile time). ``fp32_reference``: the same architecture and decoder with the
     weights in fp32 (int8 weights dequantised), a same-run timing reference.
+    ``lm_weight``: the language-model fusion weight (``None``: the trial's; 0: no LM).
     Threads are not set here: call ``torch.set_num_threads`` (the trial's value is
     ``read_config(directory)["trial_config"]["threads"]``).
     """
     directory = Path(directory)
     config = read_config(directory)
     try:
-        return _recognizer(directory, config, compile, fp32_reference)
+        return _recognizer(directory, config, compile, fp32_reference, lm_weight)
     except (KeyError, TypeError) as exc:
         raise BundleError(f"{directory}: config.json, features.json or vocabulary.json lacks or mistypes a "
                           f"field ({type(exc).__name__}: {exc}); export the bundle again") from exc
 
 
-def _recognizer(directory: Path, config: dict, compile: Optional[bool], fp32_reference: bool) -> StreamingRecognizer:
+def _recognizer(directory: Path, config: dict, compile: Optional[bool], fp32_reference: bool,
+                lm_weight: Optional[float] = None) -> StreamingRecognizer:
     feats = read_json(directory, FEATURES_FILE)
     vocab = read_json(directory, VOCABULARY_FILE)
     tokenizer = _tokenizer(directory, vocab)
@@ -244,7 +246,8 @@ def _recognizer(directory: Path, config: dict, compile: Optional[bool], fp32_ref
         kwargs = {} if mode in ("off", "default") else {"mode": mode}
         model.transcriber.infer = torch.compile(model.transcriber.infer, dynamic=False, **kwargs)
     arch = config["architecture"]
-    lm_weight = float(trial.get("lm_weight", 0.0))
+    trial_lm_weight = float(trial.get("lm_weight", 0.0))
+    lm_weight = trial_lm_weight if lm_weight is None else float(lm_weight)
     lm = None
     if lm_weight > 0:
         from dse.lm import CharNgramLM
@@ -252,8 +255,9 @@ def _recognizer(directory: Path, config: dict, compile: Optional[bool], fp32_ref
         entry = config.get("language_model") or {}
         path = directory / entry.get("file", LM_FILE)
         if not path.is_file():
-            raise BundleError(f"{path}: the trial fuses a language model (lm_weight={lm_weight}) and the bundle "
-                              "lacks it; export the bundle again")
+            why = ("the trial fuses a language model (lm_weight={:g}) and the bundle lacks it; export the bundle "
+                   "again" if trial_lm_weight > 0 else "the trial fused no language model, so the bundle holds none")
+            raise BundleError(f"{path}: {why.format(trial_lm_weight)}")
         lm = CharNgramLM.load(path)
     return StreamingRecognizer(model, logmel, tokenizer, arch["segment_length"], arch["right_context_length"],
                                beam_width=trial["beam_width"], dtype=DTYPES.get(precision, torch.float32),

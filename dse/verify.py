@@ -103,13 +103,15 @@ def check_speedup(bundle: Path, recognizer, config: dict, record: dict, audio, u
     """Report lines for the same-run speedup over an fp32 rebuild, flagged outside the recorded interval."""
     from dse.measure import interleaved_speedup, machine_fingerprint
 
-    reference = runtime.load(bundle, compile=False, fp32_reference=True)
     baseline = config.get("baseline_config") or {}
+    reference = runtime.load(bundle, compile=False, fp32_reference=True,
+                             lm_weight=float(baseline.get("lm_weight", 0.0)))
     reference.beam_width = baseline.get("beam_width", recognizer.beam_width)
     ratio = interleaved_speedup(recognizer, reference, audio, limit=utterances)
     lo, hi = ratio["speedup_ci95"]
+    lm = f", LM weight {reference.lm_weight:g}" if reference.lm_weight else ", no LM"
     lines = [f"speedup     {ratio['speedup']:.3f} [95% {lo:.3f}, {hi:.3f}] over an fp32 rebuild with beam width "
-             f"{reference.beam_width} ({ratio['samples']} utterances, {torch.get_num_threads()} thread(s))"]
+             f"{reference.beam_width}{lm} ({ratio['samples']} utterances, {torch.get_num_threads()} thread(s))"]
     recorded = record["metrics"].get("speedup")
     ci = record["metrics"].get("speedup_ci95")
     if recorded is None:

@@ -12,7 +12,7 @@ import torch
 from torchaudio.models import RNNTBeamSearch
 
 from conftest import tone
-from dse import export, lm as lmmod, models, run, runtime
+from dse import export, lm as lmmod, models, run, runtime, verify
 from dse.config import TrialConfig
 from dse.errors import ConfigError, DSEError, ModelLoadError
 from dse.lm import CharNgramLM, FusedBeamSearch
@@ -200,7 +200,7 @@ def test_study_records_the_language_model_it_fused(fused_study):
     assert model["lm"] == str(lm_file) and model["lm_sha256"] == runtime.sha256_file(lm_file)
 
 
-def test_bundle_carries_the_lm_and_streams_what_the_study_measured(fused_study, tmp_path):
+def test_bundle_carries_the_lm_and_streams_what_the_study_measured(fused_study, tmp_path, capsys):
     root, storage, trials, lm_file = fused_study
     trial = trials[0.8]
     bundle = export.export_bundle(storage, "space", tmp_path / "b", trial=trial.number)
@@ -214,6 +214,11 @@ def test_bundle_carries_the_lm_and_streams_what_the_study_measured(fused_study, 
                           str(root / "u1.wav")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [t["hyp"] for t in trial.user_attrs["transcripts"]]
+    assert type(runtime.load(bundle, lm_weight=0.0).decoder) is RNNTBeamSearch
+    # the speedup reference is the study's baseline: the same bundle without the LM
+    assert verify.main([str(bundle), "--speedup-utterances", "2"]) == 0
+    report = capsys.readouterr().out
+    assert "over an fp32 rebuild with beam width 2, no LM" in report and "accuracy identical" in report
     (bundle / runtime.LM_FILE).unlink()
     with pytest.raises(runtime.BundleError, match=runtime.LM_FILE):
         runtime.load(bundle)
@@ -230,3 +235,5 @@ def test_export_refuses_an_lm_changed_since_the_study(fused_study, tmp_path):
         lm_file.write_bytes(saved)
     bundle = export.export_bundle(storage, "space", tmp_path / "plain", trial=trials[0.0].number)
     assert not (bundle / runtime.LM_FILE).exists() and runtime.read_config(bundle)["language_model"] is None
+    with pytest.raises(runtime.BundleError, match="the trial fused no language model"):
+        runtime.load(bundle, lm_weight=0.5)
