@@ -92,6 +92,13 @@ class CharNgramLM:
                    info={"texts": n_texts, "sha256_of_texts": digest.hexdigest()})
 
     # -- queries ------------------------------------------------------------------------
+    def columns(self, symbols: Sequence[str]) -> torch.Tensor:
+        """Positions of ``symbols`` in :meth:`distribution`'s output; every symbol must be covered."""
+        missing = [s for s in symbols if s not in self._index]
+        if missing:
+            raise DSEError(f"the language model does not cover the symbols {missing!r}")
+        return torch.tensor([self._index[s] for s in symbols])
+
     def distribution(self, history: str) -> torch.Tensor:
         """Log-probabilities ``(len(symbols) + 1,)`` of each symbol, then the end mark, after ``history``."""
         h = (START * (self.order - 1) + history)[-(self.order - 1):] if self.order > 1 else ""
@@ -205,14 +212,11 @@ class FusedBeamSearch(RNNTBeamSearch):
         if symbols is None:
             raise DSEError("LM fusion needs a character tokenizer; this model's tokenizer is "
                            f"{getattr(tokenizer, 'kind', type(tokenizer).__name__)!r}")
-        missing = [s for s in symbols if s not in lm._index]
-        if missing:
-            raise DSEError(f"the language model does not cover the tokenizer symbols {missing!r}")
         self.lm = lm
         self.lm_weight = float(lm_weight)
         self._symbols = list(symbols)
         # Column t of the joint output <- LM entry for symbol t (the blank keeps 0).
-        self._lm_columns = torch.tensor([lm._index[s] for s in symbols])
+        self._lm_columns = lm.columns(symbols)
 
     def _history(self, tokens: list[int]) -> str:
         return "".join(self._symbols[t] for t in tokens if t != self.blank)

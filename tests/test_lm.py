@@ -95,10 +95,13 @@ def test_weight_zero_is_plain_beam_search(tiny, small_lm):
     assert isinstance(on.decoder, FusedBeamSearch)
 
 
-def test_fusion_needs_a_character_tokenizer(small_lm):
+def test_fusion_needs_a_character_tokenizer_the_lm_covers(tiny, small_lm):
     base = models.random_model("base")
     with pytest.raises(DSEError, match="needs a character tokenizer"):
         FusedBeamSearch(base.model, base.tokenizer, small_lm, 0.5)
+    letters_only = CharNgramLM.train(TEXTS, list("abcdefghijklmnopqrstuvwxyz "), order=2)
+    with pytest.raises(DSEError, match="does not cover the symbols \\[\"'\"\\]"):
+        FusedBeamSearch(tiny.model, tiny.tokenizer, letters_only, 0.5)
 
 
 @pytest.mark.parametrize("value, message", [(-0.1, "must be a number in"), (4.5, "must be a number in"),
