@@ -11,7 +11,7 @@ never enter a train split.
 
 ``--text wordfreq`` replaces the fortune sentences by word sequences (4-12 words)
 drawn from the 30,000 most frequent English words of the ``wordfreq`` package's
-frequency lists (MIT code, CC-BY-SA data; ``pip install wordfreq``), each word with a
+frequency lists (Apache-2.0 code, CC-BY-SA 4.0 data; ``pip install wordfreq``), each word with a
 probability proportional to the square root of its frequency: a training set that
 spells many more words than the fortunes hold, in no sentence a model can memorise.
 Only words that are lower-case entries of the system word list (Debian ``wamerican``,

@@ -217,15 +217,25 @@ class FusedBeamSearch(RNNTBeamSearch):
         self._symbols = list(symbols)
         # Column t of the joint output <- LM entry for symbol t (the blank keeps 0).
         self._lm_columns = lm.columns(symbols)
+        self._context = max(0, lm.order - 1)
+        self._scores: dict[str, torch.Tensor] = {}  # LM history -> weighted scores (symbols,)
 
-    def _history(self, tokens: list[int]) -> str:
-        return "".join(self._symbols[t] for t in tokens if t != self.blank)
+    def _lm_scores(self, tokens: list[int]) -> torch.Tensor:
+        # Only the last order-1 tokens can matter (the first token of a hypothesis is the
+        # blank it starts from), so a long stream costs no more per expansion than a short one.
+        tail = tokens[max(0, len(tokens) - self._context):] if self._context else []
+        history = "".join(self._symbols[t] for t in tail if t != self.blank)
+        scores = self._scores.get(history)
+        if scores is None:
+            if len(self._scores) > 200_000:
+                self._scores.clear()
+            scores = self._scores[history] = self.lm_weight * self.lm.distribution(history).index_select(
+                0, self._lm_columns)
+        return scores
 
     def _gen_next_token_probs(self, enc_out, hypos, device):
         probs = super()._gen_next_token_probs(enc_out, hypos, device).float()
-        fused = torch.stack([self.lm.distribution(self._history(h[0])).index_select(0, self._lm_columns)
-                             for h in hypos]).to(probs.device)
-        probs[:, : self.blank] += self.lm_weight * fused
+        probs[:, : self.blank] += torch.stack([self._lm_scores(h[0]) for h in hypos]).to(probs.device)
         return probs
 
 

@@ -247,6 +247,8 @@ def load_context(space, args):
 
 
 def main(argv=None) -> int:
+    from dse.space import SAMPLERS
+
     p = argparse.ArgumentParser(prog="python -m dse.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", required=True, help="search space: a name in search_spaces/ (moe, precision, context, "
@@ -256,7 +258,7 @@ def main(argv=None) -> int:
     p.add_argument("--storage", default=os.environ.get("DSE_STORAGE", DEFAULT_STORAGE),
                    help=f"Optuna storage URL (default {DEFAULT_STORAGE}; postgresql://user@host/db for many workers)")
     p.add_argument("--study-name", help="name of the study in the storage (default: the space's name)")
-    p.add_argument("--sampler", choices=["gp", "tpe", "nsga2", "random", "grid"], help="override the space's sampler")
+    p.add_argument("--sampler", choices=SAMPLERS, help="override the space's sampler")
     p.add_argument("--model", help="'default', '<arch>-random', an architecture name or a checkpoint path")
     p.add_argument("--lm", help="character language model (.lm.gz) for trials with lm_weight > 0; default: the "
                                 "one beside the checkpoint (the embedded default ships one)")

@@ -246,19 +246,16 @@ def _recognizer(directory: Path, config: dict, compile: Optional[bool], fp32_ref
         kwargs = {} if mode in ("off", "default") else {"mode": mode}
         model.transcriber.infer = torch.compile(model.transcriber.infer, dynamic=False, **kwargs)
     arch = config["architecture"]
-    trial_lm_weight = float(trial.get("lm_weight", 0.0))
-    lm_weight = trial_lm_weight if lm_weight is None else float(lm_weight)
+    entry = config.get("language_model")
+    lm_weight = float(trial.get("lm_weight", 0.0)) if lm_weight is None else float(lm_weight)
     lm = None
     if lm_weight > 0:
         from dse.lm import CharNgramLM
 
-        entry = config.get("language_model") or {}
-        path = directory / entry.get("file", LM_FILE)
-        if not path.is_file():
-            why = ("the trial fuses a language model (lm_weight={:g}) and the bundle lacks it; export the bundle "
-                   "again" if trial_lm_weight > 0 else "the trial fused no language model, so the bundle holds none")
-            raise BundleError(f"{path}: {why.format(trial_lm_weight)}")
-        lm = CharNgramLM.load(path)
+        if not entry:
+            raise BundleError(f"{directory}: the trial fused no language model, so the bundle holds none "
+                              f"(asked for lm_weight={lm_weight:g})")
+        lm = CharNgramLM.load(directory / entry["file"])
     return StreamingRecognizer(model, logmel, tokenizer, arch["segment_length"], arch["right_context_length"],
                                beam_width=trial["beam_width"], dtype=DTYPES.get(precision, torch.float32),
                                autocast_dtype=autocast, lm=lm, lm_weight=lm_weight)

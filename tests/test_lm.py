@@ -85,6 +85,16 @@ def test_fused_scores_add_the_weighted_lm_to_non_blank_tokens_only(tiny, small_l
     assert got[0, -1] == base[0, -1]  # the blank
 
 
+@pytest.mark.parametrize("text", ["", "t", "the", "the c", "the ca", "the cat", "the cat s", "the cat sat on"])
+def test_fusion_reads_the_same_history_at_every_length(tiny, text):
+    # order 8: histories shorter than, equal to and longer than the 7 characters that matter
+    lm = CharNgramLM.train(TEXTS, SYMBOLS, order=8)
+    fused = FusedBeamSearch(tiny.model, tiny.tokenizer, lm, lm_weight=0.7)
+    tokens = [tiny.tokenizer.blank] + tiny.tokenizer.encode(text)
+    expected = 0.7 * lm.distribution(text)[: len(SYMBOLS)]
+    assert torch.equal(fused._lm_scores(tokens), expected)
+
+
 def test_weight_zero_is_plain_beam_search(tiny, small_lm):
     audio = torch.from_numpy(tone(2.0, seed=3))
     plain = StreamingRecognizer.from_loaded(tiny, beam_width=3)
