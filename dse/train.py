@@ -48,6 +48,7 @@ class Preset:
     weight_decay: float = 1e-3
     grad_clip: float = 5.0
     dropout: float = 0.0   # training-time dropout in every Dropout module (Emformer layers, predictor output)
+    vtlp: float = 0.0      # vocal-tract-length perturbation: warp factor drawn from [1 - vtlp, 1 + vtlp]
 
 
 PRESETS = {
@@ -98,18 +99,79 @@ def spec_augment(x: torch.Tensor, lengths: torch.Tensor, gen: torch.Generator,
     return x
 
 
+def _hz_to_mel(hz: torch.Tensor) -> torch.Tensor:
+    return 2595.0 * torch.log10(1.0 + hz / 700.0)
+
+
+def _mel_to_hz(mel: torch.Tensor) -> torch.Tensor:
+    return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
+
+
+def vtlp_source_bins(n_mels: int, sample_rate: int, alpha: float, boundary: float = 0.85) -> torch.Tensor:
+    """Fractional source bin ``(n_mels,)`` that each warped mel bin reads, for warp factor ``alpha``.
+
+    Vocal-tract-length perturbation (Jaitly and Hinton, 2013) as a piecewise-linear warp of
+    the frequency axis: content at ``f`` Hz moves to ``alpha * f`` below ``boundary`` times
+    the Nyquist frequency, and a second line keeps the Nyquist frequency where it is. The
+    mel bins are those of torchaudio's HTK mel scale from 0 Hz to Nyquist.
+    """
+    nyquist = sample_rate / 2
+    mel_points = torch.linspace(0.0, float(_hz_to_mel(torch.tensor(nyquist))), n_mels + 2, dtype=torch.float64)
+    centres_hz = _mel_to_hz(mel_points[1:-1])
+    knee = boundary * nyquist * min(1.0, alpha)  # a warped frequency below this came from knee/alpha
+    low = centres_hz / alpha
+    # Above the knee: the line from (knee, knee / alpha) to (nyquist, nyquist).
+    high = knee / alpha + (centres_hz - knee) * (nyquist - knee / alpha) / (nyquist - knee)
+    source_hz = torch.where(centres_hz <= knee, low, high)
+    source_mel = _hz_to_mel(source_hz)
+    step = mel_points[1] - mel_points[0]
+    return ((source_mel - mel_points[1]) / step).clamp(0, n_mels - 1).float()
+
+
+def warp_frequency(raw: torch.Tensor, alpha: float, sample_rate: int = 16000) -> torch.Tensor:
+    """Un-normalised log-mel ``(T, n_mels)`` with its frequency axis warped by ``alpha``
+    (linear interpolation between neighbouring bins; ``alpha > 1`` moves formants up)."""
+    d = raw.size(-1)
+    src = vtlp_source_bins(d, sample_rate, alpha)
+    lo = src.floor().long()
+    hi = (lo + 1).clamp_max(d - 1)
+    frac = src - lo
+    return raw[..., lo] * (1 - frac) + raw[..., hi] * frac
+
+
+def vtlp(x: torch.Tensor, gen: torch.Generator, max_warp: float, mean: torch.Tensor, invstd: torch.Tensor,
+         sample_rate: int = 16000) -> torch.Tensor:
+    """Warp the frequency axis of each utterance of a normalised log-mel batch ``(B, T, n_mels)``.
+
+    Each utterance draws its factor uniformly from ``[1 - max_warp, 1 + max_warp]``; the
+    warp acts on the un-normalised log energies (``mean`` and ``invstd``, ``(n_mels,)``)
+    and the result is normalised again. A new voice's formants sit where no training
+    voice put them: this moves them.
+    """
+    raw = x / invstd + mean
+    for i in range(x.size(0)):
+        alpha = 1.0 + (2.0 * float(torch.rand((), generator=gen)) - 1.0) * max_warp
+        raw[i] = warp_frequency(raw[i], alpha, sample_rate)
+    return (raw - mean) * invstd
+
+
 def rnnt_step_loss(model, ctc_head, batch, blank: int, ctc_weight: float):
-    """RNN-T (+ CTC) loss per target token for one padded batch."""
+    """RNN-T (+ CTC) loss per target token for one padded batch.
+
+    The transcriber runs once: its output feeds both the joiner and the CTC head.
+    """
     feats, lengths, targets, target_lengths = batch
     prepended = F.pad(targets, (1, 0), value=blank)
-    logits, logit_lengths, _, _ = model(feats, lengths, prepended, target_lengths + 1)
+    enc, enc_lengths = model.transcribe(feats, lengths)
+    pred, pred_lengths, _ = model.predict(prepended, target_lengths + 1, None)
+    logits, logit_lengths, _ = model.join(enc, enc_lengths, pred, pred_lengths)
     n_tokens = target_lengths.sum().clamp_min(1)
+    # The losses run in fp32 whatever precision the forward pass used (autocast).
+    logits = logits.float()
     loss = torchaudio.functional.rnnt_loss(logits, targets, logit_lengths.int(), target_lengths, blank=blank,
                                            reduction="sum") / n_tokens
-    enc = None
     if ctc_head is not None and ctc_weight > 0:
-        enc, enc_lengths = model.transcribe(feats, lengths)
-        log_probs = ctc_head(enc).log_softmax(-1).transpose(0, 1)
+        log_probs = ctc_head(enc).float().log_softmax(-1).transpose(0, 1)
         ctc = F.ctc_loss(log_probs, targets, enc_lengths, target_lengths, blank=blank, reduction="sum",
                          zero_infinity=True) / n_tokens
         loss = (1 - ctc_weight) * loss + ctc_weight * ctc
@@ -201,7 +263,8 @@ def streaming_wer(loaded: LoadedModel, utts, beam_width: int = 1, limit: int | N
 
 def train(args) -> Path:
     preset = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in
-                                 (("max_steps", args.max_steps), ("peak_lr", args.lr), ("dropout", args.dropout))
+                                 (("max_steps", args.max_steps), ("peak_lr", args.lr), ("dropout", args.dropout),
+                                  ("vtlp", args.vtlp), ("warmup_steps", args.warmup_steps))
                                  if v is not None})
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -214,7 +277,18 @@ def train(args) -> Path:
     fcfg = FeatureConfig()
     arch = architecture(preset.arch)
 
+    init = None
+    if args.init and not (state_dir / "last.pt").exists():
+        from dse.models import load_checkpoint
+
+        init = load_checkpoint(args.init)
+        if init.arch != arch or init.tokenizer.to_dict() != tokenizer.to_dict():
+            raise DSEError(f"--init {args.init} is a {init.name!r} model with another architecture or vocabulary "
+                           f"than preset {args.preset!r}; start from a checkpoint of the same preset")
     stats_path = state_dir / "global_stats.json"
+    if init is not None and not stats_path.exists():
+        # The warm-started weights expect the features normalised as they were trained.
+        stats_path.write_text(json.dumps({"mean": init.mean.tolist(), "invstd": init.invstd.tolist()}))
     if stats_path.exists():
         stats = json.loads(stats_path.read_text())
         mean, invstd = torch.tensor(stats["mean"]), torch.tensor(stats["invstd"])
@@ -238,7 +312,11 @@ def train(args) -> Path:
     lengths = [f.size(0) for f in data["feats"]]
 
     torch.manual_seed(args.seed)
-    model = build(arch, tokenizer.num_symbols).to(device)
+    model = build(arch, tokenizer.num_symbols)
+    if init is not None:
+        model.load_state_dict(init.model.state_dict())
+        print(f"initialised from {args.init}", file=sys.stderr)
+    model = model.to(device)
     set_dropout(model, preset.dropout)
     ctc_head = torch.nn.Linear(arch["encoding_dim"], tokenizer.num_symbols).to(device)
     params = list(model.parameters()) + list(ctc_head.parameters())
@@ -280,6 +358,8 @@ def train(args) -> Path:
         idx = batches[index]
         batch = collate([data["feats"][i] for i in idx], [data["targets"][i] for i in idx],
                         arch["time_reduction_stride"], arch["right_context_length"], pad_frame)
+        if preset.vtlp > 0:
+            batch = (vtlp(batch[0], gen, preset.vtlp, mean, invstd, fcfg.sample_rate),) + batch[1:]
         if step >= preset.specaug_from_step:
             spec_augment(batch[0], batch[1], gen)
         batch = tuple(t.to(device) for t in batch)
@@ -331,6 +411,13 @@ def main(argv=None) -> int:
     p.add_argument("--dropout", type=float,
                    help="override the preset's training dropout (Emformer layers and predictor output; "
                         "0 for the shipped recipe); a regulariser when the dev WER stalls while the loss falls")
+    p.add_argument("--init", help="start from the weights (and feature statistics) of this checkpoint, e.g. "
+                                   "dse/default/model.pt, when --state-dir holds no training state yet; the step "
+                                   "count and schedule start at 0 (a warm restart: consider --lr and --warmup-steps)")
+    p.add_argument("--warmup-steps", type=int, help="override the preset's learning-rate warm-up")
+    p.add_argument("--vtlp", type=float,
+                   help="vocal-tract-length perturbation: warp each utterance's frequency axis by a factor drawn "
+                        "from [1 - VTLP, 1 + VTLP] (0.1 is usual; off in the shipped recipe before this option)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--seed", type=int, default=0)

@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 import torch
+import torchaudio
 
 from dse import corpus, models, train
 
@@ -187,3 +188,66 @@ def test_training_dropout_reaches_every_dropout_module_and_not_eval():
     assert not torch.equal(a, b)
     model.eval()
     assert torch.equal(model.transcribe(x, lengths)[0], model.transcribe(x, lengths)[0])
+
+
+def test_vtlp_warp_is_identity_at_one_and_moves_a_formant_with_the_factor():
+    raw = torch.zeros(3, 80)
+    raw[:, 30] = 10.0  # one formant-like peak
+    assert torch.allclose(train.warp_frequency(raw, 1.0), raw, atol=1e-5)
+    up = train.warp_frequency(raw, 1.15).argmax(-1)
+    down = train.warp_frequency(raw, 0.85).argmax(-1)
+    assert bool((up > 30).all()) and bool((down < 30).all())
+    src = train.vtlp_source_bins(80, 16000, 1.1)
+    # Monotone, inside the band, and the band's top stays near the top (Nyquist is kept fixed).
+    assert bool((src[1:] > src[:-1]).all()) and float(src[0]) >= 0 and 77.5 < float(src[-1]) <= 79
+    # On a normalised batch the warp leaves the shape and the normalisation's frame of reference.
+    mean, invstd = torch.randn(80), torch.rand(80) + 0.5
+    x = torch.randn(2, 17, 80)
+    y = train.vtlp(x.clone(), torch.Generator().manual_seed(0), 0.1, mean, invstd)
+    assert y.shape == x.shape and not torch.allclose(y, x)
+    assert torch.allclose(train.vtlp(x.clone(), torch.Generator().manual_seed(0), 0.0, mean, invstd), x, atol=1e-4)
+
+
+def test_train_init_starts_from_a_checkpoint_and_refuses_another_architecture(tmp_path):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    corpus.generate(tmp_path / "c", 3, 4, 1, 0, workers=1, splits=("train", "adapt"), engines=("espeak",))
+    tok = models.CharTokenizer()
+    torch.manual_seed(7)
+    start = models.LoadedModel("tiny", models.architecture("tiny"), models.build(models.architecture("tiny"),
+                               tok.num_symbols).eval(), tok, models.FeatureConfig(), torch.randn(80),
+                               torch.rand(80) + 0.5, "checkpoint")
+    models.save_checkpoint(tmp_path / "start.pt", start, half=True)
+    common = ["--preset", "tiny", "--corpus", str(tmp_path / "c"), "--dev-size", "1", "--threads", "1"]
+    out = tmp_path / "m0.pt"
+    assert train.main(common + ["--state-dir", str(tmp_path / "s"), "--init", str(tmp_path / "start.pt"),
+                                "--max-steps", "0", "--export", str(out)]) == 0
+    first, again = models.load_checkpoint(tmp_path / "start.pt"), models.load_checkpoint(out)
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(v, again.model.state_dict()[k]), k
+    assert torch.equal(again.mean, first.mean) and torch.equal(again.invstd, first.invstd)
+    assert train.main(common + ["--state-dir", str(tmp_path / "s"), "--init", str(tmp_path / "start.pt"),
+                                "--max-steps", "1", "--vtlp", "0.1", "--export", str(tmp_path / "m1.pt")]) == 0
+    if models.default_available():
+        assert train.main(common + ["--state-dir", str(tmp_path / "s2"), "--init",
+                                    str(models.DEFAULT_CHECKPOINT), "--max-steps", "0"]) == 2
+
+
+def test_step_loss_equals_the_model_forward_with_one_transcriber_pass():
+    torch.manual_seed(0)
+    feats, targets, tok = tiny_batch()
+    arch = models.architecture("tiny")
+    model = models.build(arch, tok.num_symbols).eval()
+    head = torch.nn.Linear(arch["encoding_dim"], tok.num_symbols)
+    batch = train.collate(feats, targets, 4, 4, torch.zeros(80))
+    x, lengths, tgt, tgt_len = batch
+    # Reference: RNNT.forward for the RNN-T term, a separate transcribe() for the CTC term.
+    logits, logit_lengths, _, _ = model(x, lengths, torch.nn.functional.pad(tgt, (1, 0), value=tok.blank), tgt_len + 1)
+    n = tgt_len.sum()
+    rnnt = torchaudio.functional.rnnt_loss(logits, tgt, logit_lengths.int(), tgt_len, blank=tok.blank,
+                                           reduction="sum") / n
+    enc, enc_len = model.transcribe(x, lengths)
+    ctc = torch.nn.functional.ctc_loss(head(enc).log_softmax(-1).transpose(0, 1), tgt, enc_len, tgt_len,
+                                       blank=tok.blank, reduction="sum", zero_infinity=True) / n
+    loss, _ = train.rnnt_step_loss(model, head, batch, tok.blank, 0.3)
+    assert float(loss) == pytest.approx(float(0.7 * rnnt + 0.3 * ctc), rel=1e-5)
