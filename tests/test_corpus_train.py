@@ -227,7 +227,12 @@ def test_train_init_starts_from_a_checkpoint_and_refuses_another_architecture(tm
         assert torch.equal(v, again.model.state_dict()[k]), k
     assert torch.equal(again.mean, first.mean) and torch.equal(again.invstd, first.invstd)
     assert train.main(common + ["--state-dir", str(tmp_path / "s"), "--init", str(tmp_path / "start.pt"),
-                                "--max-steps", "1", "--vtlp", "0.1", "--export", str(tmp_path / "m1.pt")]) == 0
+                                "--max-steps", "1", "--vtlp", "0.1", "--bf16", "--export", str(tmp_path / "m1.pt")]) == 0
+    # A folder whose features were normalised otherwise is refused rather than silently mixed.
+    (tmp_path / "s3").mkdir()
+    (tmp_path / "s3" / "global_stats.json").write_text('{"mean": [0.0], "invstd": [1.0]}')
+    assert train.main(common + ["--state-dir", str(tmp_path / "s3"), "--init", str(tmp_path / "start.pt"),
+                                "--max-steps", "0"]) == 2
     if models.default_available():
         assert train.main(common + ["--state-dir", str(tmp_path / "s2"), "--init",
                                     str(models.DEFAULT_CHECKPOINT), "--max-steps", "0"]) == 2
