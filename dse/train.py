@@ -33,7 +33,8 @@ from dse.audio import read_audio
 from dse.datasets import read_manifest
 from dse.errors import DSEError
 from dse.features import FeatureConfig, LogMel
-from dse.models import CharTokenizer, LoadedModel, architecture, build, file_sha256, save_checkpoint
+from dse.models import (CharTokenizer, LoadedModel, architecture, build, file_sha256, load_checkpoint,
+                        save_checkpoint)
 
 
 @dataclasses.dataclass
@@ -279,8 +280,6 @@ def train(args) -> Path:
 
     init = None
     if args.init and not (state_dir / "last.pt").exists():
-        from dse.models import load_checkpoint
-
         init = load_checkpoint(args.init)
         if init.arch != arch or init.tokenizer.to_dict() != tokenizer.to_dict():
             raise DSEError(f"--init {args.init} is a {init.name!r} model with another architecture or vocabulary "
