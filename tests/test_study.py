@@ -3,6 +3,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -109,23 +110,29 @@ def _worker(setup, n, extra=()):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _running_with_heartbeat(setup):
+    """How many RUNNING trials have recorded a heartbeat (the tables exist once the study does)."""
+    with sqlite3.connect(setup["storage"].removeprefix("sqlite:///")) as db:
+        return db.execute("SELECT COUNT(*) FROM trials JOIN trial_heartbeats USING (trial_id)"
+                          " WHERE trials.state = 'RUNNING'").fetchone()[0]
+
+
 def test_resume_after_killed_worker(setup):
     space = dict(SPACE, model=str(setup["ckpt"]), sampler="random", n_trials=3,
                  params={"beam_width": {"choices": [1, 2, 3]}})
     setup["space"].write_text(yaml.safe_dump(space))
     proc = _worker(setup, 3)
-    study = None
     deadline = time.time() + 120
     while time.time() < deadline:  # kill -9 once a trial is running (poll often: tiny trials are short)
         time.sleep(0.05)
         if proc.poll() is not None:
             break  # finished before a poll saw a trial running: the assertion below says so
         try:
-            study = load(setup)
+            load(setup)
         except KeyError:
             continue
-        if any(t.state == TrialState.RUNNING for t in study.trials):
-            break
+        if _running_with_heartbeat(setup):
+            break  # Optuna never calls a trial stale before its first heartbeat row exists
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     running = [t.number for t in load(setup).trials if t.state == TrialState.RUNNING]
