@@ -7,7 +7,10 @@ Streams the whole eval split through the default model at its default configurat
 whether accuracy responds to the design space as a real model's does: right context
 0, bf16, int8 and greedy decoding, and with the shipped character language model
 fused into the search (weight 0.3, chosen on the adapt split; beam 4 and 8). Each row is one streaming pass: WER/CER come from
-the transcripts of the very pass that is timed. Prints a Markdown table.
+the transcripts of the very pass that is timed. Prints a Markdown table; the WER
+column carries a bootstrap 95 % interval over utterances, and each row after the first
+its WER difference from the first row, paired utterance by utterance, with its 95 %
+interval (an interval that holds 0: the eval split cannot tell the two apart).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import time
 import torch
 
 from dse.config import TrialConfig
-from dse.measure import load_eval_audio, machine_fingerprint, measure
+from dse.measure import load_eval_audio, machine_fingerprint, measure, paired_wer_difference
 from dse.models import DEFAULT_CHECKPOINT, DEFAULT_EVAL, lm_beside, load_model, with_lm
 
 DEFAULT_LM = lm_beside(DEFAULT_CHECKPOINT)
@@ -50,9 +53,10 @@ def main() -> None:
     slices = sorted(set(audio.slices))
     print(f"model {loaded.weights}, {loaded.num_params():,} parameters; eval: {len(audio.waveforms)} utterances, "
           f"{sum(w.numel() for w in audio.waveforms) / 16000 / 60:.1f} min; {m['cpu_model']}, 2 threads, torch {m['torch']}\n")
-    print("| configuration | WER | CER | " + " | ".join(f"WER {s}" for s in slices)
+    print("| configuration | WER [95 % CI] | WER - first row [95 % CI] | CER | " + " | ".join(f"WER {s}" for s in slices)
           + " | RTF mean | chunk p95 ms | TTFT s | eval wall s |")
-    print("|---" * (6 + len(slices)) + "|")
+    print("|---" * (7 + len(slices)) + "|")
+    first = None
     for name, cfg in rows:
         torch.set_num_threads(cfg.threads)
         built = build_recognizer(loaded, cfg)
@@ -60,7 +64,14 @@ def main() -> None:
         r = measure(built.recognizer, audio, accuracy=True)
         wall = time.perf_counter() - t0
         per = " | ".join(f"{r['wer_by_slice'].get(s, r['wer']):.3f}" for s in slices)
-        print(f"| {name} | {r['wer']:.3f} | {r['cer']:.3f} | {per} | {r['rtf_mean']:.4f} | "
+        errors = [(t["errors"], t["words"]) for t in r["transcripts"]]
+        if first is None:
+            first, delta = errors, "-"
+        else:
+            d, lo, hi = paired_wer_difference(errors, first)
+            delta = f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        lo, hi = r["wer_ci95"]
+        print(f"| {name} | {r['wer']:.3f} [{lo:.3f}, {hi:.3f}] | {delta} | {r['cer']:.3f} | {per} | {r['rtf_mean']:.4f} | "
               f"{r['chunk_latency_p95_ms']:.2f} | {r['ttft_s']:.3f} | {wall:.0f} |", flush=True)
 
 

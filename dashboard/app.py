@@ -399,6 +399,10 @@ def show_compare_trials(rows: pd.DataFrame, preselected: list[int]) -> None:
     if only_differences:
         table = table[table["differs"]]
     st.dataframe(table.drop(columns="differs"), hide_index=True, width="stretch", height="content")
+    for n in picked[1:]:
+        line = logic.wer_difference(rows, n, picked[0])
+        if line:
+            st.caption(line)
 
 
 def show_compare_studies(storage_url: str, study_name: str, x: str, y: str) -> None:

@@ -361,6 +361,28 @@ def side_by_side(rows: pd.DataFrame, numbers: Sequence[int]) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
+def wer_difference(rows: pd.DataFrame, a: int, b: int) -> Optional[str]:
+    """WER of trial ``a`` minus trial ``b``, paired over the eval utterances, in words.
+
+    ``None`` when either trial lacks per-utterance errors or they were measured on
+    different utterances (another eval set or ``--limit``).
+    """
+    from dse.measure import paired_wer_difference
+
+    picked = rows.set_index("trial")
+    ea, eb = (picked.at[n, "attrs"].get("utterance_errors") or [] for n in (a, b))
+    if not ea or not eb:
+        return None
+    try:
+        d, lo, hi = paired_wer_difference([tuple(x) for x in ea], [tuple(x) for x in eb])
+    except ValueError:
+        return None
+    verdict = ("the eval set does not tell them apart" if lo <= 0 <= hi
+               else f"trial {a} is {'worse' if d > 0 else 'better'}")
+    return (f"trial {a} vs trial {b}: WER {100 * d:+.1f} points, 95 % interval [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+            f"(paired over {len(ea)} utterances): {verdict}")
+
+
 def importance_problem(trials: Iterable) -> Optional[str]:
     """Why knob importance cannot be computed for these trials, or None when it can.
 

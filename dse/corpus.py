@@ -23,8 +23,9 @@ Voices: the offline engines named by ``--engines`` that this machine has. espeak
 festival (kal_diphone, ked_diphone, cmu_us_slt_arctic_hts) are the default set;
 ``pico`` (SVOX Pico, en-US and en-GB; Debian non-free ``libttspico-utils``) and
 ``mbrola`` (the MBROLA diphone voices us1, us2, us3 and en1 spoken through both
-espeak-ng and festival; Debian contrib/non-free ``mbrola-*`` and ``festvox-*1``) add
-voices. Rate, pitch and volume are drawn per utterance;
+espeak-ng and festival; Debian contrib/non-free ``mbrola-*`` and ``festvox-*1``) and
+``diphone`` (festival's British English diphone voices rab and don; Debian
+``festvox-rablpc16k`` and ``festvox-don``) add voices. Rate, pitch and volume are drawn per utterance;
 a share of the utterances get additive noise at 10-30 dB SNR or a synthetic room
 reverberation. The voices in :data:`HELD_OUT_VOICES` are never used in train or
 adapt: they form the eval split's leave-one-out slice.
@@ -68,7 +69,8 @@ FLITE_VOICES = ["kal", "kal16", "awb", "rms", "slt"]
 FESTIVAL_VOICES = ["kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts"]
 PICO_VOICES = ["en-US", "en-GB"]
 MBROLA_VOICES = ["us1", "us2", "us3", "en1"]
-ENGINES = ("espeak", "flite", "festival", "pico", "mbrola")
+DIPHONE_VOICES = ["rab_diphone", "don_diphone"]
+ENGINES = ("espeak", "flite", "festival", "pico", "mbrola", "diphone")
 DEFAULT_ENGINES = ("espeak", "flite", "festival")
 # Never spoken in train or adapt: the eval split's leave-one-out slice.
 HELD_OUT_VOICES = {("flite", "awb"), ("festival", "ked_diphone")}
@@ -184,6 +186,8 @@ def available_voices(engines=DEFAULT_ENGINES) -> list[tuple[str, str]]:
                 voices.append(("espeak", f"mb-{v}"))
             if shutil.which("text2wave") and glob.glob(f"{festival_root}/*/{v}_mbrola"):
                 voices.append(("festival", f"{v}_mbrola"))
+    if "diphone" in engines and shutil.which("text2wave"):
+        voices += [("festival", v) for v in DIPHONE_VOICES if glob.glob(f"{festival_root}/*/{v}")]
     return voices
 
 
@@ -208,7 +212,9 @@ def plan(out: Path, seed: int, n_train: int, n_adapt: int, n_eval_per_slice: int
     if text == "fortunes":
         sentences = load_sentences()
     else:
-        n_slices = len(ENGINES) + 1
+        # An upper bound on the eval slices (espeak, flite, festival, pico, heldout): fixed, so
+        # that a seed's word sequences stay the same when an engine group is added.
+        n_slices = 6
         sentences = wordfreq_sentences(seed, n_train + n_adapt + n_eval_per_slice * n_slices + 100)
     rng.shuffle(sentences)
     if voice_seed is not None:
@@ -216,7 +222,8 @@ def plan(out: Path, seed: int, n_train: int, n_adapt: int, n_eval_per_slice: int
     voices = available_voices(engines)
     if not voices:
         raise DSEError(f"no text-to-speech voice found for engines {', '.join(engines)}: install espeak-ng, "
-                       "flite or festival (pico: libttspico-utils; mbrola: mbrola and mbrola-us1 ...)")
+                       "flite or festival (pico: libttspico-utils; mbrola: mbrola and mbrola-us1 ...; "
+                       "diphone: festvox-rablpc16k, festvox-don)")
     held = [v for v in voices if v in HELD_OUT_VOICES]
     seen = [v for v in voices if v not in HELD_OUT_VOICES]
     engines = sorted({e for e, _ in seen})

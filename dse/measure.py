@@ -22,7 +22,12 @@ Definitions (units in the names):
   counted in ``ttft_missing``.
 * ``peak_rss_mib``: the process's peak resident set size so far.
 * ``wer``/``cer``: jiwer over the whole eval set; ``None`` ("not measured") when the
-  weights are random.
+  weights are random. ``wer_ci95`` is a bootstrap 95 % interval over utterances
+  (resampling whole utterances, errors and reference words together), and each
+  transcript carries its word ``errors`` and reference ``words``, so that two
+  configurations measured on the same set can be compared utterance by utterance
+  (:func:`paired_wer_difference`): on a few hundred utterances a WER difference of a
+  point or two is often within the noise of which sentences happen to be in the set.
 """
 from __future__ import annotations
 
@@ -181,6 +186,46 @@ def score(refs: Sequence[str], hyps: Sequence[str]) -> dict:
     return {"wer": jiwer.wer(list(refs), list(hyps)), "cer": jiwer.cer(list(refs), list(hyps))}
 
 
+def word_errors(refs: Sequence[str], hyps: Sequence[str]) -> list[tuple[int, int]]:
+    """Per utterance, ``(word errors, reference words)`` as jiwer aligns it (their sums give the WER)."""
+    import jiwer
+
+    out = []
+    for ref, hyp in zip(refs, hyps):
+        o = jiwer.process_words(ref, hyp)
+        out.append((o.substitutions + o.deletions + o.insertions, o.hits + o.substitutions + o.deletions))
+    return out
+
+
+def _pooled_wer(sample) -> float:
+    words = sum(w for _, w in sample)
+    return sum(e for e, _ in sample) / words if words else float("nan")
+
+
+def wer_interval(errors: Sequence[tuple[int, int]], n: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap 95 % interval of the pooled WER, resampling utterances."""
+    return bootstrap_ci(list(errors), stat=_pooled_wer, n=n, seed=seed)
+
+
+def paired_wer_difference(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]], n: int = 1000,
+                          seed: int = 0) -> tuple[float, float, float]:
+    """WER(a) - WER(b) on the same utterances, with its paired bootstrap 95 % interval.
+
+    ``a`` and ``b`` are :func:`word_errors` of two configurations on one eval set, in the
+    same order; an interval that holds 0 means the sets do not tell the two apart.
+    """
+    if len(a) != len(b) or any(wa != wb for (_, wa), (_, wb) in zip(a, b)):
+        raise ValueError("paired_wer_difference needs the same utterances, in the same order, on both sides")
+    triples = [(ea, eb, w) for (ea, w), (eb, _) in zip(a, b)]
+
+    def diff(sample):
+        words = sum(w for _, _, w in sample)
+        return sum(ea - eb for ea, eb, _ in sample) / words if words else float("nan")
+
+    lo, hi = bootstrap_ci(triples, stat=diff, n=n, seed=seed)
+    return diff(triples), lo, hi
+
+
 def measure(recognizer, audio: EvalAudio, accuracy: bool = True, warmup: bool = True,
             progress: bool = False) -> dict:
     """Time ``recognizer`` on every utterance of ``audio``; score its transcripts when ``accuracy``."""
@@ -207,7 +252,7 @@ def measure(recognizer, audio: EvalAudio, accuracy: bool = True, warmup: bool = 
         "ttft_s": statistics.median(ttfts) if ttfts else None, "ttft_p95_s": percentile(ttfts, 95),
         "ttft_missing": len(timings) - len(ttfts),
         "peak_rss_mib": peak_rss_mib(), "skipped": audio.skipped,
-        "wer": None, "cer": None, "wer_by_slice": {},
+        "wer": None, "cer": None, "wer_ci95": None, "wer_by_slice": {},
     }
     result["spread_warning"] = (
         f"RTF 95% interval [{lo:.4f}, {hi:.4f}] is wider than {SPREAD_WARN_RATIO:.0%} of the mean {rtf_mean:.4f}: "
@@ -216,13 +261,16 @@ def measure(recognizer, audio: EvalAudio, accuracy: bool = True, warmup: bool = 
     if accuracy:
         hyps = [t.text for t in timings]
         result.update(score(audio.texts, hyps))
+        errors = word_errors(audio.texts, hyps)
+        result["wer_ci95"] = list(wer_interval(errors))
         by_slice: dict[str, list[int]] = {}
         for i, s in enumerate(audio.slices):
             by_slice.setdefault(s, []).append(i)
         if len(by_slice) > 1:
             result["wer_by_slice"] = {s: score([audio.texts[i] for i in idx], [hyps[i] for i in idx])["wer"]
                                       for s, idx in sorted(by_slice.items())}
-        result["transcripts"] = [{"id": t.id, "ref": r, "hyp": t.text} for t, r in zip(timings, audio.texts)]
+        result["transcripts"] = [{"id": t.id, "ref": r, "hyp": t.text, "errors": e, "words": w}
+                                 for t, r, (e, w) in zip(timings, audio.texts, errors)]
     return result
 
 
@@ -269,7 +317,9 @@ def _format_table(record: dict) -> str:
                                       f"{record['chunk_latency_p99_ms']:.2f} ms"),
         ("TTFT median / p95", f"{fmt(record['ttft_s'], ' s')} / {fmt(record['ttft_p95_s'], ' s')}"),
         ("peak RSS", f"{record['peak_rss_mib']:.0f} MiB"),
-        ("WER", fmt(record["wer"])), ("CER", fmt(record["cer"])),
+        ("WER [95% CI]", fmt(record["wer"]) if not record.get("wer_ci95") else
+         f"{record['wer']:.4f} [{record['wer_ci95'][0]:.4f}, {record['wer_ci95'][1]:.4f}]"),
+        ("CER", fmt(record["cer"])),
     ]
     for s, w in record.get("wer_by_slice", {}).items():
         rows.append((f"WER [{s}]", fmt(w)))

@@ -93,7 +93,8 @@ def find_reuse(study, accuracy_key: str) -> Optional[dict]:
         if t.user_attrs.get("accuracy_key") == accuracy_key and t.user_attrs.get("metrics", {}).get("wer") is not None:
             m = t.user_attrs["metrics"]
             return {"wer": m["wer"], "cer": m.get("cer"), "wer_by_slice": t.user_attrs.get("wer_by_slice", {}),
-                    "trial": t.number}
+                    "wer_ci95": t.user_attrs.get("wer_ci95"),
+                    "utterance_errors": t.user_attrs.get("utterance_errors", []), "trial": t.number}
     return None
 
 

@@ -145,7 +145,7 @@ def run_trial(ctx: TrialContext, config: TrialConfig, reuse: Optional[dict] = No
             with phases("profile"):
                 profile = operator_profile(built.recognizer, ctx.timing_audio.waveforms[0])
     if reuse:
-        result.update({k: reuse.get(k) for k in ("wer", "cer", "wer_by_slice")})
+        result.update({k: reuse.get(k) for k in ("wer", "cer", "wer_by_slice", "wer_ci95")})
     from dse.cost import flops_per_chunk
 
     metrics = {k: result.get(k) for k in (
@@ -159,7 +159,11 @@ def run_trial(ctx: TrialContext, config: TrialConfig, reuse: Optional[dict] = No
     metrics["rtf_normalised"] = ctx.baseline_rtf() / ratio["speedup"]
     return {
         "config": built.config.to_dict(), "metrics": metrics, "phases_s": phases.seconds,
-        "speedup": ratio, "rtf_mean_ci95": result["rtf_mean_ci95"], "wer_by_slice": result.get("wer_by_slice", {}),
+        "speedup": ratio, "rtf_mean_ci95": result["rtf_mean_ci95"], "wer_ci95": result.get("wer_ci95"),
+        "wer_by_slice": result.get("wer_by_slice", {}),
+        # per eval utterance (errors, reference words): two trials compare utterance by utterance
+        "utterance_errors": reuse.get("utterance_errors", []) if reuse else
+        [[t["errors"], t["words"]] for t in result.get("transcripts") or []],
         "utterances_timed": result["utterances"], "audio_s": result["audio_s"],
         "spread_warning": result.get("spread_warning"), "skipped": result.get("skipped", []),
         "transcripts": (result.get("transcripts") or [])[:12], "adapt": built.adapt_info,

@@ -156,3 +156,19 @@ def test_missing_sqlite_file_is_detected(tmp_path):
     assert logic.sqlite_path_missing(f"sqlite:///{tmp_path}/there.db") is None
     assert logic.sqlite_path_missing("postgresql://user@host/db") is None
     assert logic.sqlite_path_missing("sqlite:///:memory:") is None
+
+
+def test_wer_difference_is_paired_and_says_when_the_set_cannot_tell():
+    import pandas as pd
+
+    base = [[i % 3, 6] for i in range(60)]
+    worse = [[e + 1, w] for e, w in base]
+    moved = [[base[(i + 1) % 60][0], 6] for i in range(60)]
+    rows = pd.DataFrame({"trial": [0, 1, 2, 3, 4],
+                         "attrs": [{"utterance_errors": base}, {"utterance_errors": worse},
+                                   {"utterance_errors": moved}, {}, {"utterance_errors": base[:30]}]})
+    line = logic.wer_difference(rows, 1, 0)
+    assert "+16.7 points" in line and "trial 1 is worse" in line and "60 utterances" in line
+    assert "does not tell them apart" in logic.wer_difference(rows, 2, 0)
+    # no per-utterance errors, or another set of utterances: nothing to say
+    assert logic.wer_difference(rows, 3, 0) is None and logic.wer_difference(rows, 4, 0) is None

@@ -109,3 +109,43 @@ def test_cli_bad_eval_set_is_clear(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dse.measure", "--model", "tiny", "--eval-set",
                           str(tmp_path / "none.jsonl")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "manifest not found" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_word_errors_sum_to_the_pooled_wer():
+    refs = ["the cat sat down", "a dog", "hello there world"]
+    hyps = ["the bat sat down", "a big dog", ""]
+    errors = measure.word_errors(refs, hyps)
+    assert errors == [(1, 4), (1, 2), (3, 3)]
+    assert sum(e for e, _ in errors) / sum(w for _, w in errors) == pytest.approx(measure.score(refs, hyps)["wer"])
+
+
+def test_wer_interval_brackets_the_wer_and_shrinks_with_more_utterances():
+    few = [(1, 5), (0, 5), (3, 5), (0, 5)] * 5
+    lo, hi = measure.wer_interval(few)
+    assert lo < 4 / 20 < hi
+    lo4, hi4 = measure.wer_interval(few * 16)
+    assert lo < lo4 < 0.2 < hi4 < hi
+
+
+def test_paired_difference_separates_a_real_gap_from_noise():
+    words = [6] * 60
+    base = [(i % 3, w) for i, w in enumerate(words)]
+    # one more error in every utterance: 1/6 absolute, never zero in any resample
+    worse = [(e + 1, w) for e, w in base]
+    d, lo, hi = measure.paired_wer_difference(worse, base)
+    assert d == pytest.approx(1 / 6) and lo == pytest.approx(1 / 6) and hi == pytest.approx(1 / 6)
+    # errors moved between utterances, same total: no difference, and 0 inside the interval
+    shuffled = [(base[(i + 1) % 60][0], w) for i, w in enumerate(words)]
+    d, lo, hi = measure.paired_wer_difference(shuffled, base)
+    assert d == 0 and lo < 0 < hi
+    with pytest.raises(ValueError, match="same utterances"):
+        measure.paired_wer_difference(base[:-1], base)
+
+
+def test_measure_reports_wer_interval_and_per_utterance_errors(tiny, manifest):
+    audio = measure.load_eval_audio(manifest)
+    result = measure.measure(build_recognizer(tiny, TrialConfig(beam_width=1)).recognizer, audio, accuracy=True)
+    lo, hi = result["wer_ci95"]
+    assert lo <= result["wer"] <= hi
+    t = result["transcripts"]
+    assert sum(x["errors"] for x in t) / sum(x["words"] for x in t) == pytest.approx(result["wer"])

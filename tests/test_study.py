@@ -64,6 +64,11 @@ def test_two_trial_study_records_everything(setup, monkeypatch):
     assert first.user_attrs["accuracy_key"] == second.user_attrs["accuracy_key"]
     assert second.user_attrs["reused_wer_from"] == first.number
     assert second.user_attrs["metrics"]["wer"] == first.user_attrs["metrics"]["wer"]
+    # and its interval and per-utterance errors, which a paired comparison of the two needs
+    errors = first.user_attrs["utterance_errors"]
+    assert len(errors) == 3
+    assert sum(e for e, _ in errors) / sum(w for _, w in errors) == pytest.approx(first.user_attrs["metrics"]["wer"])
+    assert second.user_attrs["utterance_errors"] == errors and second.user_attrs["wer_ci95"] == first.user_attrs["wer_ci95"]
     assert second.user_attrs["utterances_timed"] == 2 < first.user_attrs["utterances_timed"] == 3
     # resuming with the same target runs nothing more
     assert run.main(args(setup)) == 0
