@@ -70,6 +70,9 @@ def trial_attrs(spec: TrialSpec, model: dict) -> dict:
         {"id": "eval-0002", "ref": "streaming speech recognition on a small cpu",
          "hyp": "streaming speech recognition on the small cpu"},
     ]
+    # 50 utterances of 10 words whose errors add up to the trial's WER
+    total = 0 if spec.wer is None else round(spec.wer * 500)
+    utterance_errors = [] if spec.wer is None else [[total // 50 + (i < total % 50), 10] for i in range(50)]
     profile = [{"op": "aten::addmm", "self_cpu_ms": 41.2, "share": 0.46, "calls": 840},
                {"op": "aten::lstm", "self_cpu_ms": 17.9, "share": 0.2, "calls": 120},
                {"op": "aten::softmax", "self_cpu_ms": 6.1, "share": 0.07, "calls": 240}] if spec.profiled else None
@@ -78,6 +81,7 @@ def trial_attrs(spec: TrialSpec, model: dict) -> dict:
         "phases_s": {"build": 1.2, "adapt": 30.0 if config["adapt_steps"] else 0.0, "measure": 14.5, "baseline": 6.1},
         "speedup": {"speedup": speedup, "speedup_ci95": [speedup * 0.95, speedup * 1.05], "samples": 8},
         "rtf_mean_ci95": [spec.rtf * 0.98, spec.rtf * 1.12],
+        "wer_ci95": None if spec.wer is None else [spec.wer * 0.9, spec.wer * 1.1], "utterance_errors": utterance_errors,
         "wer_by_slice": {} if spec.wer is None else {"espeak": spec.wer * 0.9, "flite": spec.wer * 1.2},
         "transcripts": transcripts, "profile": profile, "adapt": None, "spread_warning": None,
         "reused_wer_from": None, "accuracy_key": TrialConfig.from_dict(config).accuracy_key(),

@@ -67,6 +67,16 @@ def test_page_shows_a_trial_in_detail(monkeypatch, demo_storage):
     assert page.button[0].label == "Export trial 0"
 
 
+def test_trial_comparison_says_whether_the_wer_gap_is_beyond_noise(monkeypatch, demo_storage):
+    page = run_page(monkeypatch, demo_storage)
+    trials = next(m for m in page.multiselect if m.label == "Trials to compare")
+    trials.set_value([0, 3]).run()
+    assert not page.exception
+    # trial 3 has one or two more errors than trial 0 in every one of the 50 utterances
+    line = next(c for c in texts(page.caption) if c.startswith("trial 3 vs trial 0"))
+    assert "WER +11.0 points" in line and "paired over 50 utterances" in line and line.endswith("trial 3 is worse")
+
+
 def test_page_compares_studies(monkeypatch, demo_storage):
     write_study(demo_storage, "int8-only", [s for s in DEMO_TRIALS if s.knobs.get("precision") == "int8"])
     page = run_page(monkeypatch, demo_storage)
