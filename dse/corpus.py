@@ -25,7 +25,10 @@ festival (kal_diphone, ked_diphone, cmu_us_slt_arctic_hts) are the default set;
 ``mbrola`` (the MBROLA diphone voices us1, us2, us3 and en1 spoken through both
 espeak-ng and festival; Debian contrib/non-free ``mbrola-*`` and ``festvox-*1``) and
 ``diphone`` (festival's British English diphone voices rab and don; Debian
-``festvox-rablpc16k`` and ``festvox-don``) add voices. Rate, pitch and volume are drawn per utterance;
+``festvox-rablpc16k`` and ``festvox-don``) and ``rhvoice`` (RHVoice's statistical
+parametric English voices bdl, clb, slt, evgeniy-eng and lyubov; Debian ``rhvoice``
+and ``rhvoice-english``) add voices. RHVoice's ``alan`` is left out: it is built from
+the recordings of the speaker of flite's ``awb``, a held-out voice. Rate, pitch and volume are drawn per utterance;
 a share of the utterances get additive noise at 10-30 dB SNR or a synthetic room
 reverberation. The voices in :data:`HELD_OUT_VOICES` are never used in train or
 adapt: they form the eval split's leave-one-out slice.
@@ -70,7 +73,8 @@ FESTIVAL_VOICES = ["kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts"]
 PICO_VOICES = ["en-US", "en-GB"]
 MBROLA_VOICES = ["us1", "us2", "us3", "en1"]
 DIPHONE_VOICES = ["rab_diphone", "don_diphone"]
-ENGINES = ("espeak", "flite", "festival", "pico", "mbrola", "diphone")
+RHVOICE_VOICES = ["bdl", "clb", "slt", "evgeniy-eng", "lyubov"]  # not alan: the held-out awb speaker
+ENGINES = ("espeak", "flite", "festival", "pico", "mbrola", "diphone", "rhvoice")
 DEFAULT_ENGINES = ("espeak", "flite", "festival")
 # Never spoken in train or adapt: the eval split's leave-one-out slice.
 HELD_OUT_VOICES = {("flite", "awb"), ("festival", "ked_diphone")}
@@ -188,6 +192,8 @@ def available_voices(engines=DEFAULT_ENGINES) -> list[tuple[str, str]]:
                 voices.append(("festival", f"{v}_mbrola"))
     if "diphone" in engines and shutil.which("text2wave"):
         voices += [("festival", v) for v in DIPHONE_VOICES if glob.glob(f"{festival_root}/*/{v}")]
+    if "rhvoice" in engines and shutil.which("RHVoice-test"):
+        voices += [("rhvoice", v) for v in RHVOICE_VOICES if os.path.isdir(f"/usr/share/RHVoice/voices/{v}")]
     return voices
 
 
@@ -212,7 +218,7 @@ def plan(out: Path, seed: int, n_train: int, n_adapt: int, n_eval_per_slice: int
     if text == "fortunes":
         sentences = load_sentences()
     else:
-        # An upper bound on the eval slices (espeak, flite, festival, pico, heldout): fixed, so
+        # The eval slices are at most espeak, flite, festival, pico, rhvoice and heldout: fixed, so
         # that a seed's word sequences stay the same when an engine group is added.
         n_slices = 6
         sentences = wordfreq_sentences(seed, n_train + n_adapt + n_eval_per_slice * n_slices + 100)
@@ -223,7 +229,7 @@ def plan(out: Path, seed: int, n_train: int, n_adapt: int, n_eval_per_slice: int
     if not voices:
         raise DSEError(f"no text-to-speech voice found for engines {', '.join(engines)}: install espeak-ng, "
                        "flite or festival (pico: libttspico-utils; mbrola: mbrola and mbrola-us1 ...; "
-                       "diphone: festvox-rablpc16k, festvox-don)")
+                       "diphone: festvox-rablpc16k, festvox-don; rhvoice: rhvoice, rhvoice-english)")
     held = [v for v in voices if v in HELD_OUT_VOICES]
     seen = [v for v in voices if v not in HELD_OUT_VOICES]
     engines = sorted({e for e, _ in seen})
@@ -300,6 +306,10 @@ def synthesise(job: Job, wav_path: str) -> None:
         markup = (f'<speed level="{int(100 * job.rate)}"><pitch level="{int(100 * (1 + job.pitch))}">'
                   f"{job.text}</pitch></speed>")
         _run(["pico2wave", "-l", job.voice, "-w", wav_path, markup])
+    elif job.engine == "rhvoice":
+        # Rate and pitch in percent of the voice's default; text on stdin.
+        _run(["RHVoice-test", "-p", job.voice, "-r", str(int(100 * job.rate)), "-t", str(int(100 * (1 + job.pitch))),
+              "-o", wav_path], text=job.text)
     elif job.engine == "festival":
         scheme = f"(voice_{job.voice})(Parameter.set 'Duration_Stretch {1 / job.rate:.3f})"
         _run(["text2wave", "-eval", scheme, "-o", wav_path], text=job.text)
