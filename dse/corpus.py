@@ -28,9 +28,9 @@ espeak-ng and festival; Debian contrib/non-free ``mbrola-*`` and ``festvox-*1``)
 ``festvox-rablpc16k`` and ``festvox-don``) and ``rhvoice`` (RHVoice's statistical
 parametric English voices bdl, clb, slt, evgeniy-eng and lyubov; Debian ``rhvoice``
 and ``rhvoice-english``) add voices. RHVoice's ``alan`` is left out: it is built from
-the recordings of the speaker of flite's ``awb``, a held-out voice. Rate, pitch and volume are drawn per utterance;
-a share of the utterances get additive noise at 10-30 dB SNR or a synthetic room
-reverberation. The voices in :data:`HELD_OUT_VOICES` are never used in train or
+the recordings of the speaker of flite's ``awb``, a held-out voice. Rate, pitch and
+volume are drawn per utterance; a share of the utterances get additive noise at
+10-30 dB SNR or a synthetic room reverberation. The voices in :data:`HELD_OUT_VOICES` are never used in train or
 adapt: they form the eval split's leave-one-out slice.
 
 Everything is deterministic from ``--seed`` (and the installed voices): the same seed

@@ -267,8 +267,7 @@ def measure(recognizer, audio: EvalAudio, accuracy: bool = True, warmup: bool = 
         for i, s in enumerate(audio.slices):
             by_slice.setdefault(s, []).append(i)
         if len(by_slice) > 1:
-            result["wer_by_slice"] = {s: score([audio.texts[i] for i in idx], [hyps[i] for i in idx])["wer"]
-                                      for s, idx in sorted(by_slice.items())}
+            result["wer_by_slice"] = {s: _pooled_wer([errors[i] for i in idx]) for s, idx in sorted(by_slice.items())}
         result["transcripts"] = [{"id": t.id, "ref": r, "hyp": t.text, "errors": e, "words": w}
                                  for t, r, (e, w) in zip(timings, audio.texts, errors)]
     return result
