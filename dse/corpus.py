@@ -20,18 +20,23 @@ read out letter by letter.
 
 Voices: the offline engines named by ``--engines`` that this machine has. espeak-ng
 (8 English accents x many voice variants), flite (kal, kal16, awb, rms, slt) and
-festival (kal_diphone, ked_diphone, cmu_us_slt_arctic_hts) are the default set;
-``pico`` (SVOX Pico, en-US and en-GB; Debian non-free ``libttspico-utils``) and
-``mbrola`` (the MBROLA diphone voices us1, us2, us3 and en1 spoken through both
-espeak-ng and festival; Debian contrib/non-free ``mbrola-*`` and ``festvox-*1``) and
-``diphone`` (festival's British English diphone voices rab and don; Debian
-``festvox-rablpc16k`` and ``festvox-don``) and ``rhvoice`` (RHVoice's statistical
-parametric English voices bdl, clb, slt, evgeniy-eng and lyubov; Debian ``rhvoice``
-and ``rhvoice-english``) add voices. RHVoice's ``alan`` is left out: it is built from
-the recordings of the speaker of flite's ``awb``, a held-out voice. Rate, pitch and
-volume are drawn per utterance; a share of the utterances get additive noise at
-10-30 dB SNR or a synthetic room reverberation. The voices in :data:`HELD_OUT_VOICES` are never used in train or
-adapt: they form the eval split's leave-one-out slice.
+festival (kal_diphone, ked_diphone, cmu_us_slt_arctic_hts) are the default set. More
+voices come from:
+
+* ``pico``: SVOX Pico, en-US and en-GB (Debian non-free ``libttspico-utils``);
+* ``mbrola``: the MBROLA diphone voices us1, us2, us3 and en1, spoken through both
+  espeak-ng and festival (Debian contrib/non-free ``mbrola-*`` and ``festvox-*1``);
+* ``diphone``: festival's British English diphone voices rab and don (Debian contrib
+  ``festvox-rablpc16k`` and ``festvox-don``);
+* ``rhvoice``: RHVoice's statistical parametric English voices bdl, clb, slt,
+  evgeniy-eng and lyubov (Debian non-free ``rhvoice`` and ``rhvoice-english``).
+  RHVoice's ``alan`` is left out: it is built from recordings of the speaker of
+  flite's ``awb``, a held-out voice.
+
+Rate, pitch and volume are drawn per utterance; a share of the utterances get additive
+noise at 10-30 dB SNR or a synthetic room reverberation. The voices in
+:data:`HELD_OUT_VOICES` are never used in train or adapt: they form the eval split's
+leave-one-out slice.
 
 Everything is deterministic from ``--seed`` (and the installed voices): the same seed
 gives the same text, voice, parameters and noise for every utterance. ``--voice-seed``
