@@ -374,7 +374,7 @@ def wer_difference(rows: pd.DataFrame, a: int, b: int) -> Optional[str]:
     if not ea or not eb:
         return None
     try:
-        d, lo, hi = paired_wer_difference([tuple(x) for x in ea], [tuple(x) for x in eb])
+        d, lo, hi = paired_wer_difference(ea, eb)
     except ValueError:
         return None
     verdict = ("the eval set does not tell them apart" if lo <= 0 <= hi

@@ -260,9 +260,12 @@ def measure(recognizer, audio: EvalAudio, accuracy: bool = True, warmup: bool = 
         if rtf_mean > 0 and (hi - lo) / rtf_mean > SPREAD_WARN_RATIO else None)
     if accuracy:
         hyps = [t.text for t in timings]
-        result.update(score(audio.texts, hyps))
+        import jiwer
+
+        # One word alignment per utterance gives the WER, its interval and the per-slice WERs.
         errors = word_errors(audio.texts, hyps)
-        result["wer_ci95"] = list(wer_interval(errors))
+        result.update(wer=_pooled_wer(errors), cer=jiwer.cer(list(audio.texts), hyps),
+                      wer_ci95=list(wer_interval(errors)))
         by_slice: dict[str, list[int]] = {}
         for i, s in enumerate(audio.slices):
             by_slice.setdefault(s, []).append(i)
