@@ -50,6 +50,7 @@ class Preset:
     grad_clip: float = 5.0
     dropout: float = 0.0   # training-time dropout in every Dropout module (Emformer layers, predictor output)
     vtlp: float = 0.0      # vocal-tract-length perturbation: warp factor drawn from [1 - vtlp, 1 + vtlp]
+    eq_db: float = 0.0     # random smooth equaliser: each utterance's spectral envelope tilted by up to this many dB
 
 
 PRESETS = {
@@ -153,6 +154,35 @@ def vtlp(x: torch.Tensor, gen: torch.Generator, max_warp: float, mean: torch.Ten
     for i in range(x.size(0)):
         alpha = 1.0 + (2.0 * float(torch.rand((), generator=gen)) - 1.0) * max_warp
         raw[i] = warp_frequency(raw[i], alpha, sample_rate)
+    return (raw - mean) * invstd
+
+
+def eq_curves(n_utts: int, n_mels: int, gen: torch.Generator, max_db: float, n_terms: int = 3) -> torch.Tensor:
+    """Random smooth gains in dB ``(n_utts, n_mels)``, each within ``[-max_db, max_db]``.
+
+    A curve is a sum of the first ``n_terms`` cosines over the mel axis (a tilt, a bowl,
+    a wave), each with a uniform weight in ``[-max_db / n_terms, max_db / n_terms]``, so
+    that no bin moves by more than ``max_db``.
+    """
+    k = torch.arange(1, n_terms + 1, dtype=torch.float32)
+    m = torch.linspace(0.0, 1.0, n_mels)
+    basis = torch.cos(math.pi * k[:, None] * m[None, :])  # (n_terms, n_mels)
+    weights = (2.0 * torch.rand(n_utts, n_terms, generator=gen) - 1.0) * (max_db / n_terms)
+    return weights @ basis
+
+
+def random_eq(x: torch.Tensor, gen: torch.Generator, max_db: float, mean: torch.Tensor,
+              invstd: torch.Tensor) -> torch.Tensor:
+    """Pass each utterance of a normalised log-mel batch ``(B, T, n_mels)`` through its own
+    smooth equaliser (:func:`eq_curves`): another voice's timbre, another microphone.
+
+    The gain is added where the un-normalised features are in the log region of the
+    piecewise-linear compression (above 1), i.e. to speech energy, not to digital silence;
+    a gain of ``g`` dB on power is ``g * ln(10) / 10`` in natural-log units.
+    """
+    raw = x / invstd + mean
+    gains = eq_curves(x.size(0), x.size(-1), gen, max_db) * (math.log(10.0) / 10.0)
+    raw = torch.where(raw > 1.0, raw + gains[:, None, :], raw)
     return (raw - mean) * invstd
 
 
@@ -265,7 +295,7 @@ def streaming_wer(loaded: LoadedModel, utts, beam_width: int = 1, limit: int | N
 def train(args) -> Path:
     preset = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in
                                  (("max_steps", args.max_steps), ("peak_lr", args.lr), ("dropout", args.dropout),
-                                  ("vtlp", args.vtlp), ("warmup_steps", args.warmup_steps))
+                                  ("vtlp", args.vtlp), ("eq_db", args.eq_db), ("warmup_steps", args.warmup_steps))
                                  if v is not None})
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -364,6 +394,8 @@ def train(args) -> Path:
                         arch["time_reduction_stride"], arch["right_context_length"], pad_frame)
         if preset.vtlp > 0:
             batch = (vtlp(batch[0], gen, preset.vtlp, mean, invstd, fcfg.sample_rate),) + batch[1:]
+        if preset.eq_db > 0:
+            batch = (random_eq(batch[0], gen, preset.eq_db, mean, invstd),) + batch[1:]
         if step >= preset.specaug_from_step:
             spec_augment(batch[0], batch[1], gen)
         batch = tuple(t.to(device) for t in batch)
@@ -423,6 +455,9 @@ def main(argv=None) -> int:
     p.add_argument("--vtlp", type=float,
                    help="vocal-tract-length perturbation: warp each utterance's frequency axis by a factor drawn "
                         "from [1 - VTLP, 1 + VTLP] (0.1 is usual; default off)")
+    p.add_argument("--eq-db", type=float,
+                   help="random smooth equaliser: tilt each utterance's spectral envelope by up to EQ_DB dB "
+                        "(a sum of three cosines over the mel axis; default off)")
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast for the forward pass (weights, optimiser and losses stay fp32): "
                         "1.4x to 2x faster steps on a CPU with AVX-512 bf16 (benchmarks/train_step.py)")

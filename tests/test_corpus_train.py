@@ -1,3 +1,4 @@
+import math
 import random
 import shutil
 
@@ -213,6 +214,28 @@ def test_vtlp_warp_is_identity_at_one_and_moves_a_formant_with_the_factor():
     assert torch.allclose(train.vtlp(x.clone(), torch.Generator().manual_seed(0), 0.0, mean, invstd), x, atol=1e-4)
 
 
+def test_random_eq_is_smooth_bounded_and_spares_silence():
+    gen = torch.Generator().manual_seed(3)
+    curves = train.eq_curves(500, 80, gen, 6.0)
+    assert curves.shape == (500, 80)
+    assert float(curves.abs().max()) <= 6.0 + 1e-4 and float(curves.abs().max()) > 3.0
+    # Smooth: neighbouring bins differ by far less than the curve's range.
+    assert float((curves[:, 1:] - curves[:, :-1]).abs().max()) < 0.6
+    mean, invstd = torch.full((80,), 10.0), torch.full((80,), 0.25)
+    raw = torch.full((2, 5, 80), 12.0)
+    raw[:, 0] = 0.5  # a digital-silence frame (linear region of the log compression)
+    x = (raw - mean) * invstd
+    y = train.random_eq(x.clone(), torch.Generator().manual_seed(0), 6.0, mean, invstd)
+    gained = y / invstd + mean - raw
+    assert torch.allclose(gained[:, 0], torch.zeros(2, 80), atol=1e-5)  # silence untouched
+    # Speech frames: one curve per utterance, the same in every frame, within 6 dB of power.
+    assert torch.allclose(gained[:, 1:], gained[:, 1:2].expand(-1, 4, -1), atol=1e-5)
+    assert float(gained.abs().max()) <= 6.0 * math.log(10) / 10 + 1e-4
+    assert not torch.allclose(gained[0, 1], gained[1, 1])
+    assert torch.allclose(train.random_eq(x.clone(), torch.Generator().manual_seed(0), 0.0, mean, invstd), x,
+                          atol=1e-5)
+
+
 def test_train_init_starts_from_a_checkpoint_and_refuses_another_architecture(tmp_path):
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
@@ -232,7 +255,7 @@ def test_train_init_starts_from_a_checkpoint_and_refuses_another_architecture(tm
         assert torch.equal(v, again.model.state_dict()[k]), k
     assert torch.equal(again.mean, first.mean) and torch.equal(again.invstd, first.invstd)
     assert train.main(common + ["--state-dir", str(tmp_path / "s"), "--init", str(tmp_path / "start.pt"),
-                                "--max-steps", "1", "--vtlp", "0.1", "--bf16", "--export", str(tmp_path / "m1.pt")]) == 0
+                                "--max-steps", "1", "--vtlp", "0.1", "--eq-db", "6", "--bf16", "--export", str(tmp_path / "m1.pt")]) == 0
     # A folder whose features were normalised otherwise is refused rather than silently mixed.
     (tmp_path / "s3").mkdir()
     (tmp_path / "s3" / "global_stats.json").write_text('{"mean": [0.0], "invstd": [1.0]}')
