@@ -153,6 +153,9 @@ def test_default_model_ships_an_lm_counted_from_the_training_texts_only():
 
     held_eval, held_adapt = shipped_texts()
     assert held_eval and held_adapt and not (set(texts) & (held_eval | held_adapt))
+    # Not even inside a longer sentence.
+    held = [f" {h} " for h in held_eval | held_adapt]
+    assert not [t for t in texts if any(h in f" {t} " for h in held)]
     # the shipped file was counted from exactly these texts: rebuilding it is reproducible
     rebuilt = CharNgramLM.train(texts, SYMBOLS, order=shipped.order)
     assert shipped.info["sha256_of_texts"] == rebuilt.info["sha256_of_texts"]
