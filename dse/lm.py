@@ -267,9 +267,16 @@ def default_texts() -> list[str]:
     from dse.corpus import load_sentences, shipped_texts
 
     held_eval, held_adapt = shipped_texts()
-    held = [f" {s} " for s in held_eval | held_adapt]
-    return [s for s in load_sentences(min_words=1, max_words=10**6, min_word_count=1)
-            if not any(h in f" {s} " for h in held)]
+    # A held sentence can only occur where its first word does: index them by it.
+    by_first: dict[str, list[str]] = collections.defaultdict(list)
+    for h in held_eval | held_adapt:
+        by_first[h.split()[0]].append(f" {h} ")
+
+    def holds_held(sentence: str) -> bool:
+        padded = f" {sentence} "
+        return any(h in padded for w in set(sentence.split()) for h in by_first.get(w, ()))
+
+    return [s for s in load_sentences(min_words=1, max_words=10**6, min_word_count=1) if not holds_held(s)]
 
 
 def read_texts(path: str | os.PathLike) -> list[str]:
