@@ -46,6 +46,9 @@ ARCHITECTURES: dict[str, dict] = {
                  transformer_left_context_length=8, symbol_embedding_dim=64, num_lstm_layers=1,
                  lstm_dropout=0.0),
 }
+# ``small`` with an FFN of 2,048 instead of 768 in every Emformer layer: grown from a trained
+# ``small`` checkpoint by :func:`widen_ffn` (``python -m dse.train --preset small-wide --init``).
+ARCHITECTURES["small-wide"] = dict(ARCHITECTURES["small"], transformer_ffn_dim=2048)
 BASE_NUM_SYMBOLS = 4097
 
 TORCHAUDIO_BUNDLE_FILES = ("emformer_rnnt_base_librispeech.pt", "global_stats_rnnt_librispeech.json",
@@ -143,6 +146,36 @@ def architecture(name: str) -> dict:
         return dict(ARCHITECTURES[name])
     except KeyError:
         raise ModelLoadError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}") from None
+
+
+def widen_ffn(loaded: LoadedModel, ffn_dim: int, seed: int = 0) -> LoadedModel:
+    """``loaded`` with every Emformer layer's FFN grown to ``ffn_dim`` hidden units, same function.
+
+    The new hidden units get the fresh initialisation of a newly built model for their input
+    weights and zero output weights, so the grown model computes exactly what ``loaded``
+    computes until training moves those zeros; the old units keep their weights.
+    """
+    old = loaded.arch["transformer_ffn_dim"]
+    if ffn_dim < old:
+        raise ModelLoadError(f"cannot widen an FFN of {old} hidden units to {ffn_dim}")
+    arch = dict(loaded.arch, transformer_ffn_dim=ffn_dim)
+    torch.manual_seed(seed)
+    model = build(arch, loaded.tokenizer.num_symbols)
+    state = model.state_dict()
+    for key, value in loaded.model.state_dict().items():
+        new = state[key]
+        if new.shape == value.shape:
+            new.copy_(value)
+        elif key.endswith("pos_ff.1.weight") or key.endswith("pos_ff.1.bias"):
+            new[:old] = value  # input side: old units first, fresh ones after
+        elif key.endswith("pos_ff.4.weight"):
+            new[:, :old] = value
+            new[:, old:] = 0.0  # output side: the fresh units contribute nothing yet
+        else:
+            raise ModelLoadError(f"widen_ffn: unexpected shape change at {key}: "
+                                 f"{tuple(value.shape)} -> {tuple(new.shape)}")
+    model.load_state_dict(state)
+    return dataclasses.replace(loaded, arch=arch, model=model.eval())
 
 
 def random_model(name: str = "base", seed: int = 0, tokenizer=None) -> LoadedModel:

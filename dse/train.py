@@ -34,7 +34,7 @@ from dse.datasets import read_manifest
 from dse.errors import DSEError
 from dse.features import FeatureConfig, LogMel
 from dse.models import (CharTokenizer, LoadedModel, architecture, build, file_sha256, load_checkpoint,
-                        save_checkpoint)
+                        save_checkpoint, widen_ffn)
 
 
 @dataclasses.dataclass
@@ -55,6 +55,8 @@ class Preset:
 
 PRESETS = {
     "small": Preset(arch="small", max_steps=5000),
+    # ``small`` with 2,048 FFN units per Emformer layer, grown from a ``small`` checkpoint with --init
+    "small-wide": Preset(arch="small-wide", max_steps=5000),
     "tiny": Preset(arch="tiny", peak_lr=2e-3, warmup_steps=20, max_steps=200, max_batch_frames=2000,
                    specaug_from_step=10**9),
 }
@@ -311,9 +313,15 @@ def train(args) -> Path:
     init = None
     if args.init and not (state_dir / "last.pt").exists():
         init = load_checkpoint(args.init)
+        if (init.arch != arch and dict(init.arch, transformer_ffn_dim=arch["transformer_ffn_dim"]) == arch
+                and init.arch["transformer_ffn_dim"] < arch["transformer_ffn_dim"]):
+            print(f"growing {args.init}'s FFNs from {init.arch['transformer_ffn_dim']} to "
+                  f"{arch['transformer_ffn_dim']} units (new units start silent)", file=sys.stderr)
+            init = widen_ffn(init, arch["transformer_ffn_dim"], seed=args.seed)
         if init.arch != arch or init.tokenizer.to_dict() != tokenizer.to_dict():
             raise DSEError(f"--init {args.init} is a {init.name!r} model with another architecture or vocabulary "
-                           f"than preset {args.preset!r}; start from a checkpoint of the same preset")
+                           f"than preset {args.preset!r}; start from a checkpoint of the same preset (or, for a wider "
+                           "FFN, of the same architecture otherwise)")
     stats_path = state_dir / "global_stats.json"
     if init is not None:
         # The warm-started weights expect the features normalised as they were trained, and

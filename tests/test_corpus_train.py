@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import random
 import shutil
@@ -284,3 +285,33 @@ def test_step_loss_equals_the_model_forward_with_one_transcriber_pass():
                                        blank=tok.blank, reduction="sum", zero_infinity=True) / n
     loss, _ = train.rnnt_step_loss(model, head, batch, tok.blank, 0.3)
     assert float(loss) == pytest.approx(float(0.7 * rnnt + 0.3 * ctc), rel=1e-5)
+
+
+def test_train_init_grows_a_narrower_ffn_into_the_preset(tmp_path):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    corpus.generate(tmp_path / "c", 3, 4, 1, 0, workers=1, splits=("train", "adapt"), engines=("espeak",))
+    tok = models.CharTokenizer()
+    narrow = dict(models.architecture("tiny"), transformer_ffn_dim=32)
+    torch.manual_seed(3)
+    start = models.LoadedModel("tiny", narrow, models.build(narrow, tok.num_symbols).eval(), tok,
+                               models.FeatureConfig(), torch.randn(80), torch.rand(80) + 0.5, "checkpoint")
+    models.save_checkpoint(tmp_path / "start.pt", start)
+    out = tmp_path / "grown.pt"
+    assert train.main(["--preset", "tiny", "--corpus", str(tmp_path / "c"), "--dev-size", "1", "--threads", "1",
+                       "--state-dir", str(tmp_path / "s"), "--init", str(tmp_path / "start.pt"),
+                       "--max-steps", "0", "--export", str(out)]) == 0
+    grown = models.load_checkpoint(out)
+    assert grown.arch == models.architecture("tiny")
+    x, lengths = torch.randn(1, 36, 80), torch.tensor([32])
+    with torch.no_grad():
+        # fp16 storage of the export: equal to the start's function up to half precision
+        assert torch.allclose(start.model.transcribe(x, lengths)[0], grown.model.transcribe(x, lengths)[0],
+                              atol=2e-2)
+    # A wider FFN than the preset's is not shrunk.
+    wide = dict(models.architecture("tiny"), transformer_ffn_dim=256)
+    models.save_checkpoint(tmp_path / "wide.pt", dataclasses.replace(start, arch=wide,
+                                                                     model=models.build(wide, tok.num_symbols)))
+    assert train.main(["--preset", "tiny", "--corpus", str(tmp_path / "c"), "--dev-size", "1", "--threads", "1",
+                       "--state-dir", str(tmp_path / "s2"), "--init", str(tmp_path / "wide.pt"),
+                       "--max-steps", "0"]) == 2

@@ -57,3 +57,33 @@ def test_char_tokenizer_round_trip():
     ids = tok.encode("it's a test")
     assert tok.decode(ids) == "it's a test"
     assert tok.blank == len(tok.symbols) and tok.blank not in ids
+
+
+def test_widen_ffn_keeps_the_function_and_trains_the_new_units(tiny):
+    wide = models.widen_ffn(tiny, 3 * tiny.arch["transformer_ffn_dim"], seed=1)
+    assert wide.arch["transformer_ffn_dim"] == 3 * tiny.arch["transformer_ffn_dim"]
+    assert wide.num_params() > tiny.num_params()
+    torch.manual_seed(0)
+    x, lengths = torch.randn(2, 48 + 4, 80), torch.tensor([48, 40])
+    with torch.no_grad():
+        before, _ = tiny.model.transcribe(x, lengths)
+        after, _ = wide.model.transcribe(x, lengths)
+    assert torch.allclose(before, after, atol=1e-5)
+    # The fresh units are live: their input weights are not zero, and a gradient reaches
+    # their zero output weights, so training can move them.
+    key = "transcriber.transformer.emformer_layers.0.pos_ff"
+    layer = dict(wide.model.named_modules())[key]
+    old = tiny.arch["transformer_ffn_dim"]
+    assert layer[1].weight[old:].abs().sum() > 0 and torch.all(layer[4].weight[:, old:] == 0)
+    wide.model.train()
+    out, _ = wide.model.transcribe(x, lengths)
+    out.pow(2).sum().backward()
+    assert layer[4].weight.grad[:, old:].abs().sum() > 0
+    with pytest.raises(ModelLoadError, match="cannot widen"):
+        models.widen_ffn(tiny, old // 2)
+
+
+def test_small_wide_is_small_with_a_wider_ffn():
+    small, wide = models.architecture("small"), models.architecture("small-wide")
+    assert wide.pop("transformer_ffn_dim") > small.pop("transformer_ffn_dim")
+    assert wide == small
