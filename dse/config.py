@@ -12,7 +12,11 @@ from typing import Any, Optional
 
 from dse.errors import ConfigError
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2: the decoder temperature (version-1 configs decoded at 1.0)
+
+# The beam search's temperature: the embedded default's beam search finds better
+# transcripts on a flattened distribution (chosen on the adapt split; MODEL_CARD.md).
+DEFAULT_TEMPERATURE = 2.0
 
 # knob -> (owning transform, legal values description, validator or choices)
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "amp-bf16", "amp-fp16")
@@ -32,6 +36,8 @@ KNOBS: dict[str, dict[str, Any]] = {
     "beam_width": {"transform": "decoder", "range": (1, 16)},
     "lm_weight": {"transform": "decoder", "range": (0.0, 4.0), "kind": "float",
                   "doc": "character LM shallow-fusion weight; 0 = no LM"},
+    "temperature": {"transform": "decoder", "range": (0.1, 10.0), "kind": "float",
+                    "doc": "the joint network's logits are divided by it before the beam search's log-softmax"},
     "threads": {"transform": "runtime", "range": (1, 256)},
     "adapt_steps": {"transform": "adapt", "range": (0, 100000)},
 }
@@ -40,7 +46,7 @@ KNOBS: dict[str, dict[str, Any]] = {
 # (compiled kernels compute the same operations), so two configurations that differ
 # only in them share one accuracy measurement.
 ACCURACY_KNOBS = ("precision", "moe_experts", "moe_top_k", "moe_hidden", "moe_every", "right_context_frames",
-                  "segment_frames", "window_samples", "hop_samples", "beam_width", "lm_weight", "adapt_steps")
+                  "segment_frames", "window_samples", "hop_samples", "beam_width", "lm_weight", "temperature", "adapt_steps")
 # Knobs that change the weights (and so need adaptation when they differ from the trained model).
 WEIGHT_KNOBS = ("moe_experts", "moe_top_k", "moe_hidden", "moe_every", "right_context_frames", "segment_frames",
                 "window_samples", "hop_samples", "adapt_steps")
@@ -77,12 +83,15 @@ class TrialConfig:
     compile: str = "off"
     beam_width: int = 4
     lm_weight: float = 0.0
+    temperature: float = DEFAULT_TEMPERATURE
     threads: int = 2
     adapt_steps: int = 0
 
     def __post_init__(self):
-        if isinstance(self.lm_weight, int) and not isinstance(self.lm_weight, bool):
-            object.__setattr__(self, "lm_weight", float(self.lm_weight))
+        for name in ("lm_weight", "temperature"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
         for name in KNOBS:
             problem = knob_problem(name, getattr(self, name))
             if problem:
@@ -126,6 +135,8 @@ class TrialConfig:
         version = data.pop("version", CONFIG_VERSION)
         if version > CONFIG_VERSION:
             raise ConfigError(f"config version {version} is newer than this dse understands ({CONFIG_VERSION}); upgrade dse")
+        if version < 2:
+            data.setdefault("temperature", 1.0)  # what version-1 configurations were decoded with
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown config key(s) {', '.join(sorted(unknown))}; known: {', '.join(KNOBS)}")
@@ -161,6 +172,9 @@ def add_config_arguments(p) -> None:
     p.add_argument("--lm-weight", type=float, default=d.lm_weight,
                    help="character language model fused into the beam search with this weight; "
                         "0 = none (default). Needs a model with an LM (the embedded default has one) or --lm")
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help="divide the joint network's logits by this before the beam search's log-softmax "
+                        f"(default {d.temperature:g}, chosen on the adapt split; 1 = the model's own distribution)")
     p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads for the timed run (default 2)")
     p.add_argument("--right-context", type=int, dest="right_context_frames",
                    help="right-context frames (multiple of the stride 4); default as trained")

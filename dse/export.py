@@ -345,7 +345,8 @@ def _write_readme(directory: Path, config: dict, metrics: dict) -> None:
         "",
         f"Model `{config['model']['name']}` ({config['model']['weights']}), {config['model']['params']:,} parameters, "
         f"{f('weight_mib', '.2f', ' MiB')} of weights in {tc['precision']}; beam width {tc['beam_width']}, "
-        + (f"LM weight {tc['lm_weight']}, " if tc.get("lm_weight") else "") +
+        + (f"LM weight {tc['lm_weight']}, " if tc.get("lm_weight") else "")
+        + f"decoder temperature {tc.get('temperature', 1.0):g}, " +
         f"{tc['threads']} thread(s), segment {config['architecture']['segment_length']} + right context "
         f"{config['architecture']['right_context_length']} frames"
         + (f", MoE {config['moe']['experts']} experts top-{config['moe']['top_k']} (hidden "

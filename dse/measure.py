@@ -311,7 +311,7 @@ def _format_table(record: dict) -> str:
         ("model", record["model"]), ("weights", record["weights"]), ("params", fmt(record["params"])),
         ("weight MiB", fmt(record["weight_mib"])), ("precision", record["precision"]),
         ("beam width", record["beam_width"]), ("LM weight", record.get("lm_weight", 0.0)),
-        ("threads", record["threads"]),
+        ("decoder temperature", record.get("temperature", 1.0)), ("threads", record["threads"]),
         ("utterances / audio", f"{record['utterances']} / {record['audio_s']:.1f} s"),
         ("RTF mean [95% CI]", f"{record['rtf_mean']:.4f} [{record['rtf_mean_ci95'][0]:.4f}, {record['rtf_mean_ci95'][1]:.4f}]"),
         ("RTF p50 / p95", f"{record['rtf_p50']:.4f} / {record['rtf_p95']:.4f}"),
@@ -377,7 +377,7 @@ def main(argv=None) -> int:
         return 2
     record = {"model": loaded.name, "weights": loaded.weights, "params": built.params,
               "weight_mib": built.weight_mib, "precision": config.precision, "beam_width": config.beam_width,
-              "lm_weight": config.lm_weight, "threads": config.threads, "config": config.to_dict(), "machine": machine_fingerprint(),
+              "lm_weight": config.lm_weight, "temperature": config.temperature, "threads": config.threads, "config": config.to_dict(), "machine": machine_fingerprint(),
               "build_s": built.build_s, "compile_s": built.compile_s, **result}
     if args.json:
         record.pop("transcripts", None)

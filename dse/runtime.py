@@ -258,7 +258,8 @@ def _recognizer(directory: Path, config: dict, compile: Optional[bool], fp32_ref
         lm = CharNgramLM.load(directory / entry["file"])
     return StreamingRecognizer(model, logmel, tokenizer, arch["segment_length"], arch["right_context_length"],
                                beam_width=trial["beam_width"], dtype=DTYPES.get(precision, torch.float32),
-                               autocast_dtype=autocast, lm=lm, lm_weight=lm_weight)
+                               autocast_dtype=autocast, lm=lm, lm_weight=lm_weight,
+                               temperature=float(trial.get("temperature", 1.0)))
 
 
 # -- streaming ------------------------------------------------------------------------------

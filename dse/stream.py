@@ -73,14 +73,18 @@ class StreamingRecognizer:
     (features and state follow it). ``autocast_dtype`` runs each chunk under CPU autocast.
     ``clock`` returns nanoseconds (replaceable in tests). ``lm``: a
     :class:`dse.lm.CharNgramLM` fused into the search with ``lm_weight`` (ignored at 0).
+    ``temperature``: the joint network's logits are divided by it before the log-softmax
+    that scores the search (1 = the model's own distribution).
     """
 
     def __init__(self, model, logmel, tokenizer, segment_length: int, right_context_length: int,
                  beam_width: int = 4, dtype: torch.dtype = torch.float32,
                  autocast_dtype: Optional[torch.dtype] = None, clock: Callable[[], int] = time.perf_counter_ns,
-                 lm=None, lm_weight: float = 0.0):
+                 lm=None, lm_weight: float = 0.0, temperature: float = 1.0):
         if beam_width < 1:
             raise ValueError(f"beam_width={beam_width} must be at least 1")
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature} must be positive")
         self.model = model
         self.logmel = logmel
         self.tokenizer = tokenizer
@@ -95,9 +99,9 @@ class StreamingRecognizer:
         if self.lm_weight > 0:
             from dse.lm import FusedBeamSearch
 
-            self.decoder = FusedBeamSearch(model, tokenizer, lm, self.lm_weight)
+            self.decoder = FusedBeamSearch(model, tokenizer, lm, self.lm_weight, temperature=temperature)
         else:
-            self.decoder = RNNTBeamSearch(model, tokenizer.blank)
+            self.decoder = RNNTBeamSearch(model, tokenizer.blank, temperature=temperature)
         self._chunk_length = torch.tensor([self.chunk_frames])
         self.reset()
 

@@ -119,7 +119,7 @@ def build_recognizer(loaded: LoadedModel, config: TrialConfig,
     rec = StreamingRecognizer(deployed, edited.logmel(), edited.tokenizer, cfg.segment_frames,
                               cfg.right_context_frames, beam_width=cfg.beam_width,
                               dtype=DTYPES.get(cfg.precision, torch.float32), autocast_dtype=autocast,
-                              lm=lm, lm_weight=cfg.lm_weight)
+                              lm=lm, lm_weight=cfg.lm_weight, temperature=cfg.temperature)
     build_s = time.perf_counter() - t0
     compile_s = None
     if cfg.compile != "off":

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from dse import runtime
+from dse.config import TrialConfig
 from dse.errors import DSEError
 
 SPEEDUP_UTTERANCES = 8
@@ -107,6 +108,8 @@ def check_speedup(bundle: Path, recognizer, config: dict, record: dict, audio, u
     reference = runtime.load(bundle, compile=False, fp32_reference=True,
                              lm_weight=float(baseline.get("lm_weight", 0.0)))
     reference.beam_width = baseline.get("beam_width", recognizer.beam_width)
+    if baseline:  # a full TrialConfig dict; one from before the temperature knob was decoded at 1.0
+        reference.decoder.temperature = TrialConfig.from_dict(baseline).temperature
     ratio = interleaved_speedup(recognizer, reference, audio, limit=utterances)
     lo, hi = ratio["speedup_ci95"]
     lm = f", LM weight {reference.lm_weight:g}" if reference.lm_weight else ", no LM"

@@ -19,6 +19,7 @@ def test_round_trip_json():
     ({"moe_experts": 2, "moe_top_k": 3}, "moe_top_k=3 cannot exceed moe_experts=2"),
     ({"hop_samples": 480, "window_samples": 400}, "hop_samples=480 must not exceed window_samples=400"),
     ({"precision": "amp-bf16", "compile": "default"}, "cannot be combined"),
+    ({"temperature": 0}, r"temperature=0.0 must be a number in \[0.1, 10.0\]"),
 ])
 def test_validator_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -35,11 +36,18 @@ def test_newer_config_version_refused():
         TrialConfig.from_dict({"version": 99})
 
 
+def test_version_1_configs_were_decoded_at_temperature_1():
+    old = {k: v for k, v in TrialConfig().to_dict().items() if k != "temperature"}
+    assert TrialConfig.from_dict(dict(old, version=1)).temperature == 1.0
+    assert TrialConfig.from_dict(old).temperature == TrialConfig().temperature  # no version: the current one
+    assert TrialConfig().to_dict()["version"] == 2
+
+
 def test_accuracy_key_ignores_threads_and_compile_only():
     a = TrialConfig(threads=1, compile="off")
     assert a.accuracy_key() == TrialConfig(threads=2, compile="default").accuracy_key()
     for change in ({"precision": "int8"}, {"beam_width": 1}, {"right_context_frames": 0}, {"adapt_steps": 10},
-                   {"moe_experts": 4}, {"hop_samples": 240}):
+                   {"moe_experts": 4}, {"hop_samples": 240}, {"temperature": 1.0}):
         assert a.accuracy_key() != TrialConfig(**change).accuracy_key(), change
 
 

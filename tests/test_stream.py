@@ -19,13 +19,13 @@ def test_streaming_features_equal_offline():
     assert torch.allclose(online, offline, atol=1e-4)
 
 
-def reference_tokens(loaded, audio, beam_width):
+def reference_tokens(loaded, audio, beam_width, temperature=1.0):
     """A plain loop over torchaudio's RNNTBeamSearch.infer on offline features."""
     arch = loaded.arch
     seg, rc = arch["segment_length"], arch["right_context_length"]
     pad = flush_padding_samples(audio.numel(), loaded.features, seg, rc)
     feats = loaded.logmel()(torch.cat([audio, torch.zeros(pad)]))
-    decoder = RNNTBeamSearch(loaded.model, loaded.tokenizer.blank)
+    decoder = RNNTBeamSearch(loaded.model, loaded.tokenizer.blank, temperature=temperature)
     state, hyps = None, None
     with torch.inference_mode():
         for start in range(0, feats.size(0) - (seg + rc) + 1, seg):
@@ -43,6 +43,19 @@ def test_streaming_equals_torchaudio_loop(tiny, beam_width, piece_samples):
     expected = reference_tokens(tiny, audio, beam_width)
     assert len(expected) > 0  # random weights emit tokens: the comparison is not vacuous
     assert rec.tokens == expected
+
+
+def test_temperature_reaches_the_search_and_changes_its_result(tiny):
+    audio = torch.from_numpy(tone(2.3, seed=3))
+    results = {}
+    for temperature in (1.0, 4.0):
+        rec = StreamingRecognizer.from_loaded(tiny, beam_width=3, temperature=temperature)
+        rec.transcribe(audio)
+        assert rec.tokens == reference_tokens(tiny, audio, 3, temperature)
+        results[temperature] = rec.tokens
+    assert results[1.0] != results[4.0]
+    with pytest.raises(ValueError, match="temperature=0 must be positive"):
+        StreamingRecognizer.from_loaded(tiny, temperature=0)
 
 
 def test_chunks_cover_all_audio(tiny):
