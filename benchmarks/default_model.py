@@ -3,7 +3,8 @@
     python benchmarks/default_model.py [--limit N] [--model CHECKPOINT] [--rows SUBSTRING ...]
 
 Streams the whole eval split through the default model at its default configuration
-(fp32, trained right context, beam 4, 2 threads) and at the settings that show
+(fp32, trained right context, beam 4, decoder temperature 2, 2 threads), at temperature 1
+(the search on the joint network's own distribution), and at the settings that show
 whether accuracy responds to the design space as a real model's does: right context
 0, bf16, int8 and greedy decoding, and with the shipped character language model
 fused into the search (weight 0.3, chosen on the adapt split; beam 4 and 8). Each row is one streaming pass: WER/CER come from
@@ -28,6 +29,7 @@ from dse.transforms import build_recognizer
 
 ROWS = [
     ("default (fp32, rc 4, beam 4)", TrialConfig()),
+    ("temperature 1 (the model's own distribution)", TrialConfig(temperature=1.0)),
     ("right context 0", TrialConfig(right_context_frames=0)),
     ("bf16", TrialConfig(precision="bf16")),
     ("int8", TrialConfig(precision="int8")),

@@ -148,6 +148,26 @@ def architecture(name: str) -> dict:
         raise ModelLoadError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}") from None
 
 
+def average_weights(models_: Sequence[LoadedModel]) -> LoadedModel:
+    """The element-wise mean of several checkpoints' weights (a "model soup").
+
+    All must share architecture, vocabulary, features and normalisation statistics: the
+    average of models trained on differently normalised features means nothing.
+    """
+    first = models_[0]
+    for other in models_[1:]:
+        if (other.arch != first.arch or other.tokenizer.to_dict() != first.tokenizer.to_dict()
+                or other.features != first.features or not torch.equal(other.mean, first.mean)
+                or not torch.equal(other.invstd, first.invstd)):
+            raise ModelLoadError(f"cannot average {first.weights} and {other.weights}: they differ in architecture, "
+                                 "vocabulary, features or feature statistics")
+    states = [m.model.state_dict() for m in models_]
+    model = build(first.arch, first.tokenizer.num_symbols)
+    model.load_state_dict({k: (torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v)
+                           for k, v in states[0].items()})
+    return dataclasses.replace(first, model=model.eval(), weights="average:" + ",".join(m.weights for m in models_))
+
+
 def widen_ffn(loaded: LoadedModel, ffn_dim: int, seed: int = 0) -> LoadedModel:
     """``loaded`` with every Emformer layer's FFN grown to ``ffn_dim`` hidden units, same function.
 

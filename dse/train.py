@@ -33,8 +33,8 @@ from dse.audio import read_audio
 from dse.datasets import read_manifest
 from dse.errors import DSEError
 from dse.features import FeatureConfig, LogMel
-from dse.models import (CharTokenizer, LoadedModel, architecture, build, file_sha256, load_checkpoint,
-                        save_checkpoint, widen_ffn)
+from dse.models import (CharTokenizer, LoadedModel, architecture, average_weights, build, file_sha256,
+                        load_checkpoint, save_checkpoint, widen_ffn)
 
 
 @dataclasses.dataclass
@@ -312,14 +312,17 @@ def train(args) -> Path:
 
     init = None
     if args.init and not (state_dir / "last.pt").exists():
-        init = load_checkpoint(args.init)
+        init = load_checkpoint(args.init[0])
+        if len(args.init) > 1:
+            init = average_weights([init] + [load_checkpoint(path) for path in args.init[1:]])
+            print(f"averaged the weights of {', '.join(args.init)}", file=sys.stderr)
         if (init.arch != arch and dict(init.arch, transformer_ffn_dim=arch["transformer_ffn_dim"]) == arch
                 and init.arch["transformer_ffn_dim"] < arch["transformer_ffn_dim"]):
-            print(f"growing {args.init}'s FFNs from {init.arch['transformer_ffn_dim']} to "
+            print(f"growing {' + '.join(args.init)}'s FFNs from {init.arch['transformer_ffn_dim']} to "
                   f"{arch['transformer_ffn_dim']} units (new units start silent)", file=sys.stderr)
             init = widen_ffn(init, arch["transformer_ffn_dim"], seed=args.seed)
         if init.arch != arch or init.tokenizer.to_dict() != tokenizer.to_dict():
-            raise DSEError(f"--init {args.init} is a {init.name!r} model with another architecture or vocabulary "
+            raise DSEError(f"--init {' '.join(args.init)} is a {init.name!r} model with another architecture or vocabulary "
                            f"than preset {args.preset!r}; start from a checkpoint of the same preset (or, for a wider "
                            "FFN, of the same architecture otherwise)")
     stats_path = state_dir / "global_stats.json"
@@ -328,7 +331,7 @@ def train(args) -> Path:
         # feature caches already in the folder were normalised with the folder's statistics.
         init_stats = {"mean": init.mean.tolist(), "invstd": init.invstd.tolist()}
         if stats_path.exists() and json.loads(stats_path.read_text()) != init_stats:
-            raise DSEError(f"{state_dir} holds features normalised otherwise than {args.init} was trained; "
+            raise DSEError(f"{state_dir} holds features normalised otherwise than {' '.join(args.init)} was trained; "
                            "start the warm start in a new --state-dir")
         stats_path.write_text(json.dumps(init_stats))
     if stats_path.exists():
@@ -357,7 +360,7 @@ def train(args) -> Path:
     model = build(arch, tokenizer.num_symbols)
     if init is not None:
         model.load_state_dict(init.model.state_dict())
-        print(f"initialised from {args.init}", file=sys.stderr)
+        print(f"initialised from {' + '.join(args.init)}", file=sys.stderr)
     model = model.to(device)
     set_dropout(model, preset.dropout)
     ctc_head = torch.nn.Linear(arch["encoding_dim"], tokenizer.num_symbols).to(device)
@@ -456,9 +459,12 @@ def main(argv=None) -> int:
     p.add_argument("--dropout", type=float,
                    help="override the preset's training dropout (Emformer layers and predictor output; "
                         "0 for the shipped recipe); a regulariser when the dev WER stalls while the loss falls")
-    p.add_argument("--init", help="start from the weights (and feature statistics) of this checkpoint, e.g. "
-                                   "dse/default/model.pt, when --state-dir holds no training state yet; the step "
-                                   "count and schedule start at 0 (a warm restart: consider --lr and --warmup-steps)")
+    p.add_argument("--init", action="append",
+                   help="start from the weights (and feature statistics) of this checkpoint, e.g. "
+                        "dse/default/model.pt, when --state-dir holds no training state yet; the step count and "
+                        "schedule start at 0 (a warm restart: consider --lr and --warmup-steps). Repeat it to start "
+                        "from the average of several checkpoints' weights. A checkpoint whose FFNs are narrower "
+                        "than the preset's (small for small-wide) is grown with the new units silent")
     p.add_argument("--warmup-steps", type=int, help="override the preset's learning-rate warm-up")
     p.add_argument("--vtlp", type=float,
                    help="vocal-tract-length perturbation: warp each utterance's frequency axis by a factor drawn "

@@ -300,6 +300,7 @@ def test_train_init_grows_a_narrower_ffn_into_the_preset(tmp_path):
     out = tmp_path / "grown.pt"
     assert train.main(["--preset", "tiny", "--corpus", str(tmp_path / "c"), "--dev-size", "1", "--threads", "1",
                        "--state-dir", str(tmp_path / "s"), "--init", str(tmp_path / "start.pt"),
+                       "--init", str(tmp_path / "start.pt"),  # the average of a checkpoint with itself: itself
                        "--max-steps", "0", "--export", str(out)]) == 0
     grown = models.load_checkpoint(out)
     assert grown.arch == models.architecture("tiny")

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -87,3 +88,19 @@ def test_small_wide_is_small_with_a_wider_ffn():
     small, wide = models.architecture("small"), models.architecture("small-wide")
     assert wide.pop("transformer_ffn_dim") > small.pop("transformer_ffn_dim")
     assert wide == small
+
+
+def test_average_weights_is_the_elementwise_mean_and_refuses_strangers(tiny):
+    other = models.random_model("tiny", seed=1)
+    soup = models.average_weights([tiny, other])
+    a, b, s = tiny.model.state_dict(), other.model.state_dict(), soup.model.state_dict()
+    assert not torch.equal(a["joiner.linear.weight"], b["joiner.linear.weight"])
+    for k in a:
+        if a[k].is_floating_point():
+            assert torch.allclose(s[k], (a[k] + b[k]) / 2), k
+    assert soup.weights == "average:random,random"
+    shifted = dataclasses.replace(other, mean=other.mean + 1)
+    with pytest.raises(ModelLoadError, match="cannot average"):
+        models.average_weights([tiny, shifted])
+    with pytest.raises(ModelLoadError, match="cannot average"):
+        models.average_weights([tiny, models.widen_ffn(other, 256)])
