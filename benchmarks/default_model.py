@@ -57,7 +57,7 @@ def main() -> None:
           f"{sum(w.numel() for w in audio.waveforms) / 16000 / 60:.1f} min; {m['cpu_model']}, 2 threads, torch {m['torch']}\n")
     print("| configuration | WER [95 % CI] | WER - first row [95 % CI] | CER | " + " | ".join(f"WER {s}" for s in slices)
           + " | RTF mean | chunk p95 ms | TTFT s | eval wall s |")
-    print("|---" * (7 + len(slices)) + "|")
+    print("|---" * (8 + len(slices)) + "|")  # 4 columns before the slices, 4 after
     first = None
     for name, cfg in rows:
         torch.set_num_threads(cfg.threads)

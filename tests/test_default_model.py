@@ -9,11 +9,11 @@ from dse.stream import StreamingRecognizer
 pytestmark = pytest.mark.skipif(not models.default_available(), reason="no shipped default checkpoint")
 
 
-def test_default_is_compact_and_small_architecture():
+def test_default_is_compact_and_small_wide_architecture():
     assert models.DEFAULT_CHECKPOINT.stat().st_size <= 25 * 2**20
     loaded = models.load_checkpoint(models.DEFAULT_CHECKPOINT)
-    assert loaded.name == "small" and loaded.trained
-    assert loaded.arch == models.architecture("small")
+    assert loaded.name == "small-wide" and loaded.trained
+    assert loaded.arch == models.architecture("small-wide")
 
 
 def test_default_transcribes_an_eval_utterance():
@@ -42,5 +42,5 @@ def test_measure_cli_uses_default_on_any_manifest(manifest):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     record = json.loads(out.stdout)
-    assert record["model"] == "small" and record["weights"].startswith("checkpoint:")
+    assert record["model"] == "small-wide" and record["weights"].startswith("checkpoint:")
     assert record["wer"] is not None and record["utterances"] == 3
