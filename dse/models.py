@@ -179,8 +179,9 @@ def widen_ffn(loaded: LoadedModel, ffn_dim: int, seed: int = 0) -> LoadedModel:
     if ffn_dim < old:
         raise ModelLoadError(f"cannot widen an FFN of {old} hidden units to {ffn_dim}")
     arch = dict(loaded.arch, transformer_ffn_dim=ffn_dim)
-    torch.manual_seed(seed)
-    model = build(arch, loaded.tokenizer.num_symbols)
+    with torch.random.fork_rng(devices=[]):  # seeded, and the caller's random stream untouched
+        torch.manual_seed(seed)
+        model = build(arch, loaded.tokenizer.num_symbols)
     state = model.state_dict()
     for key, value in loaded.model.state_dict().items():
         new = state[key]
