@@ -213,6 +213,7 @@ def test_adapted_trial_exports_the_cached_weights_the_study_measured(study, adap
     config = json.loads((bundle / "config.json").read_text())
     assert config["adaptation"]["source"] == "cache" and config["adaptation"]["steps"] == 2
     recognizer = runtime.load(bundle)
+    assert recognizer.decoder.temperature == config["trial_config"]["temperature"] == TrialConfig().temperature
     hyps = [runtime.stream(recognizer, torch.from_numpy(soundfile.read(p, dtype="float32")[0])) for p in study.audio]
     assert hyps == [t["hyp"] for t in adapted.trial.user_attrs["transcripts"]]
 
