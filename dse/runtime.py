@@ -206,7 +206,8 @@ def _load_model(directory: Path, config: dict, fp32_reference: bool) -> torch.nn
 
 
 def load(directory: str | os.PathLike, *, compile: Optional[bool] = None,
-         fp32_reference: bool = False, lm_weight: Optional[float] = None) -> StreamingRecognizer:
+         fp32_reference: bool = False, lm_weight: Optional[float] = None,
+         temperature: Optional[float] = None) -> StreamingRecognizer:
     """Rebuild the bundle's streaming recognizer.
 
     ``compile``: wrap the encoder's per-chunk ``infer`` in ``torch.compile`` with the
@@ -214,20 +215,22 @@ def load(directory: str | os.PathLike, *, compile: Optional[bool] = None,
     compile time). ``fp32_reference``: the same architecture and decoder with the
     weights in fp32 (int8 weights dequantised), a same-run timing reference.
     ``lm_weight``: the language-model fusion weight (``None``: the trial's; 0: no LM).
+    ``temperature``: the decoder temperature (``None``: the trial's; 1.0 for bundles
+    exported before the knob existed, which is what they were measured with).
     Threads are not set here: call ``torch.set_num_threads`` (the trial's value is
     ``read_config(directory)["trial_config"]["threads"]``).
     """
     directory = Path(directory)
     config = read_config(directory)
     try:
-        return _recognizer(directory, config, compile, fp32_reference, lm_weight)
+        return _recognizer(directory, config, compile, fp32_reference, lm_weight, temperature)
     except (KeyError, TypeError) as exc:
         raise BundleError(f"{directory}: config.json, features.json or vocabulary.json lacks or mistypes a "
                           f"field ({type(exc).__name__}: {exc}); export the bundle again") from exc
 
 
 def _recognizer(directory: Path, config: dict, compile: Optional[bool], fp32_reference: bool,
-                lm_weight: Optional[float] = None) -> StreamingRecognizer:
+                lm_weight: Optional[float] = None, temperature: Optional[float] = None) -> StreamingRecognizer:
     feats = read_json(directory, FEATURES_FILE)
     vocab = read_json(directory, VOCABULARY_FILE)
     tokenizer = _tokenizer(directory, vocab)
@@ -259,7 +262,7 @@ def _recognizer(directory: Path, config: dict, compile: Optional[bool], fp32_ref
     return StreamingRecognizer(model, logmel, tokenizer, arch["segment_length"], arch["right_context_length"],
                                beam_width=trial["beam_width"], dtype=DTYPES.get(precision, torch.float32),
                                autocast_dtype=autocast, lm=lm, lm_weight=lm_weight,
-                               temperature=float(trial.get("temperature", 1.0)))
+                               temperature=float(trial.get("temperature", 1.0) if temperature is None else temperature))
 
 
 # -- streaming ------------------------------------------------------------------------------

@@ -311,18 +311,19 @@ def train(args) -> Path:
     arch = architecture(preset.arch)
 
     init = None
+    init_names = " + ".join(args.init or [])
     if args.init and not (state_dir / "last.pt").exists():
         init = load_checkpoint(args.init[0])
         if len(args.init) > 1:
             init = average_weights([init] + [load_checkpoint(path) for path in args.init[1:]])
-            print(f"averaged the weights of {', '.join(args.init)}", file=sys.stderr)
+            print(f"averaged the weights of {init_names}", file=sys.stderr)
         if (init.arch != arch and dict(init.arch, transformer_ffn_dim=arch["transformer_ffn_dim"]) == arch
                 and init.arch["transformer_ffn_dim"] < arch["transformer_ffn_dim"]):
-            print(f"growing {' + '.join(args.init)}'s FFNs from {init.arch['transformer_ffn_dim']} to "
+            print(f"growing {init_names}'s FFNs from {init.arch['transformer_ffn_dim']} to "
                   f"{arch['transformer_ffn_dim']} units (new units start silent)", file=sys.stderr)
             init = widen_ffn(init, arch["transformer_ffn_dim"], seed=args.seed)
         if init.arch != arch or init.tokenizer.to_dict() != tokenizer.to_dict():
-            raise DSEError(f"--init {' '.join(args.init)} is a {init.name!r} model with another architecture or vocabulary "
+            raise DSEError(f"--init {init_names} is a {init.name!r} model with another architecture or vocabulary "
                            f"than preset {args.preset!r}; start from a checkpoint of the same preset (or, for a wider "
                            "FFN, of the same architecture otherwise)")
     stats_path = state_dir / "global_stats.json"
@@ -331,7 +332,7 @@ def train(args) -> Path:
         # feature caches already in the folder were normalised with the folder's statistics.
         init_stats = {"mean": init.mean.tolist(), "invstd": init.invstd.tolist()}
         if stats_path.exists() and json.loads(stats_path.read_text()) != init_stats:
-            raise DSEError(f"{state_dir} holds features normalised otherwise than {' '.join(args.init)} was trained; "
+            raise DSEError(f"{state_dir} holds features normalised otherwise than {init_names} was trained; "
                            "start the warm start in a new --state-dir")
         stats_path.write_text(json.dumps(init_stats))
     if stats_path.exists():
@@ -360,7 +361,7 @@ def train(args) -> Path:
     model = build(arch, tokenizer.num_symbols)
     if init is not None:
         model.load_state_dict(init.model.state_dict())
-        print(f"initialised from {' + '.join(args.init)}", file=sys.stderr)
+        print(f"initialised from {init_names}", file=sys.stderr)
     model = model.to(device)
     set_dropout(model, preset.dropout)
     ctc_head = torch.nn.Linear(arch["encoding_dim"], tokenizer.num_symbols).to(device)

@@ -105,11 +105,11 @@ def check_speedup(bundle: Path, recognizer, config: dict, record: dict, audio, u
     from dse.measure import interleaved_speedup, machine_fingerprint
 
     baseline = config.get("baseline_config") or {}
+    # The baseline is a full TrialConfig dict; one saved before the temperature knob reads as 1.0.
     reference = runtime.load(bundle, compile=False, fp32_reference=True,
-                             lm_weight=float(baseline.get("lm_weight", 0.0)))
+                             lm_weight=float(baseline.get("lm_weight", 0.0)),
+                             temperature=TrialConfig.from_dict(baseline).temperature if baseline else None)
     reference.beam_width = baseline.get("beam_width", recognizer.beam_width)
-    if baseline:  # a full TrialConfig dict; one from before the temperature knob was decoded at 1.0
-        reference.decoder.temperature = TrialConfig.from_dict(baseline).temperature
     ratio = interleaved_speedup(recognizer, reference, audio, limit=utterances)
     lo, hi = ratio["speedup_ci95"]
     lm = f", LM weight {reference.lm_weight:g}" if reference.lm_weight else ", no LM"
