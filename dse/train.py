@@ -384,7 +384,16 @@ def train(args) -> Path:
         return LoadedModel(preset.arch, arch, m.eval(), tokenizer, fcfg, mean, invstd, "checkpoint",
                            {"train_steps": step, "preset": args.preset})
 
+    def in_average_window(s: int) -> bool:
+        return bool(args.average_last) and (s % args.save_every == 0 or s == preset.max_steps) \
+            and s > preset.max_steps - args.average_last * args.save_every
+
     def save():
+        if in_average_window(step):
+            # Written before last.pt: a run interrupted between the two resumes at the previous
+            # save and rewrites this file with the same weights.
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                       state_dir / f"weights-{step:06d}.pt")
         blob = {"model": model.state_dict(), "ctc_head": ctc_head.state_dict(), "opt": opt.state_dict(),
                 "step": step, "history": history}
         torch.save(blob, state_dir / "last.tmp")
@@ -393,6 +402,12 @@ def train(args) -> Path:
     def epoch_batches(epoch):
         return make_batches(lengths, preset.max_batch_frames, random.Random(args.seed * 1000 + epoch))
 
+    if args.average_last:
+        gone = [s for s in range(1, step + 1)
+                if in_average_window(s) and not (state_dir / f"weights-{s:06d}.pt").exists()]
+        if gone:
+            raise DSEError(f"--average-last {args.average_last}: this run resumes at step {step}, after steps {gone} "
+                           f"whose weights it did not keep; lower N or train from an earlier state")
     batches_per_epoch = len(epoch_batches(0))
     t_start = time.time()
     model.train()
@@ -440,7 +455,25 @@ def train(args) -> Path:
             save()
             t_start = time.time()
     out = Path(args.export) if args.export else state_dir / "model.pt"
-    save_checkpoint(out, loaded_model(), half=True, extra={"history": history[-50:]})
+    final = loaded_model()
+    extra = {"history": history[-50:]}
+    if args.average_last:
+        steps = sorted(s for s in range(1, preset.max_steps + 1) if in_average_window(s))
+        missing = [s for s in steps if not (state_dir / f"weights-{s:06d}.pt").exists()]
+        if missing:
+            raise DSEError(f"--average-last {args.average_last}: the weights of steps {missing} are not in "
+                           f"{state_dir} (the run began without --average-last, or after those steps)")
+        snapshots = []
+        for s in steps:
+            m = build(arch, tokenizer.num_symbols)
+            m.load_state_dict(torch.load(state_dir / f"weights-{s:06d}.pt", map_location="cpu"))
+            snapshots.append(dataclasses.replace(final, model=m.eval(), weights=f"step {s}"))
+        final = dataclasses.replace(average_weights(snapshots), weights="checkpoint")
+        res = streaming_wer(final, dev, beam_width=1)
+        extra["averaged_steps"] = steps
+        print(f"averaged the weights of steps {steps[0]}-{steps[-1]} ({len(steps)} saves): dev streaming greedy "
+              f"WER {res['wer']:.3f} CER {res['cer']:.3f}", file=sys.stderr, flush=True)
+    save_checkpoint(out, final, half=True, extra=extra)
     print(f"wrote {out}", file=sys.stderr)
     return out
 
@@ -482,8 +515,14 @@ def main(argv=None) -> int:
     p.add_argument("--dev-size", type=int, default=60, help="adapt-split utterances used for validation")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--average-last", type=int, metavar="N",
+                   help="export the element-wise mean of the weights at the last N saves (one every --save-every "
+                        "steps, ending at the last step) instead of the last weights alone; each of those saves "
+                        "also writes weights-STEP.pt to --state-dir")
     p.add_argument("--eval-every", type=int, default=1000)
     args = p.parse_args(argv)
+    if args.average_last is not None and args.average_last < 1:
+        p.error(f"--average-last {args.average_last}: give a number of saves, 1 or more")
     try:
         train(args)
     except DSEError as exc:

@@ -316,3 +316,34 @@ def test_train_init_grows_a_narrower_ffn_into_the_preset(tmp_path):
     assert train.main(["--preset", "tiny", "--corpus", str(tmp_path / "c"), "--dev-size", "1", "--threads", "1",
                        "--state-dir", str(tmp_path / "s2"), "--init", str(tmp_path / "wide.pt"),
                        "--max-steps", "0"]) == 2
+
+
+def test_average_last_exports_the_mean_of_the_last_saves(tmp_path):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    corpus.generate(tmp_path / "c", 3, 4, 1, 0, workers=1, splits=("train", "adapt"), engines=("espeak",))
+    state = tmp_path / "s"
+    common = ["--preset", "tiny", "--corpus", str(tmp_path / "c"), "--dev-size", "1", "--threads", "1",
+              "--state-dir", str(state), "--save-every", "2", "--max-steps", "6"]
+    # Three steps without the option (a run stopped before the window), then resumed to the end.
+    assert train.main(common + ["--max-steps", "3"]) == 0
+    assert not list(state.glob("weights-*.pt"))
+    out = tmp_path / "avg.pt"
+    assert train.main(common + ["--average-last", "2", "--export", str(out)]) == 0
+    kept = sorted(p.name for p in state.glob("weights-*.pt"))
+    assert kept == ["weights-000004.pt", "weights-000006.pt"]
+    w4, w6 = (torch.load(state / name) for name in kept)
+    last = torch.load(state / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(w6[k], last[k]) for k in last)
+    assert any(not torch.equal(w4[k], w6[k]) for k in w4)  # two different points of the trajectory
+    exported = models.load_checkpoint(out)
+    for k, v in exported.model.state_dict().items():
+        if v.is_floating_point():
+            # fp16 storage: the mean up to half precision
+            assert torch.allclose(v, (w4[k] + w6[k]) / 2, atol=1e-3, rtol=1e-3), k
+    assert torch.load(out, weights_only=False)["info"]["averaged_steps"] == [4, 6]
+    # A state past the window's start without its weights (step 2's) is refused before any step is spent.
+    assert train.main(common + ["--average-last", "4", "--max-steps", "8"]) == 2
+    assert torch.load(state / "last.pt", weights_only=False)["step"] == 6
+    with pytest.raises(SystemExit):
+        train.main(common + ["--average-last", "0"])
