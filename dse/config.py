@@ -18,6 +18,16 @@ CONFIG_VERSION = 2  # 2: the decoder temperature (version-1 configs decoded at 1
 # transcripts on a flattened distribution (chosen on the adapt split; MODEL_CARD.md).
 DEFAULT_TEMPERATURE = 2.0
 
+# The shallow-fusion weight of the character language model that ships beside a
+# checkpoint: the default for a model that carries one (the embedded default does;
+# chosen on the adapt split, MODEL_CARD.md), 0 for a model without one.
+DEFAULT_LM_WEIGHT = 0.15
+
+
+def default_lm_weight(has_lm: bool) -> float:
+    """The LM weight a configuration gets when it does not set one."""
+    return DEFAULT_LM_WEIGHT if has_lm else 0.0
+
 # knob -> (owning transform, legal values description, validator or choices)
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "amp-bf16", "amp-fp16")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -82,7 +92,7 @@ class TrialConfig:
     hop_samples: int = 160
     compile: str = "off"
     beam_width: int = 4
-    lm_weight: float = 0.0
+    lm_weight: float = 0.0  # the CLI and studies fill an unset weight from default_lm_weight(model has an LM)
     temperature: float = DEFAULT_TEMPERATURE
     threads: int = 2
     adapt_steps: int = 0
@@ -169,9 +179,10 @@ def add_config_arguments(p) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="weights/activations: fp32, bf16, fp16, int8 (dynamic quantisation), or autocast amp-*")
     p.add_argument("--beam-width", type=int, default=d.beam_width, help="decoder beam width, 1 = greedy (default 4)")
-    p.add_argument("--lm-weight", type=float, default=d.lm_weight,
-                   help="character language model fused into the beam search with this weight; "
-                        "0 = none (default). Needs a model with an LM (the embedded default has one) or --lm")
+    p.add_argument("--lm-weight", type=float, default=None,
+                   help="character language model fused into the beam search with this weight; 0 = none. "
+                        f"Default {DEFAULT_LM_WEIGHT:g} for a model with an LM (the embedded default ships one; "
+                        "chosen on the adapt split), 0 for a model without; --lm gives a model one")
     p.add_argument("--temperature", type=float, default=d.temperature,
                    help="divide the joint network's logits by this before the beam search's log-softmax "
                         f"(default {d.temperature:g}, chosen on the adapt split; 1 = the model's own distribution)")
@@ -193,8 +204,13 @@ def add_config_arguments(p) -> None:
 
 
 def config_from_args(args, loaded=None) -> TrialConfig:
+    """The configuration the flags ask for; an unset ``--lm-weight`` is the model's default
+    (:func:`default_lm_weight`: it depends on whether ``loaded`` carries a language model)."""
     fields = {f.name for f in dataclasses.fields(TrialConfig)}
-    cfg = TrialConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    if values.get("lm_weight") is None:
+        values["lm_weight"] = default_lm_weight(loaded is not None and loaded.lm_path is not None)
+    cfg = TrialConfig(**values)
     if loaded is not None:
         cfg.validate_for(loaded.arch)
     return cfg

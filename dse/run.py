@@ -232,6 +232,7 @@ def load_context(space, args):
     else:
         loaded = load_model(model_arg, None, args.seed)
     loaded = with_lm(loaded, getattr(args, "lm", None))
+    space = space.for_model(loaded.lm_path is not None)
     eval_set = args.eval_set or DEFAULT_EVAL
     if not os.path.exists(eval_set):
         raise DSEError(f"eval set {eval_set} not found; pass --eval-set MANIFEST_OR_DIR")
@@ -294,13 +295,13 @@ def main(argv=None) -> int:
         study.set_user_attr("space", space.name)
         study.set_user_attr("objectives", [o.__dict__ for o in space.objectives])
         study.set_user_attr("constraints", [c.__dict__ for c in space.constraints])
-        study.set_user_attr("baseline_config", space.baseline_config().to_dict())
         target = args.n_trials or space.n_trials
         remaining = target - finished_count(study)
         console.print(f"study [bold]{study_name}[/bold] in {args.storage}: {finished_count(study)} finished, "
                       f"{max(0, remaining)} to run")
         if remaining > 0:
             ctx = load_context(space, args)
+            study.set_user_attr("baseline_config", ctx.space.baseline_config().to_dict())
             study.set_user_attr("eval_set", str(Path(args.eval_set or ctx.eval_set).resolve()))
             study.set_user_attr("adapt_set", str(ctx.adapt_fn.manifest) if ctx.adapt_fn else None)
             study.set_user_attr("eval_limit", args.eval_limit or space.eval_limit)

@@ -30,7 +30,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
-from dse.config import KNOBS, WEIGHT_KNOBS, TrialConfig, knob_problem
+from dse.config import KNOBS, WEIGHT_KNOBS, TrialConfig, default_lm_weight, knob_problem
 from dse.errors import ConfigError
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -152,6 +152,19 @@ class Space:
         for p in self.params:
             n *= len(p.values())
         return n
+
+    def for_model(self, has_lm: bool) -> "Space":
+        """This space with the knobs it leaves unset that depend on the model filled in:
+        ``lm_weight`` (:func:`~dse.config.default_lm_weight`) in ``fixed`` when no
+        parameter samples it, and in ``baseline`` when the space sets neither."""
+        weight = default_lm_weight(has_lm)
+        fixed, baseline = dict(self.fixed), dict(self.baseline)
+        sampled = any(p.knob == "lm_weight" for p in self.params)
+        if "lm_weight" not in fixed and not sampled:
+            fixed["lm_weight"] = weight
+        if "lm_weight" not in fixed and "lm_weight" not in baseline:
+            baseline["lm_weight"] = weight
+        return dataclasses.replace(self, fixed=fixed, baseline=baseline)
 
     def baseline_config(self) -> TrialConfig:
         """The configuration every trial is timed against: the space's ``baseline`` over its

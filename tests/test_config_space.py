@@ -1,8 +1,10 @@
+import argparse
+import dataclasses
 
 import pytest
 import yaml
 
-from dse.config import TrialConfig
+from dse.config import DEFAULT_LM_WEIGHT, TrialConfig, add_config_arguments, config_from_args
 from dse.errors import ConfigError
 from dse.models import architecture
 from dse.space import SPACES_DIR, canonical, load_space
@@ -53,6 +55,32 @@ def test_accuracy_key_ignores_threads_and_compile_only():
 
 def test_canonical_dense_drops_moe_subknobs():
     assert canonical({"moe_experts": 0, "moe_top_k": 1, "moe_hidden": 384}) == TrialConfig()
+
+
+def test_an_unset_lm_weight_is_the_models_default_in_spaces():
+    moe = load_space("moe")  # sets no lm_weight
+    assert "lm_weight" not in moe.fixed and not any(p.knob == "lm_weight" for p in moe.params)
+    with_lm, without = moe.for_model(True), moe.for_model(False)
+    assert with_lm.fixed["lm_weight"] == DEFAULT_LM_WEIGHT > 0 and without.fixed["lm_weight"] == 0.0
+    assert with_lm.baseline_config().lm_weight == DEFAULT_LM_WEIGHT and without.baseline_config().lm_weight == 0.0
+    assert with_lm.fixed["beam_width"] == moe.fixed["beam_width"] and with_lm.params == moe.params
+    # a space that samples the weight keeps sampling it (its baseline: the default); one that fixes it keeps it
+    sampled = load_space("full")
+    assert any(p.knob == "lm_weight" for p in sampled.params)
+    assert "lm_weight" not in sampled.for_model(True).fixed
+    assert sampled.for_model(True).baseline_config().lm_weight == DEFAULT_LM_WEIGHT
+    fixed = dataclasses.replace(moe, fixed=dict(moe.fixed, lm_weight=0.3), baseline={"lm_weight": 0.0})
+    assert fixed.for_model(True).fixed["lm_weight"] == 0.3 and fixed.for_model(True).baseline["lm_weight"] == 0.0
+
+
+@pytest.mark.parametrize("argv,has_lm,expected", [
+    ([], True, DEFAULT_LM_WEIGHT), ([], False, 0.0), (["--lm-weight", "0"], True, 0.0),
+    (["--lm-weight", "0.45"], True, 0.45)])
+def test_an_unset_lm_weight_flag_is_the_models_default(argv, has_lm, expected):
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    loaded = argparse.Namespace(lm_path="m.lm.gz" if has_lm else None, arch=architecture("small"))
+    assert config_from_args(p.parse_args(argv), loaded).lm_weight == expected
 
 
 @pytest.mark.parametrize("path", sorted(SPACES_DIR.glob("*.yaml")), ids=lambda p: p.stem)

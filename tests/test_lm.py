@@ -13,7 +13,7 @@ from torchaudio.models import RNNTBeamSearch
 
 from conftest import tone
 from dse import export, lm as lmmod, models, run, runtime, verify
-from dse.config import TrialConfig
+from dse.config import DEFAULT_LM_WEIGHT, TrialConfig
 from dse.errors import ConfigError, DSEError, ModelLoadError
 from dse.lm import CharNgramLM, FusedBeamSearch
 from dse.stream import StreamingRecognizer
@@ -231,10 +231,11 @@ def test_bundle_carries_the_lm_and_streams_what_the_study_measured(fused_study, 
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [t["hyp"] for t in trial.user_attrs["transcripts"]]
     assert type(runtime.load(bundle, lm_weight=0.0).decoder) is RNNTBeamSearch
-    # the speedup reference is the study's baseline: the same bundle without the LM
+    # the speedup reference is the study's baseline: a model with an LM has its default weight there
     assert verify.main([str(bundle), "--speedup-utterances", "2"]) == 0
     report = capsys.readouterr().out
-    assert "over an fp32 rebuild with beam width 2, no LM" in report and "accuracy identical" in report
+    assert f"over an fp32 rebuild with beam width 2, LM weight {DEFAULT_LM_WEIGHT:g}" in report
+    assert "accuracy identical" in report
     (bundle / runtime.LM_FILE).unlink()
     with pytest.raises(runtime.BundleError, match=runtime.LM_FILE):
         runtime.load(bundle)
