@@ -301,7 +301,15 @@ def main(argv=None) -> int:
                       f"{max(0, remaining)} to run")
         if remaining > 0:
             ctx = load_context(space, args)
-            study.set_user_attr("baseline_config", ctx.space.baseline_config().to_dict())
+            baseline = ctx.space.baseline_config().to_dict()
+            before = study.user_attrs.get("baseline_config")
+            changed = sorted(k for k in baseline if before and k in before and before[k] != baseline[k])
+            if changed:
+                console.print("[yellow]note:[/yellow] this study's baseline changed since its earlier trials ("
+                              + ", ".join(f"{k} {before[k]} -> {baseline[k]}" for k in changed)
+                              + "); trials run before and after differ in these knobs, so compare them with "
+                                "care or start a new --study-name")
+            study.set_user_attr("baseline_config", baseline)
             study.set_user_attr("eval_set", str(Path(args.eval_set or ctx.eval_set).resolve()))
             study.set_user_attr("adapt_set", str(ctx.adapt_fn.manifest) if ctx.adapt_fn else None)
             study.set_user_attr("eval_limit", args.eval_limit or space.eval_limit)

@@ -254,3 +254,27 @@ def test_export_refuses_an_lm_changed_since_the_study(fused_study, tmp_path):
     assert not (bundle / runtime.LM_FILE).exists() and runtime.read_config(bundle)["language_model"] is None
     with pytest.raises(runtime.BundleError, match="the trial fused no language model"):
         runtime.load(bundle, lm_weight=0.5)
+
+
+def test_a_study_fuses_the_models_lm_by_default_and_says_when_its_baseline_changed(tmp_path, manifest, capsys,
+                                                                                     monkeypatch):
+    monkeypatch.setenv("DSE_LOCK_DIR", str(tmp_path))
+    checkpoint = tmp_path / "tiny.pt"
+    models.save_checkpoint(checkpoint, models.random_model("tiny", seed=0))
+    (tmp_path / "space.yaml").write_text(
+        f"model: {checkpoint}\nsampler: grid\nn_trials: 1\n"
+        "objectives: [{metric: wer, direction: minimize}, {metric: rtf_p95, direction: minimize}]\n"
+        "params: {precision: {choices: [fp32, int8]}}\nfixed: {beam_width: 2, threads: 1}\ntiming_utterances: 2\n")
+    storage = f"sqlite:///{tmp_path}/s.db"
+    argv = ["--study", str(tmp_path / "space.yaml"), "--storage", storage, "--eval-set", str(manifest)]
+    assert run.main(argv) == 0  # no LM beside the checkpoint: no fusion
+    study = optuna.load_study(study_name="space", storage=storage)
+    assert study.user_attrs["baseline_config"]["lm_weight"] == 0.0
+    assert [t.user_attrs["config"]["lm_weight"] for t in study.trials] == [0.0]
+    assert "baseline changed" not in capsys.readouterr().err
+    CharNgramLM.train(TEXTS, SYMBOLS, order=3).save(tmp_path / "tiny.lm.gz")  # now the model carries one
+    assert run.main(argv + ["--n-trials", "2"]) == 0
+    study = optuna.load_study(study_name="space", storage=storage)
+    assert study.user_attrs["baseline_config"]["lm_weight"] == DEFAULT_LM_WEIGHT
+    assert [t.user_attrs["config"]["lm_weight"] for t in study.trials] == [0.0, DEFAULT_LM_WEIGHT]
+    assert f"lm_weight 0.0 -> {DEFAULT_LM_WEIGHT}" in capsys.readouterr().err
