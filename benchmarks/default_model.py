@@ -7,7 +7,8 @@ Streams the whole eval split through the default model at its default configurat
 language model fused at weight 0.15, 2 threads), without the language model (the
 acoustic model alone), at temperature 1 (the search on the joint network's own
 distribution), and at the settings that show whether accuracy responds to the design
-space as a real model's does: right context 0, bf16, int8, greedy decoding and beam 8.
+space as a real model's does: right context 0, bf16, int8, greedy decoding (with and
+without the LM) and beam 8.
 Each row is one streaming pass: WER/CER come from the transcripts of the very pass that
 is timed. Prints a Markdown table; the WER column carries a bootstrap 95 % interval over
 utterances, and each row after the first its WER difference from the first row, paired
@@ -37,7 +38,8 @@ ROWS = [
     ("right context 0", replace(DEFAULT, right_context_frames=0)),
     ("bf16", replace(DEFAULT, precision="bf16")),
     ("int8", replace(DEFAULT, precision="int8")),
-    ("greedy (beam 1)", replace(DEFAULT, beam_width=1)),
+    ("greedy (beam 1; greedy decodes without the LM by default)", replace(DEFAULT, beam_width=1, lm_weight=0.0)),
+    ("greedy with the LM", replace(DEFAULT, beam_width=1)),
     ("beam 8", replace(DEFAULT, beam_width=8)),
 ]
 

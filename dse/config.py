@@ -19,14 +19,15 @@ CONFIG_VERSION = 2  # 2: the decoder temperature (version-1 configs decoded at 1
 DEFAULT_TEMPERATURE = 2.0
 
 # The shallow-fusion weight of the character language model that ships beside a
-# checkpoint: the default for a model that carries one (the embedded default does;
-# chosen on the adapt split, MODEL_CARD.md), 0 for a model without one.
+# checkpoint: the default of a beam search (beam width 2 or more) for a model that
+# carries one (the embedded default does; chosen on the adapt split, MODEL_CARD.md).
+# Greedy search decodes without it: on the adapt split the LM made greedy search worse.
 DEFAULT_LM_WEIGHT = 0.15
 
 
-def default_lm_weight(has_lm: bool) -> float:
+def default_lm_weight(has_lm: bool, beam_width: int) -> float:
     """The LM weight a configuration gets when it does not set one."""
-    return DEFAULT_LM_WEIGHT if has_lm else 0.0
+    return DEFAULT_LM_WEIGHT if has_lm and beam_width > 1 else 0.0
 
 # knob -> (owning transform, legal values description, validator or choices)
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "amp-bf16", "amp-fp16")
@@ -92,7 +93,7 @@ class TrialConfig:
     hop_samples: int = 160
     compile: str = "off"
     beam_width: int = 4
-    lm_weight: float = 0.0  # the CLI and studies fill an unset weight from default_lm_weight(model has an LM)
+    lm_weight: float = 0.0  # the CLI and studies fill an unset weight from default_lm_weight()
     temperature: float = DEFAULT_TEMPERATURE
     threads: int = 2
     adapt_steps: int = 0
@@ -181,8 +182,9 @@ def add_config_arguments(p) -> None:
     p.add_argument("--beam-width", type=int, default=d.beam_width, help="decoder beam width, 1 = greedy (default 4)")
     p.add_argument("--lm-weight", type=float, default=None,
                    help="character language model fused into the beam search with this weight; 0 = none. "
-                        f"Default {DEFAULT_LM_WEIGHT:g} for a model with an LM (the embedded default ships one; "
-                        "chosen on the adapt split), 0 for a model without; --lm gives a model one")
+                        f"Default {DEFAULT_LM_WEIGHT:g} for a beam search with a model that has an LM (the "
+                        "embedded default ships one; chosen on the adapt split), else 0 (greedy search, or a "
+                        "model without one; --lm gives a model one)")
     p.add_argument("--temperature", type=float, default=d.temperature,
                    help="divide the joint network's logits by this before the beam search's log-softmax "
                         f"(default {d.temperature:g}, chosen on the adapt split; 1 = the model's own distribution)")
@@ -204,12 +206,14 @@ def add_config_arguments(p) -> None:
 
 
 def config_from_args(args, loaded=None) -> TrialConfig:
-    """The configuration the flags ask for; an unset ``--lm-weight`` is the model's default
-    (:func:`default_lm_weight`: it depends on whether ``loaded`` carries a language model)."""
+    """The configuration the flags ask for; an unset ``--lm-weight`` is the default
+    (:func:`default_lm_weight`: it depends on whether ``loaded`` carries a language model
+    and on the beam width)."""
     fields = {f.name for f in dataclasses.fields(TrialConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     if values.get("lm_weight") is None:
-        values["lm_weight"] = default_lm_weight(loaded is not None and loaded.lm_path is not None)
+        values["lm_weight"] = default_lm_weight(loaded is not None and loaded.lm_path is not None,
+                                                values.get("beam_width", TrialConfig.beam_width))
     cfg = TrialConfig(**values)
     if loaded is not None:
         cfg.validate_for(loaded.arch)

@@ -116,6 +116,7 @@ class Space:
     baseline: dict
     timing_utterances: int
     eval_limit: Optional[int]
+    has_lm: bool = False  # whether the model carries a language model (for_model)
 
     @property
     def directions(self) -> list[str]:
@@ -142,7 +143,7 @@ class Space:
                 values[p.knob] = trial.suggest_categorical(p.knob, list(p.choices))
             else:
                 values[p.knob] = trial.suggest_int(p.knob, p.low, p.high, step=p.step)
-        return canonical(values)
+        return self._filled(values)
 
     def grid(self) -> dict[str, list]:
         return {p.knob: p.values() for p in self.params}
@@ -154,24 +155,23 @@ class Space:
         return n
 
     def for_model(self, has_lm: bool) -> "Space":
-        """This space with the knobs it leaves unset that depend on the model filled in:
-        ``lm_weight`` (:func:`~dse.config.default_lm_weight`) in ``fixed`` when no
-        parameter samples it, and in ``baseline`` when the space sets neither."""
-        weight = default_lm_weight(has_lm)
-        fixed, baseline = dict(self.fixed), dict(self.baseline)
-        sampled = any(p.knob == "lm_weight" for p in self.params)
-        if "lm_weight" not in fixed and not sampled:
-            fixed["lm_weight"] = weight
-        if "lm_weight" not in fixed and "lm_weight" not in baseline:
-            baseline["lm_weight"] = weight
-        return dataclasses.replace(self, fixed=fixed, baseline=baseline)
+        """This space for a model that does (or does not) carry a language model: where the
+        space sets no ``lm_weight`` (neither fixed, sampled nor in its baseline), each
+        configuration gets :func:`~dse.config.default_lm_weight` for its beam width."""
+        return dataclasses.replace(self, has_lm=has_lm)
+
+    def _filled(self, values: dict) -> TrialConfig:
+        if "lm_weight" not in values:
+            values = dict(values, lm_weight=default_lm_weight(
+                self.has_lm, values.get("beam_width", TrialConfig.beam_width)))
+        return canonical(values)
 
     def baseline_config(self) -> TrialConfig:
         """The configuration every trial is timed against: the space's ``baseline`` over its
         ``fixed`` knobs, minus fixed knobs that change the weights (the baseline is the
         model as trained unless ``baseline`` says otherwise)."""
         fixed = {k: v for k, v in self.fixed.items() if k not in WEIGHT_KNOBS}
-        return canonical(dict(fixed, **self.baseline))
+        return self._filled(dict(fixed, **self.baseline))
 
 
 def canonical(values: dict) -> TrialConfig:

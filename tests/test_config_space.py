@@ -1,6 +1,7 @@
 import argparse
 import dataclasses
 
+import optuna
 import pytest
 import yaml
 
@@ -57,25 +58,42 @@ def test_canonical_dense_drops_moe_subknobs():
     assert canonical({"moe_experts": 0, "moe_top_k": 1, "moe_hidden": 384}) == TrialConfig()
 
 
+def fixed_trial(space, **values):
+    """An Optuna trial that picks ``values`` (knob -> value) and each other knob's first choice."""
+    params = {}
+    for p in space.params:
+        if p.choices is None:
+            params[p.knob] = values.get(p.knob, p.low)
+        elif p.ordered:
+            params[p.level_name] = sorted(p.choices).index(values.get(p.knob, min(p.choices)))
+        else:
+            params[p.knob] = values.get(p.knob, p.choices[0])
+    return optuna.trial.FixedTrial(params)
+
+
 def test_an_unset_lm_weight_is_the_models_default_in_spaces():
-    moe = load_space("moe")  # sets no lm_weight
+    moe = load_space("moe")  # sets no lm_weight; beam 4
     assert "lm_weight" not in moe.fixed and not any(p.knob == "lm_weight" for p in moe.params)
     with_lm, without = moe.for_model(True), moe.for_model(False)
-    assert with_lm.fixed["lm_weight"] == DEFAULT_LM_WEIGHT > 0 and without.fixed["lm_weight"] == 0.0
-    assert with_lm.baseline_config().lm_weight == DEFAULT_LM_WEIGHT and without.baseline_config().lm_weight == 0.0
-    assert with_lm.fixed["beam_width"] == moe.fixed["beam_width"] and with_lm.params == moe.params
+    assert with_lm.baseline_config().lm_weight == DEFAULT_LM_WEIGHT > 0 and without.baseline_config().lm_weight == 0.0
+    trial = fixed_trial(moe)
+    assert with_lm.suggest(trial).lm_weight == DEFAULT_LM_WEIGHT and without.suggest(trial).lm_weight == 0.0
+    # greedy search decodes without it
+    greedy = dataclasses.replace(moe, fixed=dict(moe.fixed, beam_width=1))
+    assert greedy.for_model(True).suggest(trial).lm_weight == 0.0
+    assert greedy.for_model(True).baseline_config().lm_weight == 0.0
     # a space that samples the weight keeps sampling it (its baseline: the default); one that fixes it keeps it
-    sampled = load_space("full")
-    assert any(p.knob == "lm_weight" for p in sampled.params)
-    assert "lm_weight" not in sampled.for_model(True).fixed
-    assert sampled.for_model(True).baseline_config().lm_weight == DEFAULT_LM_WEIGHT
-    fixed = dataclasses.replace(moe, fixed=dict(moe.fixed, lm_weight=0.3), baseline={"lm_weight": 0.0})
-    assert fixed.for_model(True).fixed["lm_weight"] == 0.3 and fixed.for_model(True).baseline["lm_weight"] == 0.0
+    sampled = load_space("full").for_model(True)
+    assert sampled.suggest(fixed_trial(sampled, lm_weight=0.3)).lm_weight == 0.3
+    assert sampled.baseline_config().lm_weight == DEFAULT_LM_WEIGHT
+    fixed = dataclasses.replace(moe, fixed=dict(moe.fixed, lm_weight=0.3), baseline={"lm_weight": 0.0}).for_model(True)
+    assert fixed.suggest(trial).lm_weight == 0.3 and fixed.baseline_config().lm_weight == 0.0
 
 
 @pytest.mark.parametrize("argv,has_lm,expected", [
     ([], True, DEFAULT_LM_WEIGHT), ([], False, 0.0), (["--lm-weight", "0"], True, 0.0),
-    (["--lm-weight", "0.45"], True, 0.45)])
+    (["--lm-weight", "0.45"], True, 0.45), (["--beam-width", "1"], True, 0.0),
+    (["--beam-width", "1", "--lm-weight", "0.3"], True, 0.3), (["--beam-width", "8"], True, DEFAULT_LM_WEIGHT)])
 def test_an_unset_lm_weight_flag_is_the_models_default(argv, has_lm, expected):
     p = argparse.ArgumentParser()
     add_config_arguments(p)
