@@ -31,7 +31,11 @@ voices come from:
 * ``rhvoice``: RHVoice's statistical parametric English voices bdl, clb, slt,
   evgeniy-eng and lyubov (Debian non-free ``rhvoice`` and ``rhvoice-english``).
   RHVoice's ``alan`` is left out: it is built from recordings of the speaker of
-  flite's ``awb``, a held-out voice.
+  flite's ``awb``, a held-out voice;
+* ``accented``: English spoken by espeak-ng through the MBROLA diphone voices of other
+  languages (``mb-de1-en`` ... : German de1-de6, French fr1 and fr4, Hungarian hu1,
+  Swedish sw1 and sw2, Dutch nl2, Afrikaans af1, Polish pl1, Greek gr2, Romanian ro1),
+  sixteen speakers with foreign accents (Debian contrib/non-free ``mbrola-de1`` ...).
 
 Rate, pitch and volume are drawn per utterance; a share of the utterances get additive
 noise at 10-30 dB SNR or a synthetic room reverberation. The voices in
@@ -79,7 +83,10 @@ PICO_VOICES = ["en-US", "en-GB"]
 MBROLA_VOICES = ["us1", "us2", "us3", "en1"]
 DIPHONE_VOICES = ["rab_diphone", "don_diphone"]
 RHVOICE_VOICES = ["bdl", "clb", "slt", "evgeniy-eng", "lyubov"]  # not alan: the held-out awb speaker
-ENGINES = ("espeak", "flite", "festival", "pico", "mbrola", "diphone", "rhvoice")
+# MBROLA diphone sets of other languages that espeak-ng drives with English phonemes (voice mb-<set>-en).
+ACCENTED_VOICES = ["de1", "de2", "de3", "de4", "de5", "de6", "fr1", "fr4", "hu1", "sw1", "sw2", "nl2", "af1",
+                   "pl1", "gr2", "ro1"]
+ENGINES = ("espeak", "flite", "festival", "pico", "mbrola", "diphone", "rhvoice", "accented")
 DEFAULT_ENGINES = ("espeak", "flite", "festival")
 # Never spoken in train or adapt: the eval split's leave-one-out slice.
 HELD_OUT_VOICES = {("flite", "awb"), ("festival", "ked_diphone")}
@@ -199,6 +206,8 @@ def available_voices(engines=DEFAULT_ENGINES) -> list[tuple[str, str]]:
         voices += [("festival", v) for v in DIPHONE_VOICES if glob.glob(f"{festival_root}/*/{v}")]
     if "rhvoice" in engines and shutil.which("RHVoice-test"):
         voices += [("rhvoice", v) for v in RHVOICE_VOICES if os.path.isdir(f"/usr/share/RHVoice/voices/{v}")]
+    if "accented" in engines and shutil.which("espeak-ng"):
+        voices += [("espeak", f"mb-{v}-en") for v in ACCENTED_VOICES if _mbrola_voice_installed(v)]
     return voices
 
 
@@ -234,7 +243,8 @@ def plan(out: Path, seed: int, n_train: int, n_adapt: int, n_eval_per_slice: int
     if not voices:
         raise DSEError(f"no text-to-speech voice found for engines {', '.join(engines)}: install espeak-ng, "
                        "flite or festival (pico: libttspico-utils; mbrola: mbrola and mbrola-us1 ...; "
-                       "diphone: festvox-rablpc16k, festvox-don; rhvoice: rhvoice, rhvoice-english)")
+                       "diphone: festvox-rablpc16k, festvox-don; rhvoice: rhvoice, rhvoice-english; "
+                       "accented: mbrola, mbrola-de1 ...)")
     held = [v for v in voices if v in HELD_OUT_VOICES]
     seen = [v for v in voices if v not in HELD_OUT_VOICES]
     engines = sorted({e for e, _ in seen})

@@ -60,7 +60,7 @@ def test_wordfreq_text_is_seeded_dictionary_words_and_never_a_shipped_sentence(t
 def test_unknown_engine_and_changed_plan_are_refused(tmp_path):
     from dse.errors import DSEError
 
-    with pytest.raises(DSEError, match="unknown engine.*allowed: espeak, flite, festival, pico, mbrola, diphone, rhvoice"):
+    with pytest.raises(DSEError, match="unknown engine.*allowed: espeak, flite, festival, pico, mbrola, diphone, rhvoice, accented"):
         corpus.available_voices(("espeak", "sapi"))
     with pytest.raises(DSEError, match="unknown text source 'bible'; allowed: fortunes, wordfreq"):
         corpus.plan(tmp_path, seed=0, n_train=1, n_adapt=1, n_eval_per_slice=1, text="bible")
@@ -75,7 +75,8 @@ def test_unknown_engine_and_changed_plan_are_refused(tmp_path):
 VOICES = {"espeak": ("espeak-ng", "espeak", "en-us+m3"), "flite": ("flite", "flite", "slt"),
           "festival": ("text2wave", "festival", "kal_diphone"), "pico": ("pico2wave", "pico", "en-GB"),
           "mbrola": ("mbrola", "espeak", "mb-us2"), "festival-mbrola": ("mbrola", "festival", "us1_mbrola"),
-          "diphone": ("text2wave", "festival", "rab_diphone"), "rhvoice": ("RHVoice-test", "rhvoice", "bdl")}
+          "diphone": ("text2wave", "festival", "rab_diphone"), "rhvoice": ("RHVoice-test", "rhvoice", "bdl"),
+          "accented": ("mbrola", "espeak", "mb-de4-en")}
 
 
 @pytest.mark.parametrize("name", sorted(VOICES))
@@ -89,6 +90,8 @@ def test_generation_is_deterministic(tmp_path, name):
         pytest.skip(f"the festival voice {voice} is not installed (festvox-rablpc16k)")
     if name == "rhvoice" and (engine, voice) not in corpus.available_voices(("rhvoice",)):
         pytest.skip(f"the RHVoice voice {voice} is not installed (rhvoice-english)")
+    if name == "accented" and (engine, voice) not in corpus.available_voices(("accented",)):
+        pytest.skip(f"the MBROLA voice {voice} is not installed (mbrola-de4)")
     hashes = []
     for run in range(2):
         job = corpus.Job(id="u", split="eval", slice=engine, text="the quick brown fox", engine=engine, voice=voice,
