@@ -29,6 +29,14 @@ def default_lm_weight(has_lm: bool, beam_width: int) -> float:
     """The LM weight a configuration gets when it does not set one."""
     return DEFAULT_LM_WEIGHT if has_lm and beam_width > 1 else 0.0
 
+
+def fill_lm_weight(values: dict, has_lm: bool) -> dict:
+    """``values`` (knob -> value) with an unset or ``None`` ``lm_weight`` filled in by
+    :func:`default_lm_weight` for its beam width."""
+    if values.get("lm_weight") is not None:
+        return values
+    return dict(values, lm_weight=default_lm_weight(has_lm, values.get("beam_width", TrialConfig.beam_width)))
+
 # knob -> (owning transform, legal values description, validator or choices)
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "amp-bf16", "amp-fp16")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -210,10 +218,8 @@ def config_from_args(args, loaded=None) -> TrialConfig:
     (:func:`default_lm_weight`: it depends on whether ``loaded`` carries a language model
     and on the beam width)."""
     fields = {f.name for f in dataclasses.fields(TrialConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    if values.get("lm_weight") is None:
-        values["lm_weight"] = default_lm_weight(loaded is not None and loaded.lm_path is not None,
-                                                values.get("beam_width", TrialConfig.beam_width))
+    values = fill_lm_weight({k: v for k, v in vars(args).items() if k in fields},
+                            loaded is not None and loaded.lm_path is not None)
     cfg = TrialConfig(**values)
     if loaded is not None:
         cfg.validate_for(loaded.arch)

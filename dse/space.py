@@ -30,7 +30,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
-from dse.config import KNOBS, WEIGHT_KNOBS, TrialConfig, default_lm_weight, knob_problem
+from dse.config import KNOBS, WEIGHT_KNOBS, TrialConfig, fill_lm_weight, knob_problem
 from dse.errors import ConfigError
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -157,14 +157,11 @@ class Space:
     def for_model(self, has_lm: bool) -> "Space":
         """This space for a model that does (or does not) carry a language model: where the
         space sets no ``lm_weight`` (neither fixed, sampled nor in its baseline), each
-        configuration gets :func:`~dse.config.default_lm_weight` for its beam width."""
+        configuration gets :func:`~dse.config.fill_lm_weight`'s default for its beam width."""
         return dataclasses.replace(self, has_lm=has_lm)
 
     def _filled(self, values: dict) -> TrialConfig:
-        if "lm_weight" not in values:
-            values = dict(values, lm_weight=default_lm_weight(
-                self.has_lm, values.get("beam_width", TrialConfig.beam_width)))
-        return canonical(values)
+        return canonical(fill_lm_weight(values, self.has_lm))
 
     def baseline_config(self) -> TrialConfig:
         """The configuration every trial is timed against: the space's ``baseline`` over its
