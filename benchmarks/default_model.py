@@ -23,10 +23,10 @@ from dataclasses import replace
 
 import torch
 
-from dse.config import DEFAULT_LM_WEIGHT, TrialConfig
-from dse.measure import load_eval_audio, machine_fingerprint, measure, paired_wer_difference
-from dse.models import DEFAULT_CHECKPOINT, DEFAULT_EVAL, lm_beside, load_model, with_lm
-from dse.transforms import build_recognizer
+from dse.core.config import DEFAULT_LM_WEIGHT, TrialConfig
+from dse.core.measure import load_eval_audio, machine_fingerprint, measure, paired_wer_difference
+from dse.core.models import DEFAULT_CHECKPOINT, DEFAULT_EVAL, lm_beside, load_model, with_lm
+from dse.core.build import build_recognizer
 
 DEFAULT_LM = lm_beside(DEFAULT_CHECKPOINT)
 

@@ -18,8 +18,8 @@ import warnings
 
 import torch
 
-from dse.measure import bootstrap_ci
-from dse.models import load_model, random_model
+from dse.core.measure import bootstrap_ci
+from dse.core.models import load_model, random_model
 
 
 def torchao_int8(model):

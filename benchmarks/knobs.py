@@ -16,11 +16,11 @@ import dataclasses
 
 import torch
 
-from dse.config import TrialConfig
-from dse.measure import interleaved_speedup, load_eval_audio, machine_fingerprint, measure
-from dse.models import DEFAULT_EVAL, load_model
-from dse.study import operator_profile
-from dse.transforms import build_recognizer
+from dse.core.config import TrialConfig
+from dse.core.measure import interleaved_speedup, load_eval_audio, machine_fingerprint, measure
+from dse.core.models import DEFAULT_EVAL, load_model
+from dse.search.study import operator_profile
+from dse.core.build import build_recognizer
 
 BASELINE = TrialConfig(beam_width=10, threads=2)
 SETTINGS = [
@@ -66,7 +66,7 @@ def main() -> None:
             continue
         cfg = dataclasses.replace(BASELINE, **{knob: value})
         if knob == "moe_experts":
-            cfg = dataclasses.replace(cfg, moe_top_k=2, moe_hidden=loaded.arch["transformer_ffn_dim"] // 2)
+            cfg = cfg.replace(moe_top_k=2, moe_hidden=loaded.arch["transformer_ffn_dim"] // 2)
         try:
             built = build_recognizer(loaded, cfg)
         except Exception as exc:  # a knob that cannot be built is a finding, not a crash

@@ -9,7 +9,7 @@
 2. Each sampler, made exactly as ``python -m dse.run`` makes it for a study of that
    many trials, then runs ``25 %`` of the grid's size as trials against that table
    (one real measurement per configuration; the sampler sees the measured values),
-   for ``--seeds`` seeds, suggesting through :meth:`dse.space.Space.suggest` as a
+   for ``--seeds`` seeds, suggesting through :meth:`dse.search.space.Space.suggest` as a
    study does. Printed: the hypervolume it reached as a fraction of the whole grid's
    hypervolume (both objectives minimised, reference point 1.1 x the worst value of
    each), median and worst over seeds. ``gp-categorical`` and ``tpe-categorical``
@@ -31,12 +31,12 @@ import torch
 import yaml
 from optuna._hypervolume import compute_hypervolume
 
-from dse.config import TrialConfig
-from dse.measure import load_eval_audio, measure
-from dse.models import DEFAULT_EVAL, load_model
-from dse.run import make_sampler
-from dse.space import load_space
-from dse.transforms import build_recognizer
+from dse.core.config import TrialConfig
+from dse.core.measure import load_eval_audio, measure
+from dse.core.models import DEFAULT_EVAL, load_model
+from dse.search.study import make_sampler
+from dse.search.space import load_space
+from dse.core.build import build_recognizer
 
 GRID = {"precision": ["fp32", "bf16", "int8"], "beam_width": [1, 2, 4, 8], "right_context_frames": [0, 4, 8]}
 

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from dse.config import TrialConfig
-from dse.measure import bootstrap_ci, interleaved_speedup, load_eval_audio, machine_fingerprint, measure
-from dse.models import DEFAULT_EVAL, random_model
-from dse.transforms import apply_precision, build_recognizer
+from dse.core.config import TrialConfig
+from dse.core.measure import bootstrap_ci, interleaved_speedup, load_eval_audio, machine_fingerprint, measure
+from dse.core.models import DEFAULT_EVAL, random_model
+from dse.core.build import apply_precision, build_recognizer
 
 
 def encoder_ratio(fp32_model, int8_model, chunk_frames: int, n_chunks: int = 60) -> dict:

@@ -22,9 +22,9 @@ import time
 
 import torch
 
-from dse import train
-from dse.measure import bootstrap_ci
-from dse.models import CharTokenizer, architecture, build
+from dse.training import train
+from dse.core.measure import bootstrap_ci
+from dse.core.models import CharTokenizer, architecture, build
 
 
 def main(argv=None) -> int:

@@ -29,8 +29,8 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from dashboard import figures, logic  # noqa: E402
-from dse.errors import DSEError  # noqa: E402
-from dse.run import DEFAULT_STORAGE  # noqa: E402
+from dse.core.errors import DSEError  # noqa: E402
+from dse.search.storage import DEFAULT_STORAGE  # noqa: E402
 
 REFRESH_S = 10  # while trials run, the page checks the storage for finished trials this often (s)
 CACHE_TTL_S = 600  # derived study data is kept this long (s); a changed trial count re-reads it at once
@@ -47,7 +47,7 @@ def storage_from_command_line() -> str:
 @st.cache_resource(show_spinner=False)
 def open_storage(storage_url: str):
     """One Optuna RDB storage per URL for the whole server."""
-    from dse.run import make_storage
+    from dse.search.storage import make_storage
 
     return make_storage(storage_url)
 
@@ -283,7 +283,7 @@ def show_plot(rows: pd.DataFrame, counts: logic.TrialCounts, x: str, y: str, col
 
 
 def export_bundle_ui(storage_url: str, study_name: str, trial: int) -> None:
-    """Folder input and export button; the bundle is written by :func:`dse.export.export_bundle`."""
+    """Folder input and export button; the bundle is written by :func:`dse.deploy.export.export_bundle`."""
     folder_column, button_column = st.columns([4, 1], vertical_alignment="bottom")
     out_dir = folder_column.text_input("Output folder", value=f"deploy/{study_name}-trial{trial}",
                                        help="Relative paths are relative to the folder the dashboard was started in")
@@ -292,7 +292,7 @@ def export_bundle_ui(storage_url: str, study_name: str, trial: int) -> None:
     if not clicked:
         return
     try:
-        from dse.export import export_bundle
+        from dse.deploy.export import export_bundle
     except ImportError as exc:
         st.error(f"Export is not available in this installation of dse: {exc}")
         return

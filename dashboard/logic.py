@@ -6,7 +6,7 @@ Vocabulary:
 
 * a *row* is one COMPLETE trial in a :class:`pandas.DataFrame` built by :func:`trial_rows`:
   ``trial`` (the Optuna trial number), ``study``, one column per knob of
-  :data:`dse.config.KNOBS` (raw values, ``None`` for geometry "as trained"), one float
+  :data:`dse.core.knobs.KNOBS` (raw values, ``None`` for geometry "as trained"), one float
   column per metric of :data:`METRICS` (NaN where the metric was not measured, e.g. WER
   with random weights), ``config`` (the stored config dict) and ``attrs`` (all the
   trial's ``user_attrs``);
@@ -23,38 +23,10 @@ from typing import Any, Iterable, Optional, Sequence
 
 import pandas as pd
 
-from dse.config import KNOBS
+from dse.core.knobs import KNOBS
+from dse.core.record import METRICS
 
 
-@dataclasses.dataclass(frozen=True)
-class Metric:
-    """How one metric is labelled and printed. ``kind``: ratio, percent, ms, s, mib, count, flops, factor."""
-    label: str
-    kind: str
-    doc: str
-    missing: str = "not measured"
-
-
-METRICS: dict[str, Metric] = {
-    "wer": Metric("WER", "percent", "word errors on the eval split, from the timed pass"),
-    "cer": Metric("CER", "percent", "character errors on the eval split"),
-    "rtf_mean": Metric("RTF mean", "ratio", "compute s per audio s, mean over utterances"),
-    "rtf_p50": Metric("RTF p50", "ratio", "median over utterances"),
-    "rtf_p95": Metric("RTF p95", "ratio", "95th percentile over utterances"),
-    "rtf_normalised": Metric("RTF normalised", "ratio", "baseline RTF / same-run speedup"),
-    "speedup": Metric("speedup", "factor", "baseline time / this time, same run"),
-    "inverse_speedup": Metric("1 / speedup", "ratio", "this time / baseline time, same run"),
-    "chunk_latency_p50_ms": Metric("chunk p50", "ms", "median compute time of one chunk"),
-    "chunk_latency_p95_ms": Metric("chunk p95", "ms", "95th-percentile chunk compute time"),
-    "chunk_latency_p99_ms": Metric("chunk p99", "ms", "99th-percentile chunk compute time"),
-    "ttft_s": Metric("TTFT", "s", "median time to the first emitted token"),
-    "ttft_p95_s": Metric("TTFT p95", "s", "95th-percentile time to first token"),
-    "peak_rss_mib": Metric("peak RSS", "mib", "peak resident memory while measuring"),
-    "weight_mib": Metric("weights", "mib", "weights in their deployed form"),
-    "params": Metric("parameters", "count", "parameter count"),
-    "compile_s": Metric("compile time", "s", "torch.compile time before the first chunk", missing="not compiled"),
-    "flops_per_chunk": Metric("FLOPs per chunk", "flops", "analytic count per streaming chunk"),
-}
 SPEED_AXES: tuple[str, ...] = ("rtf_p95", "rtf_p50", "rtf_normalised", "inverse_speedup", "chunk_latency_p95_ms",
                                "ttft_s", "weight_mib")
 ACCURACY_AXES: tuple[str, ...] = ("wer", "cer")
@@ -106,11 +78,8 @@ def change_from(metric: str, value: Any, reference: Any) -> Optional[str]:
 
 def format_knob(knob: str, value: Any) -> str:
     """A knob value for people: geometry ``None`` reads "as trained", dense MoE reads "dense"."""
-    if value is None and knob in ("right_context_frames", "segment_frames"):
-        return "as trained"
-    if knob == "moe_experts" and value == 0:
-        return "0 (dense)"
-    return str(value)
+    spec = KNOBS.get(knob)
+    return spec.show(value) if spec is not None else str(value)
 
 
 def _float(value: Any) -> float:
@@ -367,7 +336,7 @@ def wer_difference(rows: pd.DataFrame, a: int, b: int) -> Optional[str]:
     ``None`` when either trial lacks per-utterance errors or they were measured on
     different utterances (another eval set or ``--limit``).
     """
-    from dse.measure import paired_wer_difference
+    from dse.core.measure import paired_wer_difference
 
     picked = rows.set_index("trial")
     ea, eb = (picked.at[n, "attrs"].get("utterance_errors") or [] for n in (a, b))
@@ -428,7 +397,7 @@ def knob_importances(study, objectives: Sequence[str]) -> dict[str, dict[str, fl
 
 def knob_of_param(name: str) -> str:
     """The knob an Optuna parameter samples (``beam_width_level`` samples ``beam_width``)."""
-    from dse.space import LEVEL_SUFFIX
+    from dse.search.space import LEVEL_SUFFIX
 
     return name[:-len(LEVEL_SUFFIX)] if name.endswith(LEVEL_SUFFIX) else name
 

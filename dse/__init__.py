@@ -1,26 +1,20 @@
 """Design-space exploration for streaming Emformer RNN-T recognition on CPUs.
 
 The names users call are re-exported here and imported lazily, so that importing
-``dse`` (or ``dse.runtime``) does not pull in Optuna or the dashboard.
+``dse`` (or ``dse.deploy.runtime``) does not pull in Optuna or the dashboard.
 """
 from __future__ import annotations
 
-import importlib
+from dse.core._lazy import lazy_exports
 
-__all__ = ["DSEError", "TrialConfig", "StreamingRecognizer", "load_model", "build_recognizer", "measure"]
 __version__ = "0.1.0"
 
-_WHERE = {
-    "DSEError": "dse.errors",
-    "TrialConfig": "dse.config",
-    "StreamingRecognizer": "dse.stream",
-    "load_model": "dse.models",
-    "build_recognizer": "dse.transforms",
-    "measure": "dse.measure",
-}
-
-
-def __getattr__(name):
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'dse' has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(__name__, {
+    "dse.core.errors": "DSEError",
+    "dse.core.config": "TrialConfig",
+    "dse.core.stream": "StreamingRecognizer",
+    "dse.core.models": "load_model",
+    "dse.core.build": "build_recognizer",
+    "dse.core.measure": "measure",
+    "dse.deploy.runtime": "load",
+})

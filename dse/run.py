@@ -16,240 +16,15 @@ lock file, so run one timing worker per machine (adaptation may overlap).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Optional
 
-from dse.errors import DSEError
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_STORAGE = f"sqlite:///{PROJECT_ROOT / 'studies.db'}"
-HEARTBEAT_S = 20
-GRACE_S = 60
-
-
-def make_storage(url: str):
-    import optuna
-    import warnings
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    # Workers started together race to create the schema on an empty database; the loser's
-    # CREATE fails with a unique violation, and a second attempt finds the tables made.
-    for attempt in range(5):
-        try:
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
-        except Exception as exc:
-            if attempt < 4 and type(exc).__name__ in ("IntegrityError", "ProgrammingError", "OperationalError"):
-                time.sleep(0.5 + attempt)
-                continue
-            raise DSEError(f"cannot open storage {url!r}: {type(exc).__name__}: {exc}") from exc
-
-
-def make_sampler(name: str, space, seed: Optional[int]):
-    import optuna
-
-    # Constraints reach the samplers through Trial.set_constraint (see the objective).
-    # GP (Gaussian-process Bayesian optimisation, log expected hypervolume improvement,
-    # constraints from Trial.set_constraint) is the spaces' default: with 9 trials on a
-    # 36-point grid it found more of the front than TPE, and NSGA-II, which needs
-    # several generations of a population, did worse than random sampling
-    # (benchmarks/search_efficiency.py measures all of them at a 25 % budget).
-    startup = max(2, min(10, space.n_trials // 3))
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, space.n_trials // 2 or 4)))
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "grid":
-        return optuna.samplers.GridSampler(space.grid(), seed=seed)
-    raise DSEError(f"unknown sampler {name!r}; use gp, tpe, nsga2, random or grid")
-
-
-def finished_count(study) -> int:
-    from optuna.trial import TrialState
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-
-
-def pareto_trials(study):
-    try:
-        return study.best_trials
-    except Exception:
-        return []
-
-
-def find_reuse(study, accuracy_key: str) -> Optional[dict]:
-    """WER of a completed trial with the same accuracy key (see :mod:`dse.study`), if any."""
-    from optuna.trial import TrialState
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.user_attrs.get("accuracy_key") == accuracy_key and t.user_attrs.get("metrics", {}).get("wer") is not None:
-            m = t.user_attrs["metrics"]
-            return {"wer": m["wer"], "cer": m.get("cer"), "wer_by_slice": t.user_attrs.get("wer_by_slice", {}),
-                    "wer_ci95": t.user_attrs.get("wer_ci95"),
-                    "utterance_errors": t.user_attrs.get("utterance_errors", []), "trial": t.number}
-    return None
-
-
-def make_objective(ctx, console):
-    import optuna
-
-    space = ctx.space
-
-    def objective(trial):
-        from dse.study import Pruned, run_trial
-
-        config = None
-        try:
-            config = space.suggest(trial, levels=not isinstance(trial.study.sampler, optuna.samplers.GridSampler))
-            config.validate_for(ctx.loaded.arch)
-            trial.set_user_attr("config", config.to_dict())
-            trial.set_user_attr("accuracy_key", config.accuracy_key())
-            trial.set_user_attr("model", model_identity(ctx.loaded))
-            reuse = find_reuse(trial.study, config.accuracy_key()) if ctx.loaded.trained else None
-
-            def on_phase(name):
-                console.print(f"  trial {trial.number}: {name}")
-
-            def on_adapt(step, dev_wer):
-                console.print(f"  trial {trial.number}: adapt step {step}: dev WER {dev_wer:.3f}")
-                reason = prune_reason(space, trial.study, step, dev_wer)
-                if reason:
-                    raise Pruned(reason)
-
-            console.print(f"[bold]trial {trial.number}[/bold] {describe(config)}"
-                          + (f" (WER reused from trial {reuse['trial']})" if reuse else ""))
-            record = run_trial(ctx, config, reuse=reuse, on_phase=on_phase, on_adapt_progress=on_adapt)
-        except Pruned as exc:
-            trial.set_user_attr("prune_reason", str(exc))
-            console.print(f"  trial {trial.number}: [yellow]pruned[/yellow]: {exc}")
-            raise optuna.TrialPruned(str(exc)) from None
-        except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted by the user (Ctrl-C)")
-            raise
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            trial.set_user_attr("fail_reason", reason[:2000])
-            console.print(f"  trial {trial.number}: [red]failed[/red]: {reason[:300]}")
-            raise
-        metrics = record["metrics"]
-        for key, value in record.items():
-            if key != "config":
-                trial.set_user_attr(key, value)
-        if reuse:
-            trial.set_user_attr("reused_wer_from", reuse["trial"])
-        violations = [c.violation(metrics.get(c.metric)) for c in space.constraints]
-        trial.set_user_attr("constraint_violations", violations)
-        for c, v in zip(space.constraints, violations):
-            trial.set_constraint(f"{c.metric}<={c.max}" if c.max is not None else f"{c.metric}>={c.min}", v)
-        values = []
-        for o in space.objectives:
-            v = metrics.get(o.metric)
-            if v is None or (isinstance(v, float) and not math.isfinite(v)):
-                msg = f"objective {o.metric} was not measured" + (
-                    " (random weights: WER is not measurable)" if o.metric in ("wer", "cer") else "")
-                trial.set_user_attr("fail_reason", msg)
-                raise DSEError(msg)
-            values.append(float(v))
-        console.print(f"  trial {trial.number}: " + ", ".join(f"{o.metric}={v:.4g}" for o, v in zip(space.objectives, values)))
-        return values
-
-    return objective
-
-
-def prune_reason(space, study, step: int, dev_wer: float) -> Optional[str]:
-    """The project's early-stopping rule for adaptation (Optuna's pruners do not work multi-objective)."""
-    above = space.prune.get("wer_above")
-    if above is not None and dev_wer > above:
-        return f"dev WER {dev_wer:.3f} at adaptation step {step} is above the space's limit {above}"
-    margin = space.prune.get("front_margin")
-    wer_index = next((i for i, o in enumerate(space.objectives) if o.metric == "wer"), None)
-    if margin is not None and wer_index is not None:
-        front = [t.values[wer_index] for t in pareto_trials(study)]
-        if front and dev_wer > max(front) + margin:
-            return (f"dev WER {dev_wer:.3f} at adaptation step {step} cannot reach the Pareto front "
-                    f"(worst front WER {max(front):.3f} + margin {margin})")
-    return None
-
-
-def model_identity(loaded) -> dict:
-    """Which model a trial measured: architecture name, weights source (absolute path) and file hash,
-    and the language model available to ``lm_weight`` (absolute path and hash, or ``None``)."""
-    from dse.models import file_sha256
-
-    lm = os.path.abspath(loaded.lm_path) if loaded.lm_path else None
-    return {"name": loaded.name, "weights": loaded.weights, "sha256": loaded.info.get("checkpoint_sha256"),
-            "params": loaded.num_params(), "lm": lm, "lm_sha256": file_sha256(lm) if lm else None}
-
-
-def describe(config) -> str:
-    d = config.to_dict()
-    default = type(config)().to_dict()
-    changed = {k: v for k, v in d.items() if k != "version" and v != default[k]}
-    return ", ".join(f"{k}={v}" for k, v in changed.items()) or "default configuration"
-
-
-def pareto_table(study, space):
-    from rich.table import Table
-
-    table = Table(title=f"Pareto front of study {study.study_name!r}")
-    table.add_column("trial", justify="right")
-    table.add_column("configuration")
-    for o in space.objectives:
-        table.add_column(f"{o.metric} ({o.direction[:3]})", justify="right")
-    for col in ("WER", "RTF p95", "speedup", "TTFT s", "MiB"):
-        table.add_column(col, justify="right")
-    from dse.config import TrialConfig
-    for t in sorted(pareto_trials(study), key=lambda t: t.values):
-        m = t.user_attrs.get("metrics", {})
-        cfg = TrialConfig.from_dict(t.user_attrs["config"])
-
-        def f(v, spec=".4g"):
-            return "not measured" if v is None else format(v, spec)
-        table.add_row(str(t.number), describe(cfg), *[f(v) for v in t.values], f(m.get("wer"), ".3f"),
-                      f(m.get("rtf_p95"), ".4f"), f(m.get("speedup"), ".2f"), f(m.get("ttft_s"), ".3f"),
-                      f(m.get("weight_mib"), ".1f"))
-    return table
-
-
-def load_context(space, args):
-    from dse.measure import load_eval_audio
-    from dse.models import DEFAULT_ADAPT, DEFAULT_EVAL, load_model, random_model, with_lm
-    from dse.study import TrialContext
-
-    model_arg = args.model or space.model
-    if model_arg == "default":
-        loaded = load_model(None, None, args.seed)
-    elif model_arg.endswith("-random"):
-        loaded = random_model(model_arg[: -len("-random")], args.seed)
-    else:
-        loaded = load_model(model_arg, None, args.seed)
-    loaded = with_lm(loaded, getattr(args, "lm", None))
-    space = space.for_model(loaded.lm_path is not None)
-    eval_set = args.eval_set or DEFAULT_EVAL
-    if not os.path.exists(eval_set):
-        raise DSEError(f"eval set {eval_set} not found; pass --eval-set MANIFEST_OR_DIR")
-    limit = args.eval_limit or space.eval_limit
-    audio = load_eval_audio(eval_set, limit, progress=True)
-    adapt_fn = None
-    adapt_set = args.adapt_set or DEFAULT_ADAPT
-    if loaded.trained and os.path.exists(adapt_set):
-        from dse.adapt import Adapter
-        adapt_fn = Adapter(loaded, adapt_set, cache_dir=args.cache_dir, device=args.device)
-    ctx = TrialContext(loaded=loaded, audio=audio, space=space, adapt_fn=adapt_fn, profile=args.profile)
-    ctx.eval_set = str(eval_set)
-    return ctx
-
+from dse.core.errors import DSEError, cli_error
+from dse.search.storage import DEFAULT_STORAGE
 
 def main(argv=None) -> int:
-    from dse.space import SAMPLERS
+    from dse.search.space import SAMPLERS
 
     p = argparse.ArgumentParser(prog="python -m dse.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -278,7 +53,10 @@ def main(argv=None) -> int:
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
     try:
         import optuna
-        from dse.space import load_space
+        from dse.search.space import load_space
+        from dse.search.storage import make_storage
+        from dse.search.study import (finished_count, load_context, make_objective, make_sampler, model_identity,
+                                      pareto_table)
 
         space = load_space(args.study)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -328,8 +106,7 @@ def main(argv=None) -> int:
                 console.print(pareto_table(study, space))
                 return 130
     except DSEError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        return 2
+        return cli_error(exc)
     console.print(pareto_table(study, space))
     return 0
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from dse import models
+from dse.core import models
 
 
 def tone(seconds: float, rate: int = 16000, freq: float = 220.0, seed: int = 0) -> np.ndarray:

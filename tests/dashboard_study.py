@@ -13,7 +13,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
-from dse.config import TrialConfig
+from dse.core.config import TrialConfig
 
 BASELINE = TrialConfig(precision="fp32", beam_width=4, threads=2)
 SEARCHED = {"precision": ("fp32", "bf16", "int8"), "moe_experts": (0, 4, 8), "beam_width": (1, 2, 4, 8)}
@@ -42,7 +42,7 @@ class TrialSpec:
 
 
 def config_of(spec: TrialSpec) -> dict:
-    return TrialConfig(**dict(dataclasses.asdict(BASELINE), **spec.knobs)).to_dict()
+    return TrialConfig.from_dict(dict(BASELINE.to_dict(), **spec.knobs)).to_dict()
 
 
 def trial_attrs(spec: TrialSpec, model: dict) -> dict:

@@ -5,9 +5,9 @@ import pytest
 import soundfile
 import torch
 
-from dse.audio import read_audio
-from dse.datasets import iter_checked, load_eval_set, read_librispeech, read_manifest
-from dse.errors import AudioError, DatasetError
+from dse.core.audio import read_audio
+from dse.core.datasets import iter_checked, load_eval_set, read_librispeech, read_manifest
+from dse.core.errors import AudioError, DatasetError
 from conftest import tone
 
 

@@ -5,10 +5,10 @@ import optuna
 import pytest
 import yaml
 
-from dse.config import DEFAULT_LM_WEIGHT, TrialConfig, add_config_arguments, config_from_args
-from dse.errors import ConfigError
-from dse.models import architecture
-from dse.space import SPACES_DIR, canonical, load_space
+from dse.core.config import DEFAULT_LM_WEIGHT, TrialConfig, add_config_arguments, config_from_args
+from dse.core.errors import ConfigError
+from dse.core.models import architecture
+from dse.search.space import SPACES_DIR, canonical, load_space
 
 
 def test_round_trip_json():
@@ -187,7 +187,7 @@ def test_grid_sampler_gets_plain_categories():
 def test_samplers_drive_a_constrained_study_past_their_start_up(sampler):
     import optuna
 
-    from dse.run import make_sampler
+    from dse.search.study import make_sampler
 
     space = load_space("base-latency")
     study = optuna.create_study(directions=space.directions, sampler=make_sampler(sampler, space, 0))

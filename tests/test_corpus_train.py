@@ -7,7 +7,9 @@ import pytest
 import torch
 import torchaudio
 
-from dse import corpus, models, train
+from dse.training import corpus
+from dse.core import models
+from dse.training import train
 
 
 def test_sentence_splits_are_disjoint_and_seeded(tmp_path):
@@ -58,7 +60,7 @@ def test_wordfreq_text_is_seeded_dictionary_words_and_never_a_shipped_sentence(t
 
 
 def test_unknown_engine_and_changed_plan_are_refused(tmp_path):
-    from dse.errors import DSEError
+    from dse.core.errors import DSEError
 
     with pytest.raises(DSEError, match="unknown engine.*allowed: espeak, flite, festival, pico, mbrola, diphone, rhvoice, accented"):
         corpus.available_voices(("espeak", "sapi"))

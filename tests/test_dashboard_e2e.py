@@ -59,7 +59,7 @@ def wait_for_page(page) -> None:
 @pytest.fixture
 def storage_url(tmp_path) -> str:
     """The demo study, its trials recorded against a real tiny checkpoint that export can rebuild."""
-    from dse import models
+    from dse.core import models
 
     checkpoint = tmp_path / "tiny.pt"
     models.save_checkpoint(checkpoint, models.random_model("tiny"))

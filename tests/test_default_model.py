@@ -1,10 +1,10 @@
 """The shipped default: loads, and transcribes eval utterances correctly."""
 import pytest
 
-from dse import models
-from dse.audio import read_audio
-from dse.datasets import read_manifest
-from dse.stream import StreamingRecognizer
+from dse.core import models
+from dse.core.audio import read_audio
+from dse.core.datasets import read_manifest
+from dse.core.stream import StreamingRecognizer
 
 pytestmark = pytest.mark.skipif(not models.default_available(), reason="no shipped default checkpoint")
 

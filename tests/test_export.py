@@ -12,10 +12,16 @@ import soundfile
 import torch
 
 from conftest import tone
-from dse import export, measure, models, run, runtime, transcribe, verify
-from dse.config import TrialConfig
-from dse.errors import AudioError, DSEError
-from dse.moe import moe_blocks
+from dse.deploy import export
+from dse.core import measure
+from dse.core import models
+from dse import run
+from dse.deploy import runtime
+from dse.deploy import transcribe
+from dse.deploy import verify
+from dse.core.config import TrialConfig
+from dse.core.errors import AudioError, DSEError
+from dse.core.moe import moe_blocks
 
 SPACE = """\
 model: {checkpoint}
@@ -386,8 +392,9 @@ def test_verify_fails_when_only_the_recorded_wer_differs(bundles, tmp_path, caps
 
 
 def test_runtime_imports_no_study_machinery():
-    code = ("import sys, dse.runtime, dse.transcribe\n"
-            "heavy = ['optuna', 'streamlit', 'jiwer', 'dse.study', 'dse.run', 'dse.config', 'dse.measure']\n"
+    code = ("import sys, dse.deploy.runtime, dse.deploy.transcribe\n"
+            "heavy = ['optuna', 'streamlit', 'jiwer', 'dse.search', 'dse.training', 'dse.run', 'dse.measure',\n"
+            "         'dse.core.measure']\n"
             "print(' '.join(m for m in heavy if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

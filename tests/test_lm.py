@@ -12,12 +12,17 @@ import torch
 from torchaudio.models import RNNTBeamSearch
 
 from conftest import tone
-from dse import export, lm as lmmod, models, run, runtime, verify
-from dse.config import DEFAULT_LM_WEIGHT, TrialConfig
-from dse.errors import ConfigError, DSEError, ModelLoadError
-from dse.lm import CharNgramLM, FusedBeamSearch
-from dse.stream import StreamingRecognizer
-from dse.transforms import build_recognizer
+from dse.deploy import export
+from dse.training import lm_build
+from dse.core import models
+from dse import run
+from dse.deploy import runtime
+from dse.deploy import verify
+from dse.core.config import DEFAULT_LM_WEIGHT, TrialConfig
+from dse.core.errors import ConfigError, DSEError, ModelLoadError
+from dse.core.lm import CharNgramLM, FusedBeamSearch
+from dse.core.stream import StreamingRecognizer
+from dse.core.build import build_recognizer
 
 SYMBOLS = models.CharTokenizer().symbols
 TEXTS = ["the cat sat on the mat", "the cat ate the rat", "a dog sat on the log", "the mat is flat"]
@@ -146,10 +151,10 @@ def test_default_model_ships_an_lm_counted_from_the_training_texts_only():
     assert models.load_model().lm_path == str(path)
     shipped = CharNgramLM.load(path)
     try:
-        texts = lmmod.default_texts()
+        texts = lm_build.default_texts()
     except DSEError as exc:
         pytest.skip(str(exc))  # the fortune packages are not installed
-    from dse.corpus import shipped_texts
+    from dse.training.corpus import shipped_texts
 
     held_eval, held_adapt = shipped_texts()
     assert held_eval and held_adapt and not (set(texts) & (held_eval | held_adapt))
@@ -166,12 +171,12 @@ def test_cli_builds_and_scores(tmp_path, capsys):
     manifest = tmp_path / "t.jsonl"
     manifest.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     out = tmp_path / "x.lm.gz"
-    assert lmmod.main(["build", "--out", str(out), "--order", "3", "--texts", str(manifest)]) == 0
+    assert lm_build.main(["build", "--out", str(out), "--order", "3", "--texts", str(manifest)]) == 0
     assert "order 3, 4 sentences" in capsys.readouterr().out
-    assert lmmod.main(["score", str(out), str(manifest)]) == 0
+    assert lm_build.main(["score", str(out), str(manifest)]) == 0
     bits = float(capsys.readouterr().out.split(": ")[1].split()[0])
     assert 0 < bits < math.log2(len(SYMBOLS) + 1)
-    assert lmmod.main(["build", "--out", str(out), "--texts", str(tmp_path / "none.txt")]) == 2
+    assert lm_build.main(["build", "--out", str(out), "--texts", str(tmp_path / "none.txt")]) == 2
     assert "not found" in capsys.readouterr().err
 
 

@@ -5,10 +5,10 @@ import sys
 import pytest
 import torch
 
-from dse import measure
-from dse.config import TrialConfig
-from dse.stream import StreamingRecognizer
-from dse.transforms import build_recognizer
+from dse.core import measure
+from dse.core.config import TrialConfig
+from dse.core.stream import StreamingRecognizer
+from dse.core.build import build_recognizer
 
 
 def test_wer_cer_known_pair():

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from dse import models
-from dse.errors import ModelLoadError
+from dse.core import models
+from dse.core.errors import ModelLoadError
 
 
 def test_base_is_torchaudio_emformer_rnnt_base():

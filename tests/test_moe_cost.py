@@ -1,14 +1,15 @@
 import pytest
 import torch
 
-from dse import cost, models
-from dse.config import TrialConfig
-from dse.moe import MoERouter, apply_moe, moe_blocks, upcycle
+from dse.core import cost
+from dse.core import models
+from dse.core.config import TrialConfig
+from dse.core.moe import MoERouter, apply_moe, moe_blocks, upcycle
 
 
 def test_router_top_k_weights_sum_to_one():
     router = MoERouter(16, num_experts=8, top_k=2)
-    _, probs, weights, experts = router(torch.randn(10, 16))
+    probs, weights, experts = router(torch.randn(10, 16))
     assert weights.shape == (10, 2) and experts.shape == (10, 2)
     assert torch.allclose(weights.sum(-1), torch.ones(10))
     # the selected experts are the two most probable ones

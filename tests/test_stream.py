@@ -2,9 +2,9 @@ import pytest
 import torch
 from torchaudio.models import RNNTBeamSearch
 
-from dse import models
-from dse.features import LogMel, StreamingFeatures
-from dse.stream import StreamingRecognizer, flush_padding_samples
+from dse.core import models
+from dse.core.features import LogMel, StreamingFeatures
+from dse.core.stream import StreamingRecognizer, flush_padding_samples
 from conftest import tone
 
 

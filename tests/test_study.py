@@ -15,7 +15,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from dse import models, run
+from dse.core import models
+from dse import run
 
 SPACE = {
     "sampler": "grid",

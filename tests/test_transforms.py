@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from dse import models
-from dse.adapt import AdaptSettings, Adapter
-from dse.config import TrialConfig
-from dse.errors import ConfigError
-from dse.moe import moe_blocks
-from dse.transforms import TrialFailed, build_recognizer, edit_architecture
+from dse.core import models
+from dse.search.adapt import AdaptSettings, Adapter
+from dse.core.config import TrialConfig
+from dse.core.errors import ConfigError
+from dse.core.moe import moe_blocks
+from dse.core.build import TrialFailed, build_recognizer, edit_architecture
 from conftest import tone
 
 

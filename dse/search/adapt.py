@@ -8,7 +8,7 @@ adapt split (never the eval split) and ``on_progress(step, dev_wer)`` is called;
 may raise to abandon the adaptation (the study records the trial as pruned).
 
 Adapted weights are cached by content: the key hashes the teacher's identity and the
-configuration's weight-determining knobs (:data:`dse.config.WEIGHT_KNOBS`), so a
+configuration's weight-determining knobs (:func:`dse.core.knobs.weight_knobs`), so a
 configuration is never adapted twice, whichever worker asks.
 """
 from __future__ import annotations
@@ -25,13 +25,13 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from dse.config import TrialConfig
-from dse.datasets import read_manifest
-from dse.errors import DSEError
-from dse.features import FeatureConfig, LogMel
-from dse.models import LoadedModel
-from dse.moe import moe_blocks
-from dse.train import collate, make_batches, rnnt_step_loss, silence_frame, streaming_wer
+from dse.core.config import TrialConfig
+from dse.core.datasets import read_manifest
+from dse.core.errors import DSEError
+from dse.core.features import FeatureConfig, LogMel
+from dse.core.models import LoadedModel
+from dse.core.moe import moe_blocks
+from dse.core.rnnt import collate, make_batches, rnnt_step_loss, silence_frame, streaming_wer
 
 DEFAULT_CACHE = Path(os.environ.get("DSE_CACHE", Path.home() / ".cache" / "dse")) / "adapted"
 
@@ -65,7 +65,7 @@ class Adapter:
     # -- data ---------------------------------------------------------------------------
     def _load_audio(self):
         if self._audio is None:
-            from dse.audio import read_audio
+            from dse.core.audio import read_audio
 
             utts = read_manifest(self.manifest)
             dev, train = utts[: self.settings.dev_size], utts[self.settings.dev_size:]

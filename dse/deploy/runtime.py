@@ -1,4 +1,4 @@
-"""Serve an exported bundle: ``load(DIR)`` returns a ready :class:`~dse.stream.StreamingRecognizer`.
+"""Serve an exported bundle: ``load(DIR)`` returns a ready :class:`~dse.core.stream.StreamingRecognizer`.
 
 A bundle (written by ``python -m dse.export``) is a directory::
 
@@ -28,12 +28,12 @@ from typing import Callable, Optional
 
 import torch
 
-from dse import models
-from dse.errors import DSEError
-from dse.features import FeatureConfig, LogMel
-from dse.moe import apply_moe
-from dse.precision import AUTOCAST, DTYPES, apply_precision
-from dse.stream import ChunkEvent, StreamingRecognizer
+from dse.core import build, models
+from dse.core.config import CONFIG_VERSION, TrialConfig
+from dse.core.errors import ConfigError, DSEError
+from dse.core.features import FeatureConfig, LogMel
+from dse.core.precision import apply_precision
+from dse.core.stream import ChunkEvent, StreamingRecognizer
 
 __all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "BundleError", "load", "read_config", "read_json", "live_pieces", "piece_samples",
            "stream"]
@@ -145,14 +145,6 @@ def _tokenizer(directory: Path, vocab: dict):
         raise BundleError(str(exc)) from None
 
 
-def _deployed_form(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """The module structure the weights were saved from (the study's own precision transform)."""
-    try:
-        return apply_precision(model, precision, in_place=True)
-    except ValueError as exc:
-        raise BundleError(f"{exc}: not a precision a bundle can hold") from None
-
-
 def _fp32_state(state: dict) -> dict:
     """``state`` with every float tensor in fp32 and int8 packed Linear weights dequantised."""
     out = {}
@@ -172,19 +164,7 @@ def _fp32_state(state: dict) -> dict:
     return out
 
 
-def _build_module(config: dict) -> torch.nn.Module:
-    """The fp32 module of the bundle's architecture (MoE blocks included), in eval mode."""
-    model = models.build(config["architecture"], config["num_symbols"])
-    moe = config.get("moe")
-    if moe:
-        layers = apply_moe(model, moe["experts"], moe["top_k"], moe["hidden"], moe["every"], noise=0.0)
-        if layers != moe["layers"]:
-            raise BundleError(f"MoE edit converts layers {layers}, config.json records {moe['layers']}; "
-                              "the bundle is inconsistent, export it again")
-    return model.eval()
-
-
-def _load_model(directory: Path, config: dict, fp32_reference: bool) -> torch.nn.Module:
+def _load_model(directory: Path, config: dict, trial: TrialConfig, fp32_reference: bool) -> torch.nn.Module:
     path = directory / WEIGHTS_FILE
     try:
         with warnings.catch_warnings():  # int8 packed params warn about TypedStorage
@@ -192,12 +172,14 @@ def _load_model(directory: Path, config: dict, fp32_reference: bool) -> torch.nn
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise BundleError(f"{path}: not a readable state dict ({type(exc).__name__}: {exc})") from exc
-    model = _build_module(config)
-    precision = config["trial_config"]["precision"]
+    try:
+        model = build.module_for(config["architecture"], config["num_symbols"], config.get("moe"))
+    except ConfigError as exc:
+        raise BundleError(f"{exc}; the bundle is inconsistent, export it again") from None
     if fp32_reference:
         state = _fp32_state(state)
-    else:
-        model = _deployed_form(model, precision)
+    else:  # the module structure the weights were saved from: the study's own precision transform
+        model = apply_precision(model, trial.precision, in_place=True)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -229,6 +211,26 @@ def load(directory: str | os.PathLike, *, compile: Optional[bool] = None,
                           f"field ({type(exc).__name__}: {exc}); export the bundle again") from exc
 
 
+def trial_config(directory: Path, config: dict) -> TrialConfig:
+    """The bundle's trial configuration, resolved (geometry as the bundle's architecture holds it).
+
+    A configuration from a newer dse (a higher config version, or a knob this dse does not
+    know) is refused: it may hold a setting this version would silently ignore."""
+    raw = config.get("trial_config")
+    if not isinstance(raw, dict):
+        raise BundleError(f"{directory / CONFIG_FILE}: trial_config is missing or not an object; export again")
+    version = raw.get("version", CONFIG_VERSION)
+    if isinstance(version, int) and version > CONFIG_VERSION:
+        raise BundleError(f"{directory}: made by a newer dse (config version {version}; this dse reads up to "
+                          f"{CONFIG_VERSION}); upgrade dse")
+    try:
+        trial = TrialConfig.from_dict(raw)
+    except ConfigError as exc:
+        raise BundleError(f"{directory}: made by a newer dse or altered ({exc}); upgrade dse or export again") from None
+    arch = config["architecture"]
+    return trial.replace(right_context_frames=arch["right_context_length"], segment_frames=arch["segment_length"])
+
+
 def _recognizer(directory: Path, config: dict, compile: Optional[bool], fp32_reference: bool,
                 lm_weight: Optional[float] = None, temperature: Optional[float] = None) -> StreamingRecognizer:
     feats = read_json(directory, FEATURES_FILE)
@@ -238,31 +240,29 @@ def _recognizer(directory: Path, config: dict, compile: Optional[bool], fp32_ref
         raise BundleError(f"{directory / VOCABULARY_FILE}: {tokenizer.num_symbols} symbols, config.json "
                           f"records {config['num_symbols']}; the bundle is inconsistent, export it again")
     logmel = LogMel(FeatureConfig(**feats["config"]), torch.tensor(feats["mean"]), torch.tensor(feats["invstd"]))
-    model = _load_model(directory, config, fp32_reference)
-    trial = config["trial_config"]
-    precision = "fp32" if fp32_reference else trial["precision"]
-    autocast = AUTOCAST.get(precision)
-    mode = trial.get("compile", "off")
-    if compile is None:
-        compile = mode != "off"
-    if compile:
-        kwargs = {} if mode in ("off", "default") else {"mode": mode}
-        model.transcriber.infer = torch.compile(model.transcriber.infer, dynamic=False, **kwargs)
-    arch = config["architecture"]
-    entry = config.get("language_model")
-    lm_weight = float(trial.get("lm_weight", 0.0)) if lm_weight is None else float(lm_weight)
+    trial = trial_config(directory, config)
+    model = _load_model(directory, config, trial, fp32_reference)
+    changes = {}
+    if fp32_reference:
+        changes["precision"] = "fp32"
+    if compile is not None:
+        changes["compile"] = (trial.compile if trial.compile != "off" else "default") if compile else "off"
+    if lm_weight is not None:
+        changes["lm_weight"] = float(lm_weight)
+    if temperature is not None:
+        changes["temperature"] = float(temperature)
+    trial = trial.replace(**changes)
+    model = build.apply_compile(model, trial)
     lm = None
-    if lm_weight > 0:
-        from dse.lm import CharNgramLM
+    if trial.lm_weight > 0:
+        from dse.core.lm import CharNgramLM
 
+        entry = config.get("language_model")
         if not entry:
             raise BundleError(f"{directory}: the trial fused no language model, so the bundle holds none "
-                              f"(asked for lm_weight={lm_weight:g})")
+                              f"(asked for lm_weight={trial.lm_weight:g})")
         lm = CharNgramLM.load(directory / entry["file"])
-    return StreamingRecognizer(model, logmel, tokenizer, arch["segment_length"], arch["right_context_length"],
-                               beam_width=trial["beam_width"], dtype=DTYPES.get(precision, torch.float32),
-                               autocast_dtype=autocast, lm=lm, lm_weight=lm_weight,
-                               temperature=float(trial.get("temperature", 1.0) if temperature is None else temperature))
+    return build.assemble(model, logmel, tokenizer, trial, lm=lm)
 
 
 # -- streaming ------------------------------------------------------------------------------
@@ -274,7 +274,7 @@ def piece_samples(recognizer: StreamingRecognizer) -> tuple[int, int]:
 def live_pieces(num_samples: int, recognizer: StreamingRecognizer) -> list[tuple[int, int]]:
     """``(start, end)`` sample ranges a live stream of ``num_samples`` samples delivers (:func:`piece_samples`).
 
-    This is the schedule :mod:`dse.measure` times, so a bundle streamed this way gives
+    This is the schedule :mod:`dse.core.measure` times, so a bundle streamed this way gives
     the transcripts its study measured.
     """
     return recognizer.arrival_pieces(num_samples)

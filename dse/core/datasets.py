@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Optional
 
-from dse.errors import DatasetError
+from dse.core.errors import DatasetError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,11 +108,11 @@ def load_eval_set(source: str | os.PathLike) -> list[Utterance]:
 def iter_checked(utterances: list[Utterance], read) -> Iterator[tuple[Utterance, object, Optional[str]]]:
     """Yield ``(utterance, audio_or_None, problem_or_None)`` for each utterance.
 
-    ``read`` loads an utterance's audio and raises a :class:`~dse.errors.DSEError` on a bad
+    ``read`` loads an utterance's audio and raises a :class:`~dse.core.errors.DSEError` on a bad
     file. A bad utterance is yielded with its problem instead of its audio, so a batch
     evaluation reports it and goes on with the rest.
     """
-    from dse.errors import DSEError
+    from dse.core.errors import DSEError
 
     for utt in utterances:
         if not utt.text.strip():

@@ -21,7 +21,7 @@ from typing import Callable, List, NamedTuple, Optional
 import torch
 from torchaudio.models import RNNTBeamSearch
 
-from dse.features import FeatureConfig, StreamingFeatures
+from dse.core.features import FeatureConfig, StreamingFeatures
 
 
 class StreamState(NamedTuple):
@@ -67,12 +67,12 @@ def flush_padding_samples(num_samples: int, features: FeatureConfig, segment_len
 class StreamingRecognizer:
     """Streams one utterance at a time through an Emformer RNN-T.
 
-    ``model``: a ``torchaudio.models.RNNT``; ``logmel``: a :class:`dse.features.LogMel`
+    ``model``: a ``torchaudio.models.RNNT``; ``logmel``: a :class:`dse.core.features.LogMel`
     matching the model's training; ``tokenizer``: has ``blank`` and ``decode(ids)``.
     ``beam_width`` 1 is greedy search. ``dtype`` is the dtype the model's weights are in
     (features and state follow it). ``autocast_dtype`` runs each chunk under CPU autocast.
     ``clock`` returns nanoseconds (replaceable in tests). ``lm``: a
-    :class:`dse.lm.CharNgramLM` fused into the search with ``lm_weight`` (ignored at 0).
+    :class:`dse.core.lm.CharNgramLM` fused into the search with ``lm_weight`` (ignored at 0).
     ``temperature``: the joint network's logits are divided by it before the log-softmax
     that scores the search (1 = the model's own distribution).
     """
@@ -97,7 +97,7 @@ class StreamingRecognizer:
         self.clock = clock
         self.lm_weight = float(lm_weight) if lm is not None else 0.0
         if self.lm_weight > 0:
-            from dse.lm import FusedBeamSearch
+            from dse.core.lm import FusedBeamSearch
 
             self.decoder = FusedBeamSearch(model, tokenizer, lm, self.lm_weight, temperature=temperature)
         else:

@@ -3,7 +3,7 @@
 * ``base``: exactly torchaudio's ``emformer_rnnt_base(num_symbols=4097)`` (76,738,049
   parameters, 292.7 MiB fp32), the architecture of ``EMFORMER_RNNT_BASE_LIBRISPEECH``.
 * ``small``: the embedded default, the same builder with 6 narrower layers and a
-  character vocabulary; trained by :mod:`dse.train`.
+  character vocabulary; trained by :mod:`dse.training.train`.
 * ``tiny``: a two-layer model for tests.
 
 Weights come from a project checkpoint (:func:`load_checkpoint`), a local directory
@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 import torch
 from torchaudio.models import RNNT, emformer_rnnt_model
 
-from dse.errors import ModelLoadError
-from dse.features import FeatureConfig, LogMel
+from dse.core.errors import ModelLoadError
+from dse.core.features import FeatureConfig, LogMel
 
 CHECKPOINT_FORMAT = "dse-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -111,7 +111,7 @@ class LoadedModel:
 
     ``weights`` says where the weights came from: ``"checkpoint:<path>"``,
     ``"torchaudio:<dir>"`` or ``"random"`` (accuracy is then not measurable).
-    ``lm_path``: a character language model (:mod:`dse.lm`) for shallow fusion, or
+    ``lm_path``: a character language model (:mod:`dse.core.lm`) for shallow fusion, or
     ``None``; a checkpoint ``X.pt`` brings ``X.lm.gz`` when that file sits beside it.
     """
     name: str
@@ -338,7 +338,7 @@ def load_torchaudio_bundle(directory: str | os.PathLike) -> LoadedModel:
     return LoadedModel("base", arch, model.eval(), tokenizer, FeatureConfig(), mean, invstd, f"torchaudio:{directory}")
 
 
-DEFAULT_DIR = Path(__file__).resolve().parent / "default"
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "default"
 DEFAULT_CHECKPOINT = DEFAULT_DIR / "model.pt"
 DEFAULT_EVAL = DEFAULT_DIR / "eval" / "manifest.jsonl"
 DEFAULT_ADAPT = DEFAULT_DIR / "adapt" / "manifest.jsonl"

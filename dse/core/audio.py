@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torchaudio
 
-from dse.errors import AudioError
+from dse.core.errors import AudioError
 
 TARGET_RATE_HZ = 16000
 

@@ -1,4 +1,4 @@
-"""Precision transform, shared by the study (transforms) and the deployment runtime.
+"""Precision transform, shared by the study and the deployment runtime through :mod:`dse.core.build`.
 
 Import-light on purpose (torch only): the runtime rebuilds a bundle's module
 structure with exactly the function the study used to make it.
@@ -34,3 +34,19 @@ def apply_precision(model: torch.nn.Module, precision: str, in_place: bool = Fal
     if precision in AUTOCAST:
         return model
     raise ValueError(f"precision {precision!r} is not one of {', '.join([*DTYPES, 'int8', *AUTOCAST])}")
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a (possibly nested) state-dict value, packed int8 weights included."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(o) for o in obj.values())
+    return 0
+
+
+def weight_mib(model: torch.nn.Module) -> float:
+    """MiB of the model's weights in their deployed form (state dict tensors)."""
+    return tensor_bytes(dict(model.state_dict())) / 2**20

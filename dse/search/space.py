@@ -1,6 +1,6 @@
 """Search spaces as data: ``search_spaces/<name>.yaml``.
 
-A space selects and narrows the knobs of :data:`dse.config.KNOBS`; it never invents
+A space selects and narrows the knobs of :data:`dse.core.knobs.KNOBS`; it never invents
 one. Format::
 
     description: what the study asks
@@ -21,7 +21,7 @@ one. Format::
       wer_above: 0.95         # abandon when the dev WER is above this at a check
       front_margin: 0.10      # ... or above the worst WER on the current Pareto front + margin
 
-Knobs left out take :class:`~dse.config.TrialConfig`'s defaults. MoE sub-knobs are
+Knobs left out take :class:`~dse.core.config.TrialConfig`'s defaults. MoE sub-knobs are
 set to their defaults when ``moe_experts`` is 0, so dense trials share one identity.
 """
 from __future__ import annotations
@@ -30,23 +30,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
-from dse.config import KNOBS, WEIGHT_KNOBS, TrialConfig, fill_lm_weight, knob_problem
-from dse.errors import ConfigError
+from dse.core.config import TrialConfig, fill_defaults, knob_problem
+from dse.core.knobs import KNOBS, weight_knobs
+from dse.core.record import METRIC_DOCS
+from dse.core.errors import ConfigError
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
-METRICS = {
-    "wer": "word error rate on the eval split (lower is better)",
-    "cer": "character error rate",
-    "rtf_mean": "mean real-time factor over utterances",
-    "rtf_p50": "median real-time factor",
-    "rtf_p95": "95th-percentile real-time factor",
-    "chunk_latency_p95_ms": "95th-percentile chunk compute time (ms)",
-    "ttft_s": "median time to first token (s)",
-    "weight_mib": "weights in deployed form (MiB)",
-    "speedup": "same-run speedup against the space's baseline configuration (higher is better)",
-    "rtf_normalised": "baseline's same-run RTF divided by the speedup: an RTF comparable across a noisy study",
-    "flops_per_chunk": "analytic FLOPs per chunk",
-}
+SPACES_DIR = Path(__file__).resolve().parent.parent.parent / "search_spaces"
+METRICS = METRIC_DOCS  # the metrics a space may name, from the one metric registry
 DIRECTIONS = ("minimize", "maximize")
 LEVEL_SUFFIX = "_level"   # Optuna parameter name of an ordered knob's level index
 SAMPLERS = ("gp", "tpe", "nsga2", "random", "grid")
@@ -157,17 +147,17 @@ class Space:
     def for_model(self, has_lm: bool) -> "Space":
         """This space for a model that does (or does not) carry a language model: where the
         space sets no ``lm_weight`` (neither fixed, sampled nor in its baseline), each
-        configuration gets :func:`~dse.config.fill_lm_weight`'s default for its beam width."""
+        configuration gets :func:`~dse.core.config.fill_defaults`'s default for its beam width."""
         return dataclasses.replace(self, has_lm=has_lm)
 
     def _filled(self, values: dict) -> TrialConfig:
-        return canonical(fill_lm_weight(values, self.has_lm))
+        return canonical(fill_defaults(values, self.has_lm))
 
     def baseline_config(self) -> TrialConfig:
         """The configuration every trial is timed against: the space's ``baseline`` over its
         ``fixed`` knobs, minus fixed knobs that change the weights (the baseline is the
         model as trained unless ``baseline`` says otherwise)."""
-        fixed = {k: v for k, v in self.fixed.items() if k not in WEIGHT_KNOBS}
+        fixed = {k: v for k, v in self.fixed.items() if k not in weight_knobs()}
         return self._filled(dict(fixed, **self.baseline))
 
 
@@ -232,7 +222,7 @@ def parse_space(data: Any, path: Path, name: Optional[str] = None) -> Space:
                 _check_knob_value(path, knob, v)
             params.append(Param(knob, choices=tuple(spec["choices"])))
         else:
-            if KNOBS[knob].get("kind") == "float":
+            if KNOBS[knob].kind == "float":
                 raise _err(path, f"params.{knob}", "a real-valued knob is searched over a list: 'choices: [...]'")
             for v in (spec["low"], spec["high"]):
                 _check_knob_value(path, knob, v)
@@ -246,7 +236,7 @@ def parse_space(data: Any, path: Path, name: Optional[str] = None) -> Space:
         if knob not in KNOBS:
             raise _err(path, f"baseline.{knob}", f"unknown knob; allowed knobs: {', '.join(KNOBS)}")
     try:
-        canonical(dict({k: v for k, v in fixed.items() if k not in WEIGHT_KNOBS}, **baseline))
+        canonical(dict({k: v for k, v in fixed.items() if k not in weight_knobs()}, **baseline))
     except ConfigError as exc:
         raise _err(path, "fixed/baseline", str(exc)) from None
     return Space(name=name or path.stem, path=path, description=str(data.get("description", "")),

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 
 class MoERouter(torch.nn.Module):
-    """Tokens ``(N, D)`` -> logits ``(N, E)``, weights ``(N, k)`` summing to 1, expert ids ``(N, k)``."""
+    """Tokens ``(N, D)`` -> probabilities ``(N, E)``, weights ``(N, k)`` summing to 1, expert ids ``(N, k)``."""
 
     def __init__(self, dim_in: int, num_experts: int, top_k: int):
         super().__init__()
@@ -31,11 +31,10 @@ class MoERouter(torch.nn.Module):
         self.top_k = top_k
 
     def forward(self, hidden_states: torch.Tensor):
-        router_logits = self.gate(hidden_states)
-        router_probs = F.softmax(router_logits, dim=-1, dtype=torch.float)
+        router_probs = F.softmax(self.gate(hidden_states), dim=-1, dtype=torch.float)
         router_weights, selected_experts = torch.topk(router_probs, self.top_k, dim=-1)
         router_weights = router_weights / router_weights.sum(dim=-1, keepdim=True)
-        return router_logits, router_probs, router_weights, selected_experts
+        return router_probs, router_weights, selected_experts
 
 
 class MoEFeedForward(torch.nn.Module):
@@ -64,7 +63,7 @@ class MoEFeedForward(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = self.norm(x).reshape(-1, shape[-1])
-        _, probs, weights, experts = self.router(tokens)
+        probs, weights, experts = self.router(tokens)
         out = torch.zeros_like(tokens)
         flat_experts = experts.reshape(-1)
         flat_weights = weights.reshape(-1).to(tokens.dtype)
@@ -110,6 +109,12 @@ def upcycle(dense_ff: torch.nn.Sequential, num_experts: int, top_k: int, hidden:
     return moe
 
 
+def moe_layer_indices(num_layers: int, every: int) -> list[int]:
+    """The Emformer layers an MoE edit converts: every ``every``-th (the last of each group).
+    The one place this rule lives (the build, the cost model and bundles use it)."""
+    return [i for i in range(num_layers) if (i + 1) % every == 0]
+
+
 def apply_moe(model, num_experts: int, top_k: int, hidden: int, every: int = 1, noise: float = 0.01,
               seed: int = 0) -> list[int]:
     """Replace the FFN of every ``every``-th Emformer layer (the last of each group) in place.
@@ -118,11 +123,9 @@ def apply_moe(model, num_experts: int, top_k: int, hidden: int, every: int = 1, 
     """
     gen = torch.Generator().manual_seed(seed)
     layers = model.transcriber.transformer.emformer_layers
-    converted = []
-    for i, layer in enumerate(layers):
-        if (i + 1) % every == 0:
-            layer.pos_ff = upcycle(layer.pos_ff, num_experts, top_k, hidden, noise, gen)
-            converted.append(i)
+    converted = moe_layer_indices(len(layers), every)
+    for i in converted:
+        layers[i].pos_ff = upcycle(layers[i].pos_ff, num_experts, top_k, hidden, noise, gen)
     return converted
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 
-from dse.config import TrialConfig
+from dse.core.config import TrialConfig
+from dse.core.moe import moe_layer_indices
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "amp-bf16": 4, "amp-fp16": 4}
 
@@ -49,10 +50,11 @@ def flops_per_chunk(arch: dict, config: TrialConfig, num_symbols: int) -> dict:
     # front end: one real FFT (~2.5 N log2 N) and the mel projection per new frame
     out["frontend"] = seg_frames * int(2.5 * n_fft * math.log2(n_fft) + 2 * (n_fft // 2 + 1) * arch["input_dim"])
     out["input_linear"] = 2 * arch["input_dim"] * arch["time_reduction_input_dim"] * n_in
+    moe_layers = set(moe_layer_indices(arch["transformer_num_layers"], cfg.moe_every)) if cfg.is_moe else set()
     layers = []
     for i in range(arch["transformer_num_layers"]):
         attn = 8 * d * d * q + 4 * q * (q + left) * d
-        is_moe = cfg.is_moe and (i + 1) % cfg.moe_every == 0
+        is_moe = i in moe_layers
         if is_moe:
             ffn = q * moe_flops_per_token(d, cfg.moe_hidden or f, cfg.moe_top_k, cfg.moe_experts)
         else:

@@ -1,0 +1,189 @@
+"""Re-measure an exported bundle here and compare with what its study recorded: ``python -m dse.verify DIR``.
+
+Checks, in order:
+
+1. Integrity: every file against ``MANIFEST.sha256``, and the bundle format version.
+2. Accuracy: the bundle streams the eval set recorded at export (with its utterance
+   limit; ``--eval-set`` when the set lives elsewhere on this machine) through
+   :func:`dse.core.measure.measure`, the path the study timed and scored. WER and CER must
+   equal the recorded values exactly, and each recorded transcript must be
+   reproduced word for word; otherwise the exit status is 1.
+3. Speed: the same-run speedup (:func:`dse.core.measure.interleaved_speedup`) of the bundle
+   over an fp32 rebuild of its own architecture (int8 weights dequantised, the study
+   baseline's beam width), beside the speedup the study recorded against its
+   baseline. It is flagged when it falls outside the recorded 95 % interval; timing
+   depends on the machine and its load, so a flag is a warning, not a failure.
+
+Exit status: 0 verified, 1 accuracy differs from the record, 2 unusable bundle or input.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dse.deploy import runtime
+from dse.core.config import TrialConfig
+from dse.core.errors import DSEError, cli_error
+from dse.core.knobs import KNOBS
+
+SPEEDUP_UTTERANCES = 8
+
+
+def _arch_knobs() -> list[str]:
+    """Knobs on which a study baseline can differ from the bundle's fp32 rebuild (which keeps the
+    bundle's architecture, weights and compile mode): those that change the weights, and compile."""
+    return [k for k, spec in KNOBS.items() if spec.weights or spec.transform == "compile"]
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "not measured" if value is None else format(value, ".10g")
+
+
+def _compare_transcripts(recorded: list[dict], measured: list[dict]) -> tuple[int, list[str], int]:
+    """(identical count, descriptions of differences, recorded ids absent from this eval set)."""
+    hyps = {t["id"]: t["hyp"] for t in measured}
+    same, diffs, absent = 0, [], 0
+    for t in recorded:
+        if t["id"] not in hyps:
+            absent += 1
+        elif hyps[t["id"]] == t["hyp"]:
+            same += 1
+        else:
+            diffs.append(f"{t['id']}: recorded {t['hyp']!r}, now {hyps[t['id']]!r}")
+    return same, diffs, absent
+
+
+def _baseline_differences(config: dict) -> list[str]:
+    baseline = config.get("baseline_config") or {}
+    trial = config["trial_config"]
+    out = []
+    for knob in _arch_knobs():
+        b = baseline.get(knob)
+        if b is not None and b != trial.get(knob):
+            out.append(f"{knob} {b} (baseline) vs {trial.get(knob)} (bundle)")
+    return out
+
+
+def check_accuracy(recognizer, record: dict, audio, eval_set, limit: Optional[int]) -> tuple[list[str], list[str]]:
+    """(report lines, problems) of re-scoring ``recognizer`` on ``audio`` (:class:`dse.core.measure.EvalAudio`).
+
+    No problems means WER, CER and the recorded transcripts are identical.
+    """
+    from dse.core.measure import measure
+
+    result = measure(recognizer, audio, accuracy=True)
+    recorded = record["metrics"]
+    lines = [f"eval set    {eval_set} ({result['utterances']} utterances"
+             + (f", limit {limit}" if limit else "") + (f", {len(audio.skipped)} skipped" if audio.skipped else "") + ")"]
+    problems = []
+    for key in ("wer", "cer"):
+        rec, now = recorded.get(key), result[key]
+        if rec is None:
+            lines.append(f"{key.upper():<11} recorded not measured (random weights), measured {_fmt(now)}")
+            continue
+        same = rec == now
+        lines.append(f"{key.upper():<11} recorded {_fmt(rec)}, measured {_fmt(now)}: {'identical' if same else 'DIFFERENT'}")
+        if not same:
+            problems.append(f"{key.upper()} mismatch: recorded {_fmt(rec)}, measured {_fmt(now)}")
+    same, diffs, absent = _compare_transcripts(record.get("transcripts") or [], result.get("transcripts") or [])
+    total = same + len(diffs)
+    if total:
+        lines.append(f"transcripts {same} of {total} recorded transcripts identical"
+                     + (f" ({absent} recorded utterances not in this eval set)" if absent else ""))
+    if diffs:
+        problems.append(f"{len(diffs)} transcript(s) differ from the record, first: {diffs[0]}")
+    if problems and record.get("adapted_again"):
+        problems.append("the bundle's weights were adapted again at export (the study's adapted weights were "
+                        "not cached), which explains a difference")
+    for problem in audio.skipped:
+        lines.append(f"skipped     {problem}")
+    return lines, problems
+
+
+def check_speedup(bundle: Path, recognizer, config: dict, record: dict, audio, utterances: int) -> list[str]:
+    """Report lines for the same-run speedup over an fp32 rebuild, flagged outside the recorded interval."""
+    from dse.core.measure import interleaved_speedup, machine_fingerprint
+
+    baseline = config.get("baseline_config") or {}
+    # The baseline is a full TrialConfig dict; one saved before the temperature knob reads as 1.0.
+    reference = runtime.load(bundle, compile=False, fp32_reference=True,
+                             lm_weight=float(baseline.get("lm_weight", 0.0)),
+                             temperature=TrialConfig.from_dict(baseline).temperature if baseline else None)
+    reference.beam_width = baseline.get("beam_width", recognizer.beam_width)
+    ratio = interleaved_speedup(recognizer, reference, audio, limit=utterances)
+    lo, hi = ratio["speedup_ci95"]
+    lm = f", LM weight {reference.lm_weight:g}" if reference.lm_weight else ", no LM"
+    lines = [f"speedup     {ratio['speedup']:.3f} [95% {lo:.3f}, {hi:.3f}] over an fp32 rebuild with beam width "
+             f"{reference.beam_width}{lm} ({ratio['samples']} utterances, {torch.get_num_threads()} thread(s))"]
+    recorded = record["metrics"].get("speedup")
+    ci = record["metrics"].get("speedup_ci95")
+    if recorded is None:
+        lines.append("            recorded: not measured")
+        return lines
+    lines.append(f"            recorded {recorded:.3f}"
+                 + (f" [95% {ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + " against the study baseline")
+    differences = _baseline_differences(config)
+    if differences:
+        lines.append("            note: the study baseline differs from this reference in "
+                     + "; ".join(differences) + ", so the two ratios are not strictly comparable")
+    if ci and not ci[0] <= ratio["speedup"] <= ci[1]:
+        here = machine_fingerprint()["cpu_model"]
+        then = (record.get("machine") or {}).get("cpu_model", "unknown")
+        lines.append(f"FLAG        speedup {ratio['speedup']:.3f} is outside the recorded interval "
+                     f"[{ci[0]:.3f}, {ci[1]:.3f}]; measured on {here!r}, recorded on {then!r}: re-run on an idle "
+                     "machine, with more --speedup-utterances, before trusting either figure")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dse.verify", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", help="bundle directory written by python -m dse.export")
+    p.add_argument("--eval-set", metavar="MANIFEST", help="JSONL manifest or LibriSpeech directory (default: the eval set recorded "
+                                      "in the bundle's config.json)")
+    p.add_argument("--limit", type=int, metavar="N", help="first N utterances only (default: the limit the study used)")
+    p.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: the value the trial was measured with)")
+    p.add_argument("--no-speedup", action="store_true", help="skip the speedup measurement (accuracy only)")
+    p.add_argument("--speedup-utterances", type=int, default=SPEEDUP_UTTERANCES, metavar="N",
+                   help=f"utterances timed for the speedup ratio (default {SPEEDUP_UTTERANCES}, as a study)")
+    args = p.parse_args(argv)
+    bundle = Path(args.bundle)
+    try:
+        for flag, value in (("--threads", args.threads), ("--speedup-utterances", args.speedup_utterances)):
+            if value is not None and value < 1:
+                raise DSEError(f"{flag} {value} must be at least 1")
+        recognizer = runtime.load(bundle)
+        config = runtime.read_json(bundle, runtime.CONFIG_FILE)  # checked by load
+        record = runtime.read_json(bundle, runtime.METRICS_FILE)
+        torch.set_num_threads(args.threads or config["trial_config"]["threads"])
+        eval_set = args.eval_set or config["eval"]["set"]
+        if not eval_set:
+            raise DSEError(f"{bundle}: no eval set recorded; pass --eval-set MANIFEST")
+        if not args.eval_set and not Path(eval_set).exists():
+            raise DSEError(f"the recorded eval set {eval_set} is not on this machine; pass --eval-set with its copy")
+        limit = args.limit if args.limit is not None else config["eval"]["limit"]
+        print(f"bundle      {bundle} (study {config['study']['name']!r}, trial {config['study']['trial']}, "
+              f"{config['trial_config']['precision']}): every file matches MANIFEST.sha256")
+        from dse.core.measure import load_eval_audio
+
+        audio = load_eval_audio(eval_set, limit)
+        lines, problems = check_accuracy(recognizer, record, audio, eval_set, limit)
+        print("\n".join(lines), flush=True)
+        if not args.no_speedup:
+            print("\n".join(check_speedup(bundle, recognizer, config, record, audio, args.speedup_utterances)))
+    except DSEError as exc:
+        return cli_error(exc)
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+    print("verified: accuracy identical to the record")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
