@@ -102,11 +102,11 @@ def test_fusion_reads_the_same_history_at_every_length(tiny, text):
 
 def test_weight_zero_is_plain_beam_search(tiny, small_lm):
     audio = torch.from_numpy(tone(2.0, seed=3))
-    plain = StreamingRecognizer.from_loaded(tiny, beam_width=3)
-    off = StreamingRecognizer.from_loaded(tiny, beam_width=3, lm=small_lm, lm_weight=0.0)
+    plain = StreamingRecognizer.from_loaded(tiny, beam_width=3, search="torchaudio")
+    off = StreamingRecognizer.from_loaded(tiny, beam_width=3, search="torchaudio", lm=small_lm, lm_weight=0.0)
     assert type(off.decoder) is RNNTBeamSearch
     assert plain.transcribe(audio) == off.transcribe(audio)
-    on = StreamingRecognizer.from_loaded(tiny, beam_width=3, lm=small_lm, lm_weight=1.0)
+    on = StreamingRecognizer.from_loaded(tiny, beam_width=3, lm=small_lm, lm_weight=1.0, search="torchaudio")
     assert isinstance(on.decoder, FusedBeamSearch)
 
 
@@ -139,7 +139,8 @@ def test_checkpoint_brings_the_language_model_beside_it(tiny, small_lm, tmp_path
     loaded = models.load_checkpoint(tmp_path / "m.pt")
     assert loaded.lm_path == str(tmp_path / "m.lm.gz")
     built = build_recognizer(loaded, TrialConfig(lm_weight=0.3, beam_width=2, threads=1))
-    assert isinstance(built.recognizer.decoder, FusedBeamSearch) and built.recognizer.decoder.lm_weight == 0.3
+    assert isinstance(built.recognizer.decoder.lm, CharNgramLM)
+    assert built.recognizer.decoder.lm_weight == 0.3  # fused (the vectorised search, dse.core.decoder)
     with pytest.raises(ModelLoadError, match="not found"):
         models.with_lm(loaded, str(tmp_path / "nope.lm.gz"))
 
@@ -230,12 +231,12 @@ def test_bundle_carries_the_lm_and_streams_what_the_study_measured(fused_study, 
     assert runtime.sha256_file(bundle / runtime.LM_FILE) == runtime.sha256_file(lm_file)
     assert runtime.LM_FILE in (bundle / runtime.MANIFEST_FILE).read_text()
     recognizer = runtime.load(bundle)
-    assert isinstance(recognizer.decoder, FusedBeamSearch) and recognizer.decoder.lm.order == 3
+    assert isinstance(recognizer.decoder.lm, CharNgramLM) and recognizer.decoder.lm.order == 3
     out = subprocess.run([sys.executable, "-m", "dse.transcribe", str(bundle), str(root / "u0.wav"),
                           str(root / "u1.wav")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [t["hyp"] for t in trial.user_attrs["transcripts"]]
-    assert type(runtime.load(bundle, lm_weight=0.0).decoder) is RNNTBeamSearch
+    assert runtime.load(bundle, lm_weight=0.0).decoder.lm is None  # weight 0: no fusion
     # the speedup reference is the study's baseline: a model with an LM has its default weight there
     assert verify.main([str(bundle), "--speedup-utterances", "2"]) == 0
     report = capsys.readouterr().out

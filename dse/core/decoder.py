@@ -1,0 +1,491 @@
+"""A vectorised re-implementation of torchaudio's RNN-T beam search, with optional LM fusion.
+
+:class:`FastRNNTSearch` is a drop-in replacement for ``torchaudio.models.RNNTBeamSearch``
+(and for :class:`dse.core.lm.FusedBeamSearch` when given a language model): the same
+``infer(input, length, beam_width, state, hypothesis) -> (hypotheses, state)`` and the
+same hypothesis tuples ``(tokens, predictor_out, predictor_state, score)``, best first.
+
+It runs *the same algorithm* as torchaudio's ``_search``, step for step:
+
+* the ``b`` set (hypotheses that ended the frame with a blank) and the ``a`` set
+  (hypotheses still emitting in this frame); hypotheses with equal token sequences are
+  merged by log-adding the blank-extended score into the existing one;
+* the top ``beam_width`` non-blank expansions over all ``a`` hypotheses, kept only while
+  they beat the ``beam_width``-th best ``b`` score; at most ``step_max_tokens`` per frame;
+* at the end of every frame the ``beam_width`` best by ``score / (len(tokens) + 1)``.
+
+What differs is bookkeeping. Per search step (one iteration of torchaudio's inner loop)
+there is one joiner call over all ``a`` hypotheses and at most one predictor call over
+the new expansions. Predictor outputs and LSTM states live in rows ("slots") of a few
+buffers, gathered with one ``index_select`` per tensor (torchaudio stacks, concatenates
+and slices per hypothesis); token sequences are interned as integer keys (torchaudio
+compares ``str(tokens)``); the LM scores of all hypotheses of a step come from a table
+with one weighted row per LM history in one ``index_select``; the LM rows themselves are
+computed by :class:`KneserNeyRows`, which memoises the n-gram model's lower orders.
+
+``cache_predictor`` (default on): the predictor output and state of a token sequence are
+computed once per stream and reused whenever the search expands to that sequence again
+(torchaudio recomputes them; about half of its predictor rows are such repeats, and a
+quarter of its predictor calls consist only of repeats, on the shipped model). MKL's
+matrix products are batch-*variant* (a row's result can change in the last bit with the
+batch it is computed in), so a reused row can differ from torchaudio's recomputation by
+an ulp: scores then differ around 1e-7 and the search can only take another path where
+two scores tie to that precision. Greedy search (beam 1) is unaffected: every predictor
+batch has one row, so the reused rows are bit-identical. With ``cache_predictor=False``
+every operation that decides the search is torchaudio's, on tensors of the same shapes,
+values and order (same joiner and predictor batches, same dtypes for the score sums,
+the same 0-dim ``logaddexp`` for merges, sorts and top-k over the same lists), so the
+hypotheses, scores and predictor tensors included, are bit-identical to torchaudio's.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+Hypothesis = Tuple[List[int], torch.Tensor, List[List[torch.Tensor]], float]
+
+__all__ = ["FastRNNTSearch", "KneserNeyRows", "LMRows", "lm_log_probs"]
+
+
+class KneserNeyRows:
+    """``CharNgramLM.distribution`` with the lower orders memoised: bit-identical, cheaper.
+
+    ``CharNgramLM._probabilities`` builds the distribution after a history order by order,
+    each order from the one below and the history's last ``k - 1`` characters; the
+    distribution after order ``k`` therefore depends only on that suffix and is memoised
+    per suffix, so a new history costs one order instead of ``order``. The arithmetic is
+    the LM's own, in the same order (doubles, then ``math.log``, then a float32 tensor).
+    :meth:`usable` checks the result against ``lm.distribution`` on a few histories; a
+    language model it does not match is served by ``lm.distribution`` instead.
+    """
+
+    def __init__(self, lm, max_entries: int = 400_000):
+        from dse.core.lm import START
+
+        self.lm = lm
+        self.max_entries = max_entries
+        self._memo: Dict[str, List[float]] = {}
+        self._pad = START * (lm.order - 1) if lm.order > 1 else ""
+
+    def usable(self) -> bool:
+        lm = self.lm
+        try:
+            probes = ["", "th", "the qu", "zzq' x", "a" * (lm.order + 2)]
+            return all(torch.equal(self.distribution(h), lm.distribution(h)) for h in probes)
+        except Exception:  # an LM without the expected tables
+            return False
+        finally:
+            self._memo.clear()
+
+    def _after(self, h: str) -> List[float]:
+        """Probabilities after the orders up to ``len(h) + 1`` for the (padded) history suffix ``h``."""
+        probs = self._memo.get(h)
+        if probs is not None:
+            return probs
+        lm = self.lm
+        k = len(h) + 1
+        probs = self._after(h[1:]) if k > 1 else [1.0 / len(lm.vocab)] * len(lm.vocab)
+        followers = lm.tables[k - 1].get(h)
+        if followers:
+            total, distinct = lm._totals[k - 1][h]
+            backoff = lm.discount * distinct / total
+            new = [backoff * p for p in probs]
+            index = lm._index
+            for c, n in followers.items():
+                i = index.get(c)
+                if i is not None:
+                    new[i] += max(n - lm.discount, 0.0) / total
+            probs = new
+        if len(self._memo) > self.max_entries:
+            self._memo.clear()
+        self._memo[h] = probs
+        return probs
+
+    def distribution(self, history: str) -> torch.Tensor:
+        """``lm.distribution(history)``, bit for bit."""
+        pad = self._pad
+        h = (pad + history)[-len(pad):] if pad else ""
+        return torch.tensor([math.log(p) for p in self._after(h)])
+
+
+def lm_log_probs(lm, history: str, columns: torch.Tensor, weight: float = 1.0,
+                 distribution=None) -> torch.Tensor:
+    """``weight * log P_lm(c | history)`` for the symbols at ``columns`` of ``lm.distribution``.
+
+    ``columns`` is ``lm.columns(symbols)``: entry ``t`` is the LM's index of token ``t``.
+    The arithmetic is :class:`dse.core.lm.FusedBeamSearch`'s (weight times the selected
+    log-probabilities, in float32), so the result is bit-identical to its scores.
+    ``distribution``: a replacement for ``lm.distribution`` (e.g. :class:`KneserNeyRows`).
+    """
+    return weight * (distribution or lm.distribution)(history).index_select(0, columns)
+
+
+class LMRows:
+    """Weighted LM log-prob vectors over the non-blank tokens, one table row per LM history.
+
+    :meth:`row` maps a token sequence to the row of its history (computed once per
+    history, kept until the table outgrows ``max_rows``; :meth:`trim` between searches);
+    :meth:`gather` returns ``(len(rows), blank)`` in one ``index_select``. The history of
+    a token sequence is ``FusedBeamSearch``'s: the characters of its last ``order - 1``
+    tokens, blanks dropped.
+    """
+
+    def __init__(self, lm, symbols: Sequence[str], blank: int, weight: float, max_rows: int = 100_000):
+        self.lm = lm
+        self.symbols = list(symbols)
+        self.blank = blank
+        self.weight = float(weight)
+        self.columns = lm.columns(self.symbols)
+        self.context = max(0, lm.order - 1)
+        self.max_rows = max_rows
+        fast = KneserNeyRows(lm)
+        self._distribution = fast.distribution if fast.usable() else lm.distribution
+        self._reset()
+
+    def _reset(self) -> None:
+        self._row_of: Dict[str, int] = {}
+        self._table = torch.empty(64, len(self.symbols))
+        self._n = 0
+
+    def trim(self) -> None:
+        if self._n > self.max_rows:
+            self._reset()
+
+    def history(self, tokens: Sequence[int]) -> str:
+        if not self.context:
+            return ""
+        tail = tokens[max(0, len(tokens) - self.context):]
+        return "".join([self.symbols[t] for t in tail if t != self.blank])
+
+    def row(self, tokens: Sequence[int]) -> int:
+        h = self.history(tokens)
+        r = self._row_of.get(h)
+        if r is None:
+            with torch.inference_mode():  # the table may be an inference tensor
+                r = self._add(h)
+        return r
+
+    def _add(self, h: str) -> int:
+        r = self._n
+        if r == self._table.size(0):
+            self._table = torch.cat([self._table, torch.empty_like(self._table)])
+        self._table[r] = lm_log_probs(self.lm, h, self.columns, self.weight, self._distribution)
+        self._n += 1
+        self._row_of[h] = r
+        return r
+
+    def gather(self, rows: List[int]) -> torch.Tensor:
+        return self._table.index_select(0, torch.tensor(rows))
+
+
+class _Store:
+    """One stream's interned token sequences and the slots holding predictor outputs and states."""
+
+    def __init__(self, lm: Optional[LMRows], pred: torch.Tensor, states: List[List[torch.Tensor]],
+                 capacity: int = 256):
+        self.lm = lm
+        self.tokens_of: List[Tuple[int, ...]] = []
+        self.key_of: Dict[Tuple[int, ...], int] = {}
+        self.child_of: Dict[Tuple[int, int], int] = {}
+        self.slot_of: List[int] = []    # key -> its cached slot, -1 when none
+        self.lm_row_of: List[int] = []  # key -> LMRows row
+        n = pred.shape[0]
+        self.capacity = max(capacity, 2 * n)
+        self.pred = pred.new_empty((self.capacity,) + tuple(pred.shape[1:]))
+        self.pred[:n] = pred
+        self.states = []
+        for layer in states:
+            bufs = []
+            for s in layer:
+                buf = s.new_empty((self.capacity,) + tuple(s.shape[1:]))
+                buf[:n] = s
+                bufs.append(buf)
+            self.states.append(bufs)
+        self.used = n
+        self.device = pred.device
+
+    def intern(self, tokens: Tuple[int, ...]) -> int:
+        k = self.key_of.get(tokens)
+        if k is None:
+            k = self.key_of[tokens] = len(self.tokens_of)
+            self.tokens_of.append(tokens)
+            self.slot_of.append(-1)
+            if self.lm is not None:
+                self.lm_row_of.append(self.lm.row(tokens))
+        return k
+
+    def child(self, key: int, token: int) -> int:
+        k = self.child_of.get((key, token))
+        if k is None:
+            k = self.child_of[(key, token)] = self.intern(self.tokens_of[key] + (token,))
+        return k
+
+    def append(self, pred: torch.Tensor, states: List[List[torch.Tensor]]) -> int:
+        """Store ``pred.shape[0]`` new rows; returns the first slot."""
+        n, first = pred.shape[0], self.used
+        if first + n > self.capacity:
+            self.capacity = 2 * (first + n)
+            self.pred = _grow(self.pred, first, self.capacity)
+            self.states = [[_grow(buf, first, self.capacity) for buf in layer] for layer in self.states]
+        self.pred[first: first + n] = pred
+        for layer, new_layer in zip(self.states, states):
+            for buf, s in zip(layer, new_layer):
+                buf[first: first + n] = s
+        self.used = first + n
+        return first
+
+    def gather_states(self, slots: torch.Tensor) -> List[List[torch.Tensor]]:
+        return [[buf.index_select(0, slots) for buf in layer] for layer in self.states]
+
+
+def _grow(buf: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
+    new = buf.new_empty((capacity,) + tuple(buf.shape[1:]))
+    new[:used] = buf[:used]
+    return new
+
+
+def _stack_hypotheses(hyps: Sequence[Hypothesis]) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
+    """Predictor outputs ``(n, 1, D)`` and batched states of torchaudio hypotheses (its ``_batch_state``)."""
+    pred = torch.stack([h[1] for h in hyps], dim=0)
+    state0 = hyps[0][2]
+    states = [[torch.cat([h[2][i][j] for h in hyps]) for j in range(len(state0[i]))] for i in range(len(state0))]
+    return pred, states
+
+
+class FastRNNTSearch(torch.nn.Module):
+    """Vectorised RNN-T beam search: torchaudio's ``RNNTBeamSearch`` algorithm, faster.
+
+    ``lm``/``lm_weight``: a :class:`dse.core.lm.CharNgramLM` fused as in
+    :class:`dse.core.lm.FusedBeamSearch` (each non-blank token gains ``lm_weight *
+    log P_lm(c | history)``; no fusion when ``lm`` is ``None`` or the weight is 0).
+    ``symbols``: the character of every non-blank token id (the tokenizer's ``symbols``);
+    only used with an LM, defaults to ``lm.symbols``. The blank must then be the last
+    token id, as in ``FusedBeamSearch``. ``beam_width`` 1 is torchaudio's greedy search.
+    ``cache_predictor``: reuse a token sequence's predictor output within a stream (see
+    the module docstring; ``False`` is bit-identical to torchaudio also for beams > 1).
+    ``max_slots``: predictor rows kept per stream before the cache is rebuilt from the beam.
+    """
+
+    def __init__(self, model, blank: int, temperature: float = 1.0, step_max_tokens: int = 100,
+                 lm=None, lm_weight: float = 0.0, symbols: Optional[Sequence[str]] = None,
+                 cache_predictor: bool = True, max_slots: int = 2048):
+        super().__init__()
+        self.model = model
+        self.blank = blank
+        self.temperature = temperature
+        self.step_max_tokens = step_max_tokens
+        self.lm = lm
+        self.lm_weight = float(lm_weight) if lm is not None else 0.0
+        self.cache_predictor = cache_predictor
+        self.max_slots = max_slots
+        self._lm: Optional[LMRows] = None
+        if lm is not None and self.lm_weight != 0.0:
+            symbols = list(lm.symbols if symbols is None else symbols)
+            if len(symbols) != blank:
+                raise ValueError(f"LM fusion needs the blank to be the last token: {len(symbols)} symbols, "
+                                 f"blank={blank}")
+            self._lm = LMRows(lm, symbols, blank, self.lm_weight)
+        self._ones_cache: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+        self._store: Optional[_Store] = None
+
+    @classmethod
+    def from_tokenizer(cls, model, tokenizer, temperature: float = 1.0, lm=None, lm_weight: float = 0.0,
+                       **kwargs) -> "FastRNNTSearch":
+        """The decoder ``StreamingRecognizer`` wants: fused when ``lm`` is given and ``lm_weight`` is not 0."""
+        symbols = getattr(tokenizer, "symbols", None)
+        if lm is not None and lm_weight and symbols is None:
+            from dse.core.errors import DSEError
+
+            raise DSEError("LM fusion needs a character tokenizer; this model's tokenizer is "
+                           f"{getattr(tokenizer, 'kind', type(tokenizer).__name__)!r}")
+        return cls(model, tokenizer.blank, temperature=temperature, lm=lm, lm_weight=lm_weight,
+                   symbols=symbols, **kwargs)
+
+    # -- the torchaudio interface ----------------------------------------------------------
+    @staticmethod
+    def _check(input: torch.Tensor, length: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if input.dim() != 2 and not (input.dim() == 3 and input.shape[0] == 1):
+            raise ValueError("input must be of shape (T, D) or (1, T, D)")
+        if input.dim() == 2:
+            input = input.unsqueeze(0)
+        if length.shape != () and length.shape != (1,):
+            raise ValueError("length must be of shape () or (1,)")
+        if length.dim() == 0:
+            length = length.unsqueeze(0)
+        return input, length
+
+    def forward(self, input: torch.Tensor, length: torch.Tensor, beam_width: int) -> List[Hypothesis]:
+        """Offline search over a whole sequence (``RNNTBeamSearch.forward``)."""
+        input, length = self._check(input, length)
+        enc_out, _ = self.model.transcribe(input, length)
+        return self._search(enc_out, None, beam_width)
+
+    def infer(self, input: torch.Tensor, length: torch.Tensor, beam_width: int,
+              state: Optional[List[List[torch.Tensor]]] = None,
+              hypothesis: Optional[List[Hypothesis]] = None) -> Tuple[List[Hypothesis], List[List[torch.Tensor]]]:
+        """One streaming chunk (``RNNTBeamSearch.infer``): the best ``beam_width`` hypotheses and the encoder state."""
+        input, length = self._check(input, length)
+        enc_out, _, state = self.model.transcribe_streaming(input, length, state)
+        return self._search(enc_out, hypothesis, beam_width), state
+
+    # -- the search ----------------------------------------------------------------------------
+    def _ones(self, n: int, device: torch.device) -> torch.Tensor:
+        t = self._ones_cache.get((n, device))
+        if t is None:
+            with torch.inference_mode():
+                t = self._ones_cache[(n, device)] = torch.tensor([1] * n, device=device)
+        return t
+
+    def _new_store(self, pred, states) -> _Store:
+        if self._lm is not None:
+            self._lm.trim()
+        return _Store(self._lm, pred, states)
+
+    def _seed(self, hypothesis: Optional[List[Hypothesis]], device: torch.device):
+        """The store for this search and the hypotheses it starts from, as ``(key, slot, score)``."""
+        if hypothesis is None:
+            self._store = None
+            pred, _, states = self.model.predict(torch.tensor([[self.blank]], device=device), self._ones(1, device),
+                                                 None)
+            store = self._new_store(pred, states)
+            seeds = [(store.intern((self.blank,)), 0, 0.0)]
+        else:
+            store = self._store if self.cache_predictor else None
+            if store is not None and (store.used > self.max_slots or store.device != device):
+                store = None
+            found: List[Optional[int]] = []
+            if store is not None:
+                for h in hypothesis:
+                    key = store.key_of.get(tuple(h[0]))
+                    found.append(None if key is None or store.slot_of[key] < 0 else key)
+            missing = [h for h, key in zip(hypothesis, found) if key is None] if store is not None else hypothesis
+            if store is None:
+                store = self._new_store(*_stack_hypotheses(hypothesis))
+                seeds = [(store.intern(tuple(h[0])), i, h[3]) for i, h in enumerate(hypothesis)]
+            else:
+                first = store.append(*_stack_hypotheses(missing)) if missing else store.used
+                seeds = []
+                for h, key in zip(hypothesis, found):
+                    if key is None:
+                        key = store.intern(tuple(h[0]))
+                        slot = first
+                        first += 1
+                    else:
+                        slot = store.slot_of[key]
+                    seeds.append((key, slot, h[3]))
+        if self.cache_predictor:
+            for key, slot, _ in seeds:
+                store.slot_of[key] = slot
+            self._store = store
+        return store, seeds
+
+    def _search(self, enc_out: torch.Tensor, hypothesis: Optional[List[Hypothesis]],
+                beam_width: int) -> List[Hypothesis]:
+        with torch.inference_mode():
+            return self._search_impl(enc_out, hypothesis, beam_width)
+
+    def _search_impl(self, enc_out: torch.Tensor, hypothesis: Optional[List[Hypothesis]],
+                     beam_width: int) -> List[Hypothesis]:
+        model = self.model
+        device = enc_out.device
+        blank = self.blank
+        temperature = self.temperature
+        step_max_tokens = self.step_max_tokens
+        cache = self.cache_predictor
+        lm = self._lm
+        one = self._ones(1, device)
+        log_softmax = torch.nn.functional.log_softmax
+        minus_inf = -float("inf")
+
+        store, b_hypos = self._seed(hypothesis, device)
+        tokens_of, slot_of, lm_row_of = store.tokens_of, store.slot_of, store.lm_row_of
+
+        for t in range(enc_out.shape[1]):
+            enc_t = enc_out[:, t: t + 1]
+            a_hypos = b_hypos
+            b_hypos = []
+            b_of_key: Dict[int, tuple] = {}
+            symbols_current_t = 0
+
+            while a_hypos:
+                n_a = len(a_hypos)
+                # -- one joiner call over every a hypothesis (torchaudio's _gen_next_token_probs)
+                slots = torch.tensor([h[1] for h in a_hypos], device=device)
+                joined, _, _ = model.join(enc_t, one, store.pred.index_select(0, slots), self._ones(n_a, device))
+                probs = log_softmax(joined / temperature, dim=3)[:, 0, 0]
+                if lm is not None:  # FusedBeamSearch._gen_next_token_probs
+                    probs = probs.float()
+                    probs[:, :blank] += lm.gather([lm_row_of[h[0]] for h in a_hypos]).to(probs.device)
+                probs = probs.cpu()
+
+                # -- blank extensions, merged by key (torchaudio's _gen_b_hypos)
+                scores = [h[2] for h in a_hypos]
+                hypo_scores = torch.tensor(scores)
+                if hypo_scores.dtype == probs.dtype:
+                    total = hypo_scores.unsqueeze(1) + probs
+                    blank_scores, nonblank = total[:, -1], total[:, :-1]
+                else:
+                    # torchaudio's ``float + 0-dim tensor`` casts the float to the tensor's dtype
+                    # (bf16, fp16 or fp64 models), its ``tensor(scores) + probs`` promotes.
+                    blank_scores = torch.tensor(scores, dtype=probs.dtype) + probs[:, -1]
+                    nonblank = hypo_scores.unsqueeze(1) + probs[:, :-1]
+                blank_list = blank_scores.tolist()
+                for i, h in enumerate(a_hypos):
+                    key = h[0]
+                    old = b_of_key.get(key)
+                    if old is None:
+                        score = blank_list[i]
+                    else:
+                        b_hypos.remove(old)
+                        score = float(torch.tensor(old[2]).logaddexp(blank_scores[i]))
+                    new = (key, h[1], score)
+                    b_hypos.append(new)
+                    b_of_key[key] = new
+                order = torch.tensor([h[2] for h in b_hypos]).sort()[1].tolist()
+                b_hypos = [b_hypos[i] for i in order]
+
+                if symbols_current_t == step_max_tokens:
+                    break
+
+                # -- top non-blank expansions beating the beam_width-th blank score (_gen_a_hypos)
+                width = nonblank.shape[1]
+                best_scores, best_idx = nonblank.reshape(-1).topk(beam_width)
+                threshold = b_hypos[-beam_width][2] if len(b_hypos) >= beam_width else minus_inf
+                expansions = []  # [key, slot, score]
+                todo = []        # (index in expansions, base slot, token)
+                for score, idx in zip(best_scores.tolist(), best_idx.tolist()):
+                    if score > threshold:
+                        i, token = divmod(idx, width)
+                        h = a_hypos[i]
+                        key = store.child(h[0], token)
+                        slot = slot_of[key] if cache else -1
+                        if slot < 0:
+                            todo.append((len(expansions), h[1], token))
+                        expansions.append([key, slot, score])
+                if not expansions:
+                    break
+
+                # -- one predictor call over the expansions not yet computed (_gen_new_hypos)
+                if todo:
+                    base = torch.tensor([x[1] for x in todo], device=device)
+                    out, _, out_state = model.predict(torch.tensor([[x[2]] for x in todo], device=device),
+                                                      self._ones(len(todo), device), store.gather_states(base))
+                    first = store.append(out, out_state)
+                    for j, x in enumerate(todo):
+                        e = expansions[x[0]]
+                        e[1] = slot_of[e[0]] = first + j
+                a_hypos = [tuple(e) for e in expansions]
+                symbols_current_t += 1
+
+            # -- the beam: best by length-normalised score (_default_hypo_sort_key)
+            norm = torch.tensor([h[2] / (len(tokens_of[h[0]]) + 1) for h in b_hypos])
+            b_hypos = [b_hypos[i] for i in norm.topk(beam_width)[1].tolist()]
+
+        # torchaudio tuples; their tensors are views of compact copies, not of the store.
+        sel = torch.tensor([h[1] for h in b_hypos], device=device)
+        pred_out = store.pred.index_select(0, sel)
+        states = store.gather_states(sel)
+        return [(list(tokens_of[h[0]]), pred_out[i], [[s[i: i + 1] for s in layer] for layer in states], h[2])
+                for i, h in enumerate(b_hypos)]
