@@ -1,0 +1,454 @@
+"""ONNX Runtime backend for the streaming Emformer encoder (the transcriber's per-chunk ``infer``).
+
+The exported graph is ``model.transcriber.infer`` for one chunk at batch 1, with the
+Emformer state flattened into a handful of named tensors (``L`` Emformer layers, ``Lc``
+left-context frames and ``M`` memory slots after time reduction, ``D`` the Emformer
+width, ``F`` = ``chunk_frames`` = (segment + right context) feature frames, ``N`` mel bins,
+``S`` = segment length after time reduction, ``E`` the encoding dim)::
+
+    inputs   input            (1, F, N)    float32  log-mel features (+ right context)
+             lengths          (1,)         int64    valid frames in ``input``
+             lc_key           (L, Lc, 1, D) float32 per-layer left-context keys, stacked
+             lc_val           (L, Lc, 1, D) float32 per-layer left-context values, stacked
+             past_length      (L, 1, 1)    int32    frames (after time reduction) seen so far
+             memory           (L, M, 1, D) float32 only when the model has memory (M > 0)
+    outputs  output           (1, S, E)    float32  encoder frames for the joiner
+             output_lengths   (1,)         int64
+             next_lc_key, next_lc_val, next_past_length[, next_memory]: the next chunk's state
+
+torchaudio's state layout (what :class:`RNNTBeamSearch` carries between chunks) is a
+list over layers of ``[memory (M, 1, D), lc_key (Lc, 1, D), lc_val (Lc, 1, D),
+past_length (1, 1) int32]``; :class:`OrtTranscriber` converts both ways, so an
+ORT-backed model (:func:`use_onnx_encoder`) is a drop-in for the torch one.
+
+Exporting uses ``torch.onnx.export(..., dynamo=True)``: the TorchScript exporter
+(``dynamo=False``) writes a graph ONNX Runtime refuses (a Reshape with a zero-size
+dimension). int8 is ``onnxruntime.quantization.quantize_dynamic`` (weights QInt8,
+activations quantised per call). :func:`encoder_onnx` caches both by a caller-given
+content key under ``$DSE_ONNX_CACHE`` (default ``~/.cache/dse/onnx``).
+
+Files are single ``.onnx`` files (weights inside), so models above ONNX's 2 GB
+protobuf limit are not supported; the base model is 292 MiB.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from dse.core.errors import DSEError
+
+STATE_SLOTS = ("memory", "lc_key", "lc_val", "past_length")  # torchaudio's per-layer order
+FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "int8")
+
+
+class BackendError(DSEError):
+    """An inference backend (here ONNX Runtime) cannot export, load or run the encoder."""
+
+
+def _require(module: str):
+    """Import an optional dependency of this backend, or say which package to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendError(f"the ONNX Runtime backend needs the Python package {module.split('.')[0]!r} "
+                           f"(pip install onnx onnxruntime onnxscript): {exc}") from exc
+
+
+# -- torchaudio's private state constructor, behind one function ------------------------------
+def zero_state(transcriber) -> List[List[torch.Tensor]]:
+    """The Emformer's initial (zero) state at batch 1, in torchaudio's layout.
+
+    Per layer ``[memory (M, 1, D), lc_key (Lc, 1, D), lc_val (Lc, 1, D), past_length (1, 1) int32]``,
+    from the private ``_EmformerLayer._init_state`` (the one place this module touches it).
+    """
+    return [layer._init_state(1, None) for layer in transcriber.transformer.emformer_layers]
+
+
+def _geometry(transcriber) -> dict:
+    """Sizes the graph is built for: layers, left context, memory, width, chunk frames, mel bins."""
+    emformer = transcriber.transformer
+    stride = transcriber.time_reduction.stride
+    return {
+        "layers": len(emformer.emformer_layers),
+        "left_context": emformer.left_context_length,
+        "memory": emformer.max_memory_size,
+        "dim": emformer.emformer_layers[0].input_dim,
+        "chunk_frames": (emformer.segment_length + emformer.right_context_length) * stride,
+        "n_mels": transcriber.input_linear.in_features,
+    }
+
+
+class _FlatInfer(torch.nn.Module):
+    """``transcriber.infer`` with flat, stacked state tensors (see the module docstring)."""
+
+    def __init__(self, transcriber, use_memory: bool):
+        super().__init__()
+        self.transcriber = transcriber
+        self.use_memory = use_memory
+        geo = _geometry(transcriber)
+        self.num_layers, self.dim = geo["layers"], geo["dim"]
+
+    def forward(self, input, lengths, lc_key, lc_val, past_length, memory: Optional[torch.Tensor] = None):
+        states = []
+        for i in range(self.num_layers):
+            mem = memory[i] if self.use_memory else input.new_zeros((0, 1, self.dim))
+            states.append([mem, lc_key[i], lc_val[i], past_length[i]])
+        output, output_lengths, new = self.transcriber.infer(input, lengths, states)
+        outs = (output, output_lengths, torch.stack([s[1] for s in new]), torch.stack([s[2] for s in new]),
+                torch.stack([s[3] for s in new]))
+        if self.use_memory:
+            outs = outs + (torch.stack([s[0] for s in new]),)
+        return outs
+
+
+def _flatten(states: List[List[torch.Tensor]], use_memory: bool) -> tuple:
+    """torchaudio's per-layer state -> ``(lc_key, lc_val, past_length[, memory])`` stacked over layers."""
+    flat = (torch.stack([s[1] for s in states]), torch.stack([s[2] for s in states]),
+            torch.stack([s[3] for s in states]))
+    return flat + ((torch.stack([s[0] for s in states]),) if use_memory else ())
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CALL_SITE = re.compile(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in \S+\s*\n\s*(.+)')
+
+
+def _summary(exc: BaseException, limit: int = 400) -> str:
+    """One line naming a failure: the innermost cause's type and first line, and the user-code line.
+
+    torch.onnx wraps torch.export's errors ("Failed to export the model with
+    torch.export ..."); the innermost cause says what went wrong (e.g. a guard on a
+    data-dependent value) and torch.export names the source line that triggered it.
+    """
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    root = chain[-1]
+    lines = [ln.strip() for ln in _ANSI.sub("", str(root)).splitlines() if ln.strip()]
+    text = f"{type(root).__name__}: {lines[0] if lines else ''}"
+    for e in chain:
+        site = _CALL_SITE.search(_ANSI.sub("", str(e)))
+        if site:
+            text += f" at {Path(site.group(1)).name}:{site.group(2)} `{site.group(3).strip()}`"
+            break
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's progress prints, warnings and log lines (errors still raise)."""
+    # The root logger too: onnxruntime's quantiser warns through logging.warning().
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_encoder(model, chunk_frames: int, path) -> dict:
+    """Export ``model.transcriber.infer`` for one chunk ``(1, chunk_frames, n_mels)`` to ``path``.
+
+    The model must be float32 (export a bf16/fp16 model's float32 original instead) and
+    is put in eval mode for the export. Returns ``{"export_s", "bytes", "opset",
+    "inputs", "outputs", "chunk_frames", "layers", "left_context", "memory", "dim",
+    "n_mels"}``. Raises :class:`BackendError` with the exporter's reason when the model
+    cannot be exported (e.g. an operator or data-dependent control flow it cannot trace).
+    """
+    path = Path(path)
+    transcriber = model.transcriber
+    geo = _geometry(transcriber)
+    if chunk_frames != geo["chunk_frames"]:
+        raise BackendError(f"chunk_frames={chunk_frames}, but this encoder takes chunks of exactly "
+                           f"{geo['chunk_frames']} feature frames (segment + right context)")
+    dtype = next(transcriber.parameters()).dtype
+    if dtype != torch.float32:
+        raise BackendError(f"the ONNX encoder is exported from a float32 model; this one is {dtype}")
+    use_memory = geo["memory"] > 0
+    in_names = ["input", "lengths", "lc_key", "lc_val", "past_length"] + (["memory"] if use_memory else [])
+    out_names = ["output", "output_lengths", "next_lc_key", "next_lc_val", "next_past_length"] + (
+        ["next_memory"] if use_memory else [])
+    was_training = transcriber.training
+    transcriber.eval()
+    gen = torch.Generator().manual_seed(0)
+    example = (torch.randn(1, chunk_frames, geo["n_mels"], generator=gen), torch.tensor([chunk_frames]),
+               *_flatten(zero_state(transcriber), use_memory))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _require("onnxscript")  # the dynamo exporter's dependency; a clear error instead of a deep one
+    start = time.perf_counter()
+    try:
+        with torch.no_grad(), _quiet():
+            program = torch.onnx.export(_FlatInfer(transcriber, use_memory), example, dynamo=True,
+                                        input_names=in_names, output_names=out_names, external_data=False)
+            program.save(str(path), external_data=False)
+    except Exception as exc:
+        path.unlink(missing_ok=True)
+        raise BackendError(f"ONNX export of the encoder failed: {_summary(exc)}") from exc
+    finally:
+        transcriber.train(was_training)
+    seconds = time.perf_counter() - start
+    opset = next((o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    return dict(geo, export_s=seconds, bytes=path.stat().st_size, opset=opset, inputs=in_names, outputs=out_names)
+
+
+def _op_counts(path) -> Counter:
+    onnx = _require("onnx")
+
+    model = onnx.load(str(path), load_external_data=False)
+    counts = Counter(node.op_type for node in model.graph.node)
+    for fn in model.functions:
+        counts.update(node.op_type for node in fn.node)
+    return counts
+
+
+INTEGER_OPS = ("MatMulInteger", "DynamicQuantizeLinear", "ConvInteger", "DynamicQuantizeLSTM",
+               "DynamicQuantizeMatMul", "QAttention", "QGemm", "DequantizeLinear", "QuantizeLinear")
+
+
+def quantize_encoder(fp32_path, int8_path) -> dict:
+    """Dynamic int8 quantisation (weights QInt8, activations per call) of an exported encoder.
+
+    Returns ``{"quantize_s", "bytes", "fp32_bytes", "quantized_ops": {op: count},
+    "float_matmuls_left": int}``: ``quantized_ops`` counts the integer/quantisation nodes
+    in the int8 graph (e.g. ``MatMulInteger``, ``DynamicQuantizeLinear``);
+    ``float_matmuls_left`` the MatMul/Gemm nodes still in float (activation x activation
+    products such as attention scores, which dynamic quantisation leaves alone).
+    """
+    quantization = _require("onnxruntime.quantization")
+
+    fp32_path, int8_path = Path(fp32_path), Path(int8_path)
+    if not fp32_path.is_file():
+        raise BackendError(f"cannot quantise {fp32_path}: no such file")
+    start = time.perf_counter()
+    try:
+        with _quiet():
+            quantization.quantize_dynamic(str(fp32_path), str(int8_path),
+                                          weight_type=quantization.QuantType.QInt8)
+    except Exception as exc:
+        int8_path.unlink(missing_ok=True)
+        raise BackendError(f"int8 quantisation of {fp32_path} failed: {_summary(exc)}") from exc
+    seconds = time.perf_counter() - start
+    counts = _op_counts(int8_path)
+    return {"quantize_s": seconds, "bytes": int8_path.stat().st_size, "fp32_bytes": fp32_path.stat().st_size,
+            "quantized_ops": {op: counts[op] for op in INTEGER_OPS if counts[op]},
+            "float_matmuls_left": counts["MatMul"] + counts["Gemm"]}
+
+
+# -- running ------------------------------------------------------------------------------------
+class OrtTranscriber(torch.nn.Module):
+    """An exported encoder in an ONNX Runtime session, with ``_Transcriber.infer``'s signature.
+
+    ``threads``: ``intra_op_num_threads`` (inter-op is 1: the graph is one chain).
+    ``spinning``: ``session.intra_op.allow_spinning``. Off by default: a spinning worker
+    busy-waits for the next op instead of sleeping, which on a shared or oversubscribed
+    machine steals the core another thread (or process) needs and can make a chunk ~30x
+    slower (the OpenMP finding in DESIGN.md). A deployment that pins the encoder to
+    dedicated, otherwise idle cores should pass ``spinning=True`` to save the wake-up
+    latency between ops.
+
+    A subclass of ``torch.nn.Module`` only so that it can sit in an RNNT model's
+    ``transcriber`` slot; it has no parameters and only supports streaming ``infer``.
+    """
+
+    def __init__(self, path, threads: int = 1, spinning: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        ort = _require("onnxruntime")
+
+        self.path = Path(path)
+        self.threads = int(threads)
+        self.spinning = bool(spinning)
+        self.dtype = dtype  # of the returned encoder frames (the joiner's dtype)
+        if not self.path.is_file():
+            raise BackendError(f"ONNX encoder file {self.path} does not exist")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise BackendError(f"ONNX Runtime cannot load the encoder file {self.path} "
+                               f"({self.path.stat().st_size} bytes): {_summary(exc)}; "
+                               f"delete it to have it exported again") from exc
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        missing = [n for n in ("input", "lengths", "lc_key", "lc_val", "past_length") if n not in inputs]
+        if missing:
+            raise BackendError(f"{self.path} is not an encoder exported by dse (no input(s) {', '.join(missing)}; "
+                               f"it has {', '.join(inputs)})")
+        self.use_memory = "memory" in inputs
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.chunk_frames, self.n_mels = inputs["input"].shape[1], inputs["input"].shape[2]
+        self.num_layers, left, _, self.dim = inputs["lc_key"].shape
+        self.left_context = left
+        self.memory_size = inputs["memory"].shape[1] if self.use_memory else 0
+
+    def initial_state(self) -> List[List[torch.Tensor]]:
+        """The zero state, as ``_EmformerLayer._init_state`` makes it (batch 1), from the graph's shapes."""
+        def layer():
+            return [torch.zeros(self.memory_size, 1, self.dim), torch.zeros(self.left_context, 1, self.dim),
+                    torch.zeros(self.left_context, 1, self.dim), torch.zeros(1, 1, dtype=torch.int32)]
+
+        return [layer() for _ in range(self.num_layers)]
+
+    def forward(self, input, lengths):
+        raise BackendError("the ONNX encoder runs streaming inference only (infer, one chunk at a time)")
+
+    def infer(
+        self,
+        input: torch.Tensor,
+        lengths: torch.Tensor,
+        states: Optional[List[List[torch.Tensor]]],
+    ) -> Tuple[torch.Tensor, torch.Tensor, List[List[torch.Tensor]]]:
+        """One chunk: ``input`` ``(1, chunk_frames, n_mels)``, ``lengths`` ``(1,)``, ``states`` or None.
+
+        Returns ``(output (1, S, E), output_lengths (1,), states)`` with ``states`` in
+        torchaudio's list-of-lists layout (see the module docstring).
+        """
+        if tuple(input.shape) != (1, self.chunk_frames, self.n_mels):
+            raise BackendError(f"the ONNX encoder {self.path.name} takes input of shape "
+                               f"(1, {self.chunk_frames}, {self.n_mels}), got {tuple(input.shape)}")
+        if states is None:
+            states = self.initial_state()
+        feeds = {
+            "input": input.detach().to(torch.float32).cpu().numpy(),
+            "lengths": lengths.detach().to(torch.int64).cpu().numpy().reshape(1),
+            "lc_key": np.stack([s[1].detach().float().cpu().numpy() for s in states]),
+            "lc_val": np.stack([s[2].detach().float().cpu().numpy() for s in states]),
+            "past_length": np.stack([s[3].detach().to(torch.int32).cpu().numpy() for s in states]),
+        }
+        if self.use_memory:
+            feeds["memory"] = np.stack([s[0].detach().float().cpu().numpy() for s in states])
+        outs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        key, val, past = (torch.from_numpy(outs[n]) for n in ("next_lc_key", "next_lc_val", "next_past_length"))
+        mem = torch.from_numpy(outs["next_memory"]) if self.use_memory else None
+        empty = torch.zeros(0, 1, self.dim)
+        new_states = [[mem[i] if mem is not None else empty, key[i], val[i], past[i]] for i in range(self.num_layers)]
+        output = torch.from_numpy(outs["output"])
+        if output.dtype != self.dtype:
+            output = output.to(self.dtype)
+        return output, torch.from_numpy(outs["output_lengths"]), new_states
+
+    def extra_repr(self) -> str:
+        return f"path={str(self.path)!r}, threads={self.threads}, spinning={self.spinning}"
+
+
+def use_onnx_encoder(model, session_path, threads: int, spinning: bool = False):
+    """A shallow copy of the RNNT ``model`` whose transcriber is an :class:`OrtTranscriber`.
+
+    The predictor and joiner stay the original torch modules (shared, not copied), so
+    ``RNNTBeamSearch`` and the project's decoders work unchanged; the original model is
+    not modified.
+    """
+    joiner_dtype = next(model.joiner.parameters(), torch.zeros(())).dtype
+    ort_model = copy.copy(model)
+    ort_model._modules = dict(model._modules)  # copy.copy shares the dict; keep the original intact
+    ort_model.transcriber = OrtTranscriber(session_path, threads=threads, spinning=spinning, dtype=joiner_dtype)
+    return ort_model
+
+
+# -- cache ---------------------------------------------------------------------------------------
+def default_cache_dir() -> Path:
+    """``$DSE_ONNX_CACHE`` or ``~/.cache/dse/onnx``."""
+    return Path(os.environ.get("DSE_ONNX_CACHE") or Path.home() / ".cache" / "dse" / "onnx")
+
+
+def _cache_stem(key: str, chunk_frames: int) -> str:
+    """File stem for a key: a readable prefix of the key plus a digest of everything the file depends on."""
+    material = json.dumps([FORMAT_VERSION, key, chunk_frames, torch.__version__,
+                           _require("onnxruntime").__version__])
+    digest = hashlib.sha256(material.encode()).hexdigest()[:24]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)[:40].strip("._")
+    return f"{slug}-{digest}" if slug else digest
+
+
+def _atomic_tmp(target: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".tmp.onnx")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _cached(model, chunk_frames: int, precision: str, cache_dir: Path, stem: str) -> tuple[Path, dict]:
+    path = cache_dir / f"{stem}.{precision}.onnx"
+    meta = cache_dir / f"{stem}.{precision}.json"
+    if path.is_file() and meta.is_file():
+        try:
+            info = json.loads(meta.read_text())
+            return path, dict(info, hit=True, export_s=0.0, quantize_s=0.0,
+                              original_export_s=info.get("export_s"), original_quantize_s=info.get("quantize_s"))
+        except (OSError, ValueError):
+            pass  # unreadable sidecar: rebuild both
+    if precision == "fp32":
+        tmp = _atomic_tmp(path)
+        try:
+            info = export_encoder(model, chunk_frames, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        info = dict(info, precision="fp32", quantize_s=0.0)
+    else:
+        fp32_path, fp32_info = _cached(model, chunk_frames, "fp32", cache_dir, stem)
+        tmp = _atomic_tmp(path)
+        try:
+            q = quantize_encoder(fp32_path, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        info = dict(fp32_info, **q, precision="int8", fp32_hit=fp32_info["hit"])
+        info.pop("original_export_s", None), info.pop("original_quantize_s", None)
+    info = dict(info, bytes=path.stat().st_size, hit=False)
+    _write_json_atomic(meta, {k: v for k, v in info.items() if k not in ("hit", "fp32_hit")})
+    return path, info
+
+
+def encoder_onnx(model, chunk_frames: int, precision: str = "fp32", cache_dir=None, key: str = "") -> tuple[Path, dict]:
+    """The encoder as an ONNX file, exported (and quantised) once per ``key``.
+
+    ``key`` must identify the model's weights and architecture (e.g. a digest of the
+    trial configuration and base weights): the cache trusts it. The file also depends
+    on ``chunk_frames`` and the torch/onnxruntime versions, which are folded in.
+    Returns ``(path, info)``; ``info["hit"]`` says whether the file came from the cache,
+    ``export_s``/``quantize_s`` are the seconds spent in this call (0 on a hit; an int8
+    miss whose fp32 export was cached has ``export_s`` 0 and ``fp32_hit`` True).
+    Files are written to a temporary name and renamed, so a reader never sees a partial
+    file and concurrent workers at worst export twice.
+    """
+    if precision not in PRECISIONS:
+        raise BackendError(f"ONNX encoder precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if not key:
+        raise BackendError("encoder_onnx needs a non-empty cache key identifying the model's weights")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return _cached(model, chunk_frames, precision, cache_dir, _cache_stem(key, chunk_frames))
