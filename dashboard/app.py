@@ -1,10 +1,15 @@
 """Choose what to ship from a design-space study.
 
-    streamlit run dashboard/app.py                      # studies in the default SQLite studies.db
-    streamlit run dashboard/app.py -- --storage URL     # any Optuna RDB storage
+    streamlit run dashboard/app.py                          # studies in the default SQLite studies.db
+    streamlit run dashboard/app.py -- --storage URL         # any Optuna RDB storage
+    streamlit run dashboard/app.py -- --deploy-dir DIR      # where the page writes bundles (default deploy/)
 
 The storage is, in order: ``--storage``, the ``DSE_STORAGE`` environment variable, then
-:data:`dse.run.DEFAULT_STORAGE`; it can be changed in the sidebar.
+:data:`dse.search.storage.DEFAULT_STORAGE`. Visitors switch among the studies in it, not to
+another storage (a visitor could otherwise make the server connect anywhere), unless the
+page was started with ``--allow-any-storage``. Bundles are written only under the deploy
+folder, in a folder the visitor names relative to it. The server listens on 127.0.0.1 only
+(``.streamlit/config.toml``); ``--server.address 0.0.0.0`` opens it to the network.
 
 The page plots the chosen speed metric against WER (or CER) for every completed trial,
 draws the Pareto front within the sidebar's limits (max WER, max TTFT, max weights),
@@ -29,27 +34,41 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from dashboard import figures, logic  # noqa: E402
-from dse.core.errors import DSEError  # noqa: E402
+from dse.core.errors import DSEError, redact  # noqa: E402
 from dse.search.storage import DEFAULT_STORAGE  # noqa: E402
 
 REFRESH_S = 10  # while trials run, the page checks the storage for finished trials this often (s)
 CACHE_TTL_S = 600  # derived study data is kept this long (s); a changed trial count re-reads it at once
 
 
-def storage_from_command_line() -> str:
-    """``--storage`` after ``--`` on the command line, else ``$DSE_STORAGE``, else the default SQLite file."""
+DEFAULT_DEPLOY_DIR = PROJECT_ROOT / "deploy"
+
+
+def launch_options() -> argparse.Namespace:
+    """What the page was started with, after ``--``: ``storage`` (else ``$DSE_STORAGE``, else the
+    default SQLite file), ``deploy_dir`` (default ``deploy/`` in the project) and
+    ``allow_any_storage`` (let visitors type another storage URL)."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--storage")
+    parser.add_argument("--deploy-dir")
+    parser.add_argument("--allow-any-storage", action="store_true")
     args, _ = parser.parse_known_args(sys.argv[1:])
-    return args.storage or os.environ.get("DSE_STORAGE") or DEFAULT_STORAGE
+    args.storage = args.storage or os.environ.get("DSE_STORAGE") or DEFAULT_STORAGE
+    args.deploy_dir = Path(args.deploy_dir or DEFAULT_DEPLOY_DIR).expanduser().absolute()
+    return args
+
+
+def storage_from_command_line() -> str:
+    """``--storage`` after ``--`` on the command line, else ``$DSE_STORAGE``, else the default SQLite file."""
+    return launch_options().storage
 
 
 @st.cache_resource(show_spinner=False)
 def open_storage(storage_url: str):
-    """One Optuna RDB storage per URL for the whole server."""
+    """One Optuna RDB storage per URL for the whole server (read only: a read-only file is fine)."""
     from dse.search.storage import make_storage
 
-    return make_storage(storage_url)
+    return make_storage(storage_url, writable=False)
 
 
 @st.cache_resource(show_spinner=False)
@@ -113,13 +132,18 @@ def stop_with(message: str, kind: str = "info") -> None:
 def choose_storage_and_study() -> tuple[str, str]:
     """Sidebar: storage URL and study; stops the page with a message when there is nothing to show."""
     st.sidebar.header("Study")
-    storage_url = st.sidebar.text_input("Storage", value=storage_from_command_line(),
-                                        help="Optuna storage URL: sqlite:///path/studies.db or postgresql://…")
-    storage_url = storage_url.strip()
+    options = launch_options()
+    if options.allow_any_storage:
+        storage_url = st.sidebar.text_input("Storage", value=options.storage,
+                                            help="Optuna storage URL: sqlite:///path/studies.db or postgresql://…")
+        storage_url = storage_url.strip()
+    else:  # fixed at launch: a visitor must not make the server open files or connect elsewhere
+        storage_url = options.storage
+        st.sidebar.caption(f"Storage `{redact(storage_url)}` (set at launch with `-- --storage URL`)")
     missing = logic.sqlite_path_missing(storage_url)
     if missing:
         stop_with(f"No study database at `{missing}`. Run a study first, for example "
-                  f"`python -m dse.run --study moe`, or point the sidebar (or `-- --storage URL`) at another storage.")
+                  f"`python -m dse.run --study moe`, or start the page with `-- --storage URL` for another storage.")
     try:
         import optuna
 
@@ -127,9 +151,9 @@ def choose_storage_and_study() -> tuple[str, str]:
     except DSEError as exc:
         stop_with(str(exc), "error")
     except Exception as exc:
-        stop_with(f"Cannot read studies from `{storage_url}`: {type(exc).__name__}: {exc}", "error")
+        stop_with(f"Cannot read studies from `{redact(storage_url)}`: {type(exc).__name__}: {redact(exc)}", "error")
     if not names:
-        stop_with(f"The storage `{storage_url}` holds no studies yet. Run one with "
+        stop_with(f"The storage `{redact(storage_url)}` holds no studies yet. Run one with "
                   "`python -m dse.run --study moe` (or another space in `search_spaces/`).")
     study_name = st.sidebar.selectbox("Study", names, index=len(names) - 1,
                                       help="Studies in this storage, oldest first")
@@ -283,26 +307,35 @@ def show_plot(rows: pd.DataFrame, counts: logic.TrialCounts, x: str, y: str, col
 
 
 def export_bundle_ui(storage_url: str, study_name: str, trial: int) -> None:
-    """Folder input and export button; the bundle is written by :func:`dse.deploy.export.export_bundle`."""
+    """Folder input and export button; the bundle is written by :func:`dse.deploy.export.export_bundle`
+    into a folder under the deploy folder set at launch, never elsewhere."""
+    deploy_dir = launch_options().deploy_dir
     folder_column, button_column = st.columns([4, 1], vertical_alignment="bottom")
-    out_dir = folder_column.text_input("Output folder", value=f"deploy/{study_name}-trial{trial}",
-                                       help="Relative paths are relative to the folder the dashboard was started in")
+    name = folder_column.text_input("Output folder", value=f"{study_name}-trial{trial}",
+                                    help=f"A folder name, written under {deploy_dir} (set at launch with "
+                                         "`-- --deploy-dir DIR`); absolute paths and '..' are refused")
     clicked = button_column.button(f"Export trial {trial}", type="primary", width="stretch")
-    replace = st.checkbox("Replace the folder if it already holds files", value=False)
+    replace = st.checkbox("Replace the folder if it holds an earlier bundle", value=False,
+                          help="Only a folder holding a dse bundle, and nothing else, is ever replaced")
     if not clicked:
         return
     try:
-        from dse.deploy.export import export_bundle
+        from dse.deploy.export import bundle_path, export_bundle
     except ImportError as exc:
         st.error(f"Export is not available in this installation of dse: {exc}")
+        return
+    try:
+        out_dir = bundle_path(deploy_dir, name)
+    except DSEError as exc:
+        st.error(f"Export refused: {exc}")
         return
     with st.status(f"Exporting trial {trial}: rebuilding its model and writing the bundle…") as progress:
         try:
             path = export_bundle(storage_url, study_name, out_dir, trial=trial, force=replace, log=progress.write)
         except Exception as exc:  # shown to the person, not as a traceback
             progress.update(label=f"Export of trial {trial} failed", state="error")
-            st.error(f"Export failed: {exc}" if isinstance(exc, DSEError) else
-                     f"Export failed: {type(exc).__name__}: {exc}")
+            st.error(f"Export failed: {redact(exc)}" if isinstance(exc, DSEError) else
+                     f"Export failed: {type(exc).__name__}: {redact(exc)}")
             return
         progress.update(label=f"Exported trial {trial}", state="complete", expanded=False)
     st.success(f"Bundle written to `{Path(path).resolve()}`")
@@ -449,7 +482,8 @@ def main() -> None:
         signature = current_signature(storage_url, study_name)
         snapshot = study_snapshot(storage_url, study_name, *signature)
     except Exception as exc:
-        stop_with(f"Cannot read study `{study_name}` from `{storage_url}`: {type(exc).__name__}: {exc}", "error")
+        stop_with(f"Cannot read study `{study_name}` from `{redact(storage_url)}`: {type(exc).__name__}: "
+                  f"{redact(exc)}", "error")
     attrs, rows, counts = snapshot["attrs"], snapshot["rows"], snapshot["counts"]
 
     st.title(f"Study {study_name}")

@@ -4,7 +4,8 @@ Streams the eval split through the configuration the flags describe, chunk by ch
 a live stream would deliver it, and prints RTF (mean with its 95 % interval, p50, p95),
 chunk latency (p50/p95/p99), time to first token, peak memory, and the WER and CER of
 that same pass (not measured with random weights). :mod:`dse.core.measure` defines each
-figure.
+figure. A one-utterance eval set gets no interval (``null`` in ``--json``): one sample has
+no spread.
 """
 from __future__ import annotations
 
@@ -27,20 +28,25 @@ def _format_table(record: dict) -> str:
             return f"{v:.4g}{unit}"
         return f"{v}{unit}"
 
+    def interval(ci) -> str:
+        if ci:
+            return f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+        return "(no interval: one utterance)" if record["utterances"] == 1 else "(no interval)"
+
     rows = [
         ("model", record["model"]), ("weights", record["weights"]), ("params", fmt(record["params"])),
         ("weight MiB", fmt(record["weight_mib"])), ("precision", record["precision"]),
         ("beam width", record["beam_width"]), ("LM weight", record.get("lm_weight", 0.0)),
         ("decoder temperature", record.get("temperature", 1.0)), ("threads", record["threads"]),
         ("utterances / audio", f"{record['utterances']} / {record['audio_s']:.1f} s"),
-        ("RTF mean [95% CI]", f"{record['rtf_mean']:.4f} [{record['rtf_mean_ci95'][0]:.4f}, {record['rtf_mean_ci95'][1]:.4f}]"),
+        ("RTF mean [95% CI]", f"{record['rtf_mean']:.4f} {interval(record['rtf_mean_ci95'])}"),
         ("RTF p50 / p95", f"{record['rtf_p50']:.4f} / {record['rtf_p95']:.4f}"),
         ("chunk latency p50/p95/p99", f"{record['chunk_latency_p50_ms']:.2f} / {record['chunk_latency_p95_ms']:.2f} / "
                                       f"{record['chunk_latency_p99_ms']:.2f} ms"),
         ("TTFT median / p95", f"{fmt(record['ttft_s'], ' s')} / {fmt(record['ttft_p95_s'], ' s')}"),
         ("peak RSS", f"{record['peak_rss_mib']:.0f} MiB"),
-        ("WER [95% CI]", fmt(record["wer"]) if not record.get("wer_ci95") else
-         f"{record['wer']:.4f} [{record['wer_ci95'][0]:.4f}, {record['wer_ci95'][1]:.4f}]"),
+        ("WER [95% CI]", fmt(record["wer"]) if record["wer"] is None else
+         f"{record['wer']:.4f} {interval(record.get('wer_ci95'))}"),
         ("CER", fmt(record["cer"])),
     ]
     for s, w in record.get("wer_by_slice", {}).items():

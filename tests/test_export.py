@@ -244,17 +244,15 @@ def test_failed_export_leaves_no_target_and_no_temporary(study, tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_non_empty_out_is_replaced_only_with_force(study, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("keep me")
+def test_existing_bundle_is_replaced_only_with_force(study, bundles, tmp_path):
+    out = copy_bundle(bundles["int8"], tmp_path)
     trial = study.trials["fp32"].number
     with pytest.raises(DSEError, match="not empty; pass --force"):
         export.export_bundle(study.storage, study.name, out, trial=trial)
-    assert (out / "old.txt").exists()
+    assert json.loads((out / "config.json").read_text())["trial_config"]["precision"] == "int8"
     export.export_bundle(study.storage, study.name, out, trial=trial, force=True)
-    assert not (out / "old.txt").exists() and (out / "weights.pt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert json.loads((out / "config.json").read_text())["trial_config"]["precision"] == "fp32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
 
 
 # -- loading and streaming ------------------------------------------------------------------

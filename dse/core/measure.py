@@ -24,7 +24,8 @@ Definitions (units in the names):
   every 20 ms); ``rss_delta_mib``: its growth over the resident size before the pass.
 * ``wer``/``cer``: jiwer over the whole eval set; ``None`` ("not measured") when the
   weights are random. ``wer_ci95`` is a bootstrap 95 % interval over utterances
-  (resampling whole utterances, errors and reference words together), and each
+  (resampling whole utterances, errors and reference words together; ``None`` for a
+  one-utterance set, as is ``rtf_mean_ci95``), and each
   transcript carries its word ``errors`` and reference ``words``, so that two
   configurations measured on the same set can be compared utterance by utterance
   (:func:`paired_wer_difference`): on a few hundred utterances a WER difference of a
@@ -57,11 +58,13 @@ def percentile(values: Sequence[float], q: float) -> Optional[float]:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def bootstrap_ci(values: Sequence[float], stat=statistics.fmean, n: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95 % bootstrap interval of ``stat`` over ``values``."""
+def bootstrap_ci(values: Sequence, stat=statistics.fmean, n: int = 1000,
+                 seed: int = 0) -> Optional[tuple[float, float]]:
+    """95 % bootstrap interval of ``stat`` over ``values`` (resampling whole values, which may be
+    tuples such as ``(errors, words)``); ``None`` for fewer than two values: one sample has no
+    spread to resample, so it gets no interval rather than a zero-width one."""
     if len(values) < 2:
-        v = values[0] if values else float("nan")
-        return v, v
+        return None
     rng = random.Random(seed)
     samples = sorted(stat([rng.choice(values) for _ in values]) for _ in range(n))
     return samples[int(0.025 * n)], samples[int(0.975 * n) - 1]
@@ -216,8 +219,8 @@ def _pooled_wer(sample) -> float:
     return sum(e for e, _ in sample) / words if words else float("nan")
 
 
-def wer_interval(errors: Sequence[tuple[int, int]], n: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Bootstrap 95 % interval of the pooled WER, resampling utterances."""
+def wer_interval(errors: Sequence[tuple[int, int]], n: int = 1000, seed: int = 0) -> Optional[tuple[float, float]]:
+    """Bootstrap 95 % interval of the pooled WER, resampling utterances; ``None`` for one utterance."""
     return bootstrap_ci(list(errors), stat=_pooled_wer, n=n, seed=seed)
 
 
@@ -226,8 +229,11 @@ def paired_wer_difference(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, i
     """WER(a) - WER(b) on the same utterances, with its paired bootstrap 95 % interval.
 
     ``a`` and ``b`` are :func:`word_errors` of two configurations on one eval set, in the
-    same order; an interval that holds 0 means the sets do not tell the two apart.
+    same order; an interval that holds 0 means the sets do not tell the two apart. Raises
+    ``ValueError`` for fewer than two utterances (no interval to give).
     """
+    if len(a) < 2:
+        raise ValueError(f"paired_wer_difference needs at least two utterances, got {len(a)}")
     if len(a) != len(b) or any(wa != wb for (_, wa), (_, wb) in zip(a, b)):
         raise ValueError("paired_wer_difference needs the same utterances, in the same order, on both sides")
     triples = [(ea, eb, w) for (ea, w), (eb, _) in zip(a, b)]
@@ -256,11 +262,11 @@ def measure(recognizer, audio: EvalAudio, accuracy: bool = True, warmup: bool = 
     rtfs = [t.rtf for t in timings]
     chunks_ms = [c * 1000 for t in timings for c in t.chunk_compute_s]
     ttfts = [t.ttft_s for t in timings if t.ttft_s is not None]
-    lo, hi = bootstrap_ci(rtfs)
+    rtf_ci = bootstrap_ci(rtfs)  # None for one utterance
     rtf_mean = statistics.fmean(rtfs)
     result = {
         "utterances": len(timings), "audio_s": sum(t.duration_s for t in timings), "chunks": len(chunks_ms),
-        "rtf_mean": rtf_mean, "rtf_mean_ci95": [lo, hi], "rtf_p50": percentile(rtfs, 50),
+        "rtf_mean": rtf_mean, "rtf_mean_ci95": list(rtf_ci) if rtf_ci else None, "rtf_p50": percentile(rtfs, 50),
         "rtf_p95": percentile(rtfs, 95),
         "chunk_latency_p50_ms": percentile(chunks_ms, 50), "chunk_latency_p95_ms": percentile(chunks_ms, 95),
         "chunk_latency_p99_ms": percentile(chunks_ms, 99),
@@ -270,17 +276,18 @@ def measure(recognizer, audio: EvalAudio, accuracy: bool = True, warmup: bool = 
         "wer": None, "cer": None, "wer_ci95": None, "wer_by_slice": {},
     }
     result["spread_warning"] = (
-        f"RTF 95% interval [{lo:.4f}, {hi:.4f}] is wider than {SPREAD_WARN_RATIO:.0%} of the mean {rtf_mean:.4f}: "
-        "the machine is noisy; measure again or use more utterances"
-        if rtf_mean > 0 and (hi - lo) / rtf_mean > SPREAD_WARN_RATIO else None)
+        f"RTF 95% interval [{rtf_ci[0]:.4f}, {rtf_ci[1]:.4f}] is wider than {SPREAD_WARN_RATIO:.0%} of the mean "
+        f"{rtf_mean:.4f}: the machine is noisy; measure again or use more utterances"
+        if rtf_ci and rtf_mean > 0 and (rtf_ci[1] - rtf_ci[0]) / rtf_mean > SPREAD_WARN_RATIO else None)
     if accuracy:
         hyps = [t.text for t in timings]
         import jiwer
 
         # One word alignment per utterance gives the WER, its interval and the per-slice WERs.
         errors = word_errors(audio.texts, hyps)
+        wer_ci = wer_interval(errors)  # None for one utterance
         result.update(wer=_pooled_wer(errors), cer=jiwer.cer(list(audio.texts), hyps),
-                      wer_ci95=list(wer_interval(errors)))
+                      wer_ci95=list(wer_ci) if wer_ci else None)
         by_slice: dict[str, list[int]] = {}
         for i, s in enumerate(audio.slices):
             by_slice.setdefault(s, []).append(i)
@@ -296,7 +303,7 @@ def interleaved_speedup(candidate, reference, audio: EvalAudio, rounds: int = 1,
     """Same-run ratio: time ``reference`` and ``candidate`` alternately (A B, then B A) per utterance.
 
     Returns the median over utterances of ``reference_time / candidate_time`` (> 1 means the
-    candidate is faster), its bootstrap 95 % interval and the sample count.
+    candidate is faster), its bootstrap 95 % interval (``None`` for one utterance) and the sample count.
     """
     stream_utterance(candidate, audio.waveforms[0])
     stream_utterance(reference, audio.waveforms[0])
@@ -310,5 +317,5 @@ def interleaved_speedup(candidate, reference, audio: EvalAudio, rounds: int = 1,
             for rec in order:
                 times[id(rec)] = sum(stream_utterance(rec, w).chunk_compute_s)
             ratios.append(times[id(reference)] / times[id(candidate)])
-    lo, hi = bootstrap_ci(ratios, stat=statistics.median)
-    return {"speedup": statistics.median(ratios), "speedup_ci95": [lo, hi], "samples": len(ratios)}
+    ci = bootstrap_ci(ratios, stat=statistics.median)
+    return {"speedup": statistics.median(ratios), "speedup_ci95": list(ci) if ci else None, "samples": len(ratios)}

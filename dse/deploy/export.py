@@ -14,7 +14,8 @@ conditions on recorded metrics (``wer<=0.08,ttft_s<0.5``; operators ``<= < >= > 
 
 The bundle is written into a temporary directory beside ``--out`` and renamed into
 place when complete, so a failed export leaves nothing behind. An existing non-empty
-``--out`` is replaced only with ``--force``.
+``--out`` is replaced only with ``--force``, and only when it is a bundle (its ``config.json``
+and ``MANIFEST.sha256`` there, nothing else): never any other folder.
 """
 from __future__ import annotations
 
@@ -39,9 +40,9 @@ from typing import Callable, Optional
 import torch
 
 from dse.deploy import runtime
-from dse.core.errors import DSEError, cli_error
+from dse.core.errors import DSEError, cli_error, redact
 
-__all__ = ["export_bundle", "parse_pick", "select_trial", "main"]
+__all__ = ["bundle_path", "export_bundle", "not_a_bundle", "parse_pick", "select_trial", "main"]
 
 _OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq,
         "!=": operator.ne}
@@ -134,25 +135,24 @@ def load_study(storage_url: str, study_name: str):
     """``optuna.load_study`` with errors that say what exists; never creates a storage file."""
     import optuna
 
+    from dse.search.storage import make_storage, sqlite_path
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if storage_url.startswith("sqlite:///"):
-        path = Path(storage_url[len("sqlite:///"):])
-        if not path.is_file():
-            raise DSEError(f"storage {storage_url!r}: file {path} not found; pass --storage with the URL "
-                           "the study was run with")
+    path = sqlite_path(storage_url)
+    if path is not None and not path.is_file():
+        raise DSEError(f"storage {redact(storage_url)!r}: file {path} not found; pass --storage with the URL "
+                       "the study was run with")
+    storage = make_storage(storage_url, writable=False)  # one-line errors, password masked
     try:
-        names = optuna.get_all_study_names(storage=storage_url)
+        names = optuna.get_all_study_names(storage=storage)
     except Exception as exc:
-        raise DSEError(f"cannot open storage {_redact(storage_url)!r}: {type(exc).__name__}: {exc}") from exc
+        from dse.search.storage import storage_error
+
+        raise storage_error(storage_url, exc) from None
     if study_name not in names:
-        raise DSEError(f"no study {study_name!r} in {_redact(storage_url)}; studies there: "
+        raise DSEError(f"no study {study_name!r} in {redact(storage_url)}; studies there: "
                        f"{', '.join(sorted(names)) or 'none'}")
-    return optuna.load_study(study_name=study_name, storage=storage_url)
-
-
-def _redact(url: str) -> str:
-    """``url`` without its password."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+    return optuna.load_study(study_name=study_name, storage=storage)
 
 
 # -- rebuilding the trial -------------------------------------------------------------------
@@ -437,6 +437,7 @@ def _write_bundle(directory: Path, study, trial, storage_url: str, built, adapta
         "study": study.study_name, "trial": trial.number, "metrics": metrics, "speedup": speedup,
         "machine": trial.user_attrs.get("machine"), "wer_by_slice": trial.user_attrs.get("wer_by_slice", {}),
         "rtf_mean_ci95": trial.user_attrs.get("rtf_mean_ci95"), "transcripts": trial.user_attrs.get("transcripts", []),
+        "utterance_errors": trial.user_attrs.get("utterance_errors", []),
         "reused_wer_from": trial.user_attrs.get("reused_wer_from"), "phases_s": trial.user_attrs.get("phases_s"),
         "spread_warning": trial.user_attrs.get("spread_warning"), "eval": eval_info,
         "adapt": trial.user_attrs.get("adapt") or {}, "adapted_again": adaptation["source"] == "re-adapted",
@@ -447,7 +448,7 @@ def _write_bundle(directory: Path, study, trial, storage_url: str, built, adapta
     config = {
         "format": runtime.BUNDLE_FORMAT, "format_version": runtime.BUNDLE_VERSION, "dse_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "study": {"name": study.study_name, "trial": trial.number, "storage": _redact(storage_url)},
+        "study": {"name": study.study_name, "trial": trial.number, "storage": redact(storage_url)},
         "model": {"name": loaded.name, "weights": loaded.weights, "params": built.params,
                   "weight_mib": built.weight_mib},
         "trial_config": trial_config.to_dict(), "baseline_config": study.user_attrs.get("baseline_config"),
@@ -472,11 +473,64 @@ def _check_reload(directory: Path, recognizer) -> None:
                        "exported from; this is a bug in dse.deploy.export/dse.deploy.runtime")
 
 
+def not_a_bundle(directory: Path) -> Optional[str]:
+    """Why ``directory`` is not a dse bundle that ``--force`` may replace (None when it is one): it
+    must hold a ``config.json`` of format ``dse-bundle`` and ``MANIFEST.sha256``, and nothing
+    the manifest does not list, so that no file of anyone else's is ever deleted."""
+    config_path = directory / runtime.CONFIG_FILE
+    manifest = directory / runtime.MANIFEST_FILE
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = None
+    if not isinstance(config, dict) or config.get("format") != runtime.BUNDLE_FORMAT:
+        return f"it has no {runtime.CONFIG_FILE} of format {runtime.BUNDLE_FORMAT!r}"
+    if not manifest.is_file():
+        return f"it has no {runtime.MANIFEST_FILE}"
+    try:
+        listed = {line.partition("  ")[2] for line in manifest.read_text().splitlines() if line.strip()}
+    except (OSError, UnicodeDecodeError):
+        return f"its {runtime.MANIFEST_FILE} is unreadable"
+    others = sorted(p.name for p in directory.iterdir()
+                    if p.name != runtime.MANIFEST_FILE and (p.name not in listed or p.is_symlink() or not p.is_file()))
+    if others:
+        return f"it holds what its {runtime.MANIFEST_FILE} does not list: {', '.join(others[:5])}" + (
+            f" and {len(others) - 5} more" if len(others) > 5 else "")
+    return None
+
+
 def _check_target(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise DSEError(f"--out {out} exists and is not a directory; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise DSEError(f"--out {out} exists and is not empty; pass --force to replace it, or choose another path")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise DSEError(f"--out {out} exists and is not empty; pass --force to replace it, or choose another path")
+        why = not_a_bundle(out)
+        if why:
+            raise DSEError(f"--out {out} is not a dse bundle ({why}); --force replaces only a bundle "
+                           "that dse.export wrote: choose another path")
+
+
+def bundle_path(deploy_dir, name: str) -> Path:
+    """The folder ``name`` inside ``deploy_dir``, for writers that must stay inside it (the dashboard).
+
+    ``name`` is relative (one or more folder names); an absolute path, ``..``, or a symbolic link
+    leading out of ``deploy_dir`` raises :class:`DSEError`.
+    """
+    root = Path(deploy_dir).expanduser().resolve()
+    text = (name or "").strip()
+    if not text:
+        raise DSEError(f"give a folder name for the bundle (it is written under {root})")
+    relative = Path(text)
+    if relative.is_absolute() or text.startswith(("/", "\\", "~")) or (text[1:2] == ":" and text[0].isalpha()):
+        raise DSEError(f"{text!r} is an absolute path; give a folder name, written under {root}")
+    parts = text.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise DSEError(f"{text!r} contains '..'; give a folder name, written under {root}")
+    target = (root / relative).resolve()
+    if target == root or not target.is_relative_to(root):
+        raise DSEError(f"{text!r} is not a folder under {root}; give a folder name such as 'moe-trial3'")
+    return target
 
 
 def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
@@ -539,7 +593,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, metavar="DIR", help="bundle directory to create (must not exist, or be empty)")
     p.add_argument("--storage", default=os.environ.get("DSE_STORAGE", DEFAULT_STORAGE), metavar="URL",
                    help=f"Optuna storage URL the study lives in (default $DSE_STORAGE or {DEFAULT_STORAGE})")
-    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out directory")
+    p.add_argument("--force", action="store_true", help="replace an existing --out bundle (never a folder that is not a dse bundle)")
     p.add_argument("--cache-dir", metavar="DIR", help="adaptation cache the study used (default ~/.cache/dse/adapted)")
     args = p.parse_args(argv)
 

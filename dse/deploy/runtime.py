@@ -31,6 +31,7 @@ import torch
 from dse.core import build, models
 from dse.core.config import CONFIG_VERSION, TrialConfig
 from dse.core.errors import ConfigError, DSEError
+from dse.core.knobs import KNOBS
 from dse.core.features import FeatureConfig, LogMel
 from dse.core.precision import apply_precision
 from dse.core.stream import ChunkEvent, StreamingRecognizer
@@ -221,8 +222,12 @@ def trial_config(directory: Path, config: dict) -> TrialConfig:
         raise BundleError(f"{directory / CONFIG_FILE}: trial_config is missing or not an object; export again")
     version = raw.get("version", CONFIG_VERSION)
     if isinstance(version, int) and version > CONFIG_VERSION:
-        raise BundleError(f"{directory}: made by a newer dse (config version {version}; this dse reads up to "
-                          f"{CONFIG_VERSION}); upgrade dse")
+        raise BundleError(f"{directory}: made by a newer dse (config version {version}); upgrade dse "
+                          f"(this one reads config versions up to {CONFIG_VERSION})")
+    unknown = sorted(set(raw) - set(KNOBS) - {"version"})
+    if unknown:
+        raise BundleError(f"{directory}: made by a newer dse (config version {version}, unknown knob(s) "
+                          f"{', '.join(unknown)}); upgrade dse, or export the bundle again if config.json was edited")
     try:
         trial = TrialConfig.from_dict(raw)
     except ConfigError as exc:

@@ -9,7 +9,9 @@ last sample arrives::
 
 Output: one line per INPUT, in order, holding its final transcript. With
 ``--partial``, every chunk that changes the best hypothesis first prints
-``[T s] partial text``, T being the audio time (s) the chunk waited for.
+``[T s] partial text``, T being the audio time (s) the chunk waited for. An INPUT that
+cannot be read (missing, corrupt, empty) gets an empty output line and one line on
+standard error naming it; the others are still transcribed, and the exit status is then 2.
 Audio is fed in the pieces a live stream delivers (the schedule the study timed),
 so a file gives the transcript the study measured for it.
 """
@@ -101,6 +103,7 @@ def main(argv=None) -> int:
         config = runtime.read_json(args.bundle, runtime.CONFIG_FILE)  # checked by load
         torch.set_num_threads(args.threads or config["trial_config"]["threads"])
         rate = recognizer.logmel.config.sample_rate
+        failed = 0
         for item in args.inputs:
             last = [""]
 
@@ -111,15 +114,23 @@ def main(argv=None) -> int:
                     print(f"[{seconds:.2f} s] {text}", flush=True)
                 last[0] = text
 
-            if item == "-":
-                text = stream_pcm(recognizer, sys.stdin.buffer, on_chunk)
-            else:
-                text = runtime.stream(recognizer, read_audio(item, target_rate_hz=rate), on_chunk)
+            try:
+                if item == "-":
+                    text = stream_pcm(recognizer, sys.stdin.buffer, on_chunk)
+                else:
+                    text = runtime.stream(recognizer, read_audio(item, target_rate_hz=rate), on_chunk)
+            except AudioError as exc:  # this input only: say which, keep its line, go on with the rest
+                failed += 1
+                sys.stdout.flush()
+                cli_error(exc if item != "-" else AudioError(f"-: {exc}"))
+                text = ""
             print(text, flush=True)
     except DSEError as exc:
         return cli_error(exc)
     except KeyboardInterrupt:
         return 130
+    if failed:
+        return 2
     return 0
 
 

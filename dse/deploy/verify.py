@@ -7,7 +7,9 @@ Checks, in order:
    limit; ``--eval-set`` when the set lives elsewhere on this machine) through
    :func:`dse.core.measure.measure`, the path the study timed and scored. WER and CER must
    equal the recorded values exactly, and each recorded transcript must be
-   reproduced word for word; otherwise the exit status is 1.
+   reproduced word for word; otherwise the exit status is 1. With ``--limit N`` (fewer
+   utterances than the study), the WER of those N is compared with the errors the study
+   recorded for the same N utterances, never with the whole set's WER.
 3. Speed: the same-run speedup (:func:`dse.core.measure.interleaved_speedup`) of the bundle
    over an fp32 rebuild of its own architecture (int8 weights dequantised, the study
    baseline's beam width), beside the speedup the study recorded against its
@@ -68,27 +70,83 @@ def _baseline_differences(config: dict) -> list[str]:
     return out
 
 
-def check_accuracy(recognizer, record: dict, audio, eval_set, limit: Optional[int]) -> tuple[list[str], list[str]]:
+def recorded_utterances(record: dict, ids: list[str]) -> Optional[list[tuple[int, int]]]:
+    """The recorded ``(word errors, reference words)`` of the utterances ``ids`` (the first ones of
+    the eval set the study measured, in its order), or None when the bundle does not hold them.
+
+    From ``utterance_errors`` (every utterance, in eval order; bundles of this dse), else from the
+    recorded transcripts (the first dozen, by id). Raises :class:`DSEError` when the recorded
+    utterances are visibly others (other ids or reference word counts).
+    """
+    transcripts = record.get("transcripts") or []
+    for i, t in enumerate(transcripts[:len(ids)]):
+        if t.get("id") != ids[i]:
+            raise DSEError(f"utterance {i + 1} of this eval set is {ids[i]!r}, the study measured {t.get('id')!r} "
+                           "there: not the same eval set (pass --eval-set with the one the study used)")
+    errors = record.get("utterance_errors") or []
+    if len(errors) >= len(ids):
+        return [tuple(e) for e in errors[:len(ids)]]
+    by_id = {t["id"]: t for t in transcripts if "errors" in t and "words" in t}
+    if all(i in by_id for i in ids):
+        return [(by_id[i]["errors"], by_id[i]["words"]) for i in ids]
+    return None
+
+
+def _pooled(pairs) -> Optional[float]:
+    words = sum(w for _, w in pairs)
+    return sum(e for e, _ in pairs) / words if words else None
+
+
+def check_accuracy(recognizer, record: dict, audio, eval_set, limit: Optional[int],
+                   subset: bool = False) -> tuple[list[str], list[str]]:
     """(report lines, problems) of re-scoring ``recognizer`` on ``audio`` (:class:`dse.core.measure.EvalAudio`).
 
-    No problems means WER, CER and the recorded transcripts are identical.
+    ``subset``: ``audio`` is the first utterances of the recorded eval set only (``--limit``), so
+    its WER is compared with the recorded errors of those same utterances
+    (:func:`recorded_utterances`), never with the whole set's WER; CER is then compared only
+    when the recorded transcripts cover them. No problems means the compared error rates and
+    the recorded transcripts are identical.
     """
-    from dse.core.measure import measure
+    from dse.core.measure import measure, score
 
     result = measure(recognizer, audio, accuracy=True)
     recorded = record["metrics"]
     lines = [f"eval set    {eval_set} ({result['utterances']} utterances"
              + (f", limit {limit}" if limit else "") + (f", {len(audio.skipped)} skipped" if audio.skipped else "") + ")"]
     problems = []
+    measured_errors = [(t["errors"], t["words"]) for t in result.get("transcripts") or []]
+    rec_cer = recorded.get("cer")
+    where = ""
+    if subset and recorded.get("wer") is not None:
+        pairs = recorded_utterances(record, audio.ids)
+        if pairs is None:  # checked before measuring; kept for direct callers
+            raise DSEError("this bundle does not record per-utterance errors for these utterances; "
+                           "verify the whole eval set (no --limit)")
+        if [w for _, w in pairs] != [w for _, w in measured_errors]:
+            raise DSEError(f"the first {len(pairs)} utterances of {eval_set} have other reference texts than "
+                           "the ones the study measured: not the same eval set")
+        total = len(record.get("utterance_errors") or []) or "all"
+        where = f" on these {len(pairs)} of {total} utterances"
+        recorded = dict(recorded, wer=_pooled(pairs))
+        by_id = {t["id"]: t for t in record.get("transcripts") or []}
+        if all(i in by_id for i in audio.ids):
+            rec_cer = score([by_id[i]["ref"] for i in audio.ids], [by_id[i]["hyp"] for i in audio.ids])["cer"]
+        else:
+            rec_cer = "subset"
     for key in ("wer", "cer"):
-        rec, now = recorded.get(key), result[key]
+        rec, now = (recorded.get("wer") if key == "wer" else rec_cer), result[key]
         if rec is None:
             lines.append(f"{key.upper():<11} recorded not measured (random weights), measured {_fmt(now)}")
             continue
+        if rec == "subset":
+            lines.append(f"{key.upper():<11} measured {_fmt(now)}; not compared: the record holds per-utterance word "
+                         "errors only (run without --limit to compare the CER)")
+            continue
         same = rec == now
-        lines.append(f"{key.upper():<11} recorded {_fmt(rec)}, measured {_fmt(now)}: {'identical' if same else 'DIFFERENT'}")
+        lines.append(f"{key.upper():<11} recorded {_fmt(rec)}{where}, measured {_fmt(now)}: "
+                     f"{'identical' if same else 'DIFFERENT'}")
         if not same:
-            problems.append(f"{key.upper()} mismatch: recorded {_fmt(rec)}, measured {_fmt(now)}")
+            problems.append(f"{key.upper()} mismatch: recorded {_fmt(rec)}{where}, measured {_fmt(now)}")
     same, diffs, absent = _compare_transcripts(record.get("transcripts") or [], result.get("transcripts") or [])
     total = same + len(diffs)
     if total:
@@ -115,9 +173,10 @@ def check_speedup(bundle: Path, recognizer, config: dict, record: dict, audio, u
                              temperature=TrialConfig.from_dict(baseline).temperature if baseline else None)
     reference.beam_width = baseline.get("beam_width", recognizer.beam_width)
     ratio = interleaved_speedup(recognizer, reference, audio, limit=utterances)
-    lo, hi = ratio["speedup_ci95"]
+    interval = (f"[95% {ratio['speedup_ci95'][0]:.3f}, {ratio['speedup_ci95'][1]:.3f}]" if ratio["speedup_ci95"]
+                else "(no interval: one utterance)")
     lm = f", LM weight {reference.lm_weight:g}" if reference.lm_weight else ", no LM"
-    lines = [f"speedup     {ratio['speedup']:.3f} [95% {lo:.3f}, {hi:.3f}] over an fp32 rebuild with beam width "
+    lines = [f"speedup     {ratio['speedup']:.3f} {interval} over an fp32 rebuild with beam width "
              f"{reference.beam_width}{lm} ({ratio['samples']} utterances, {torch.get_num_threads()} thread(s))"]
     recorded = record["metrics"].get("speedup")
     ci = record["metrics"].get("speedup_ci95")
@@ -165,13 +224,22 @@ def main(argv=None) -> int:
             raise DSEError(f"{bundle}: no eval set recorded; pass --eval-set MANIFEST")
         if not args.eval_set and not Path(eval_set).exists():
             raise DSEError(f"the recorded eval set {eval_set} is not on this machine; pass --eval-set with its copy")
-        limit = args.limit if args.limit is not None else config["eval"]["limit"]
+        recorded_limit = config["eval"]["limit"]
+        limit = args.limit if args.limit is not None else recorded_limit
+        if limit is not None and recorded_limit is not None and limit > recorded_limit:
+            limit = recorded_limit  # the study measured no more than these
+        recorded_count = len(record.get("utterance_errors") or [])
         print(f"bundle      {bundle} (study {config['study']['name']!r}, trial {config['study']['trial']}, "
               f"{config['trial_config']['precision']}): every file matches MANIFEST.sha256")
         from dse.core.measure import load_eval_audio
 
         audio = load_eval_audio(eval_set, limit)
-        lines, problems = check_accuracy(recognizer, record, audio, eval_set, limit)
+        subset = (len(audio.ids) < recorded_count if recorded_count else limit != recorded_limit)
+        if subset and record["metrics"].get("wer") is not None and recorded_utterances(record, audio.ids) is None:
+            raise DSEError(f"--limit {args.limit}: this bundle records the WER of its whole eval set but not the "
+                           f"errors of each utterance, so a subset's WER has nothing to be compared with; "
+                           "run without --limit, or export the bundle again with this dse")
+        lines, problems = check_accuracy(recognizer, record, audio, eval_set, limit, subset=subset)
         print("\n".join(lines), flush=True)
         if not args.no_speedup:
             print("\n".join(check_speedup(bundle, recognizer, config, record, audio, args.speedup_utterances)))

@@ -1,33 +1,162 @@
 """Optuna storages: SQLite ``studies.db`` at the project root by default, or any RDB URL
-(``postgresql://...`` for many workers)."""
+(``postgresql://...`` for many workers).
+
+Every problem opening one is a :class:`~dse.core.errors.DSEError` of one line that names the
+storage (password masked) and what is wrong with it: an unknown scheme, a read-only or corrupt
+SQLite file, a server that cannot be reached.
+"""
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
-from dse.core.errors import DSEError
+from dse.core.errors import DSEError, redact
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_STORAGE = f"sqlite:///{PROJECT_ROOT / 'studies.db'}"
 HEARTBEAT_S = 20
 GRACE_S = 60
+_RETRIED = ("IntegrityError", "ProgrammingError", "OperationalError")
+_READ_ONLY = ("readonly database", "read-only", "read only")
+_CORRUPT = ("file is not a database", "malformed", "not a database", "file is encrypted")
 
 
-def make_storage(url: str):
+def redact_storage(text: str, url: str) -> str:
+    """``text`` with the password of ``url`` masked wherever it appears: in a URL (``redact``), and
+    literally or percent-encoded (drivers and SQLAlchemy may quote the URL's parts on their own)."""
+    out = redact(str(text))
+    try:
+        from sqlalchemy.engine import make_url
+
+        password = make_url(url).password
+    except Exception:  # an unparsable URL: the pattern above is all there is
+        password = None
+    if password and len(password) >= 3:  # shorter ones would mask letters of ordinary words
+        from urllib.parse import quote
+
+        for form in {password, quote(password, safe="")}:
+            out = out.replace(form, "***")
+    return out
+
+
+def check_url(url: str) -> None:
+    """Refuse, with the fix, storage URLs SQLAlchemy would reject with a puzzling message."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme.split("+", 1)[0].lower() == "postgres":
+        fixed = "postgresql" + url[len("postgres"):]
+        raise DSEError(f"storage URL {redact(url)!r}: SQLAlchemy does not know the scheme {scheme + '://'!r}; "
+                       f"write postgresql:// instead: {redact(fixed)!r}")
+    if not scheme:
+        raise DSEError(f"storage {redact(url)!r} is not a URL; expected sqlite:///path/studies.db or "
+                       "postgresql://user@host/db")
+
+
+def sqlite_path(url: str) -> Optional[Path]:
+    """The file of a ``sqlite:///`` URL (URI form ``sqlite:///file:PATH?...&uri=true`` included), or None
+    for another database or an in-memory one."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+    except Exception:
+        return None
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    database = parsed.database
+    if database.startswith("file:"):
+        database = database[len("file:"):].split("?", 1)[0]
+    return Path(database)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The driver's own message when SQLAlchemy wraps one (``exc.orig``), first line only (SQLAlchemy
+    appends the SQL and a 'Background on this error' link)."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def storage_problem(url: str, exc: BaseException) -> Optional[str]:
+    """One line naming an SQLite file and what is wrong with it (read-only, corrupt, cannot be
+    opened) when ``exc`` says so; None for any other error."""
+    path = sqlite_path(url)
+    if path is None:
+        return None
+    # Optuna wraps a failed commit in StorageInternalError: the cause says what happened.
+    while getattr(exc, "__cause__", None) is not None and type(exc).__name__ == "StorageInternalError":
+        exc = exc.__cause__
+    detail = _first_line(exc)
+    lowered = detail.lower()
+    if any(s in lowered for s in _READ_ONLY):
+        return (f"{path.name} is read-only: {path} cannot be written ({detail}); make it writable, "
+                "or pass --storage with a database this user may write")
+    if any(s in lowered for s in _CORRUPT):
+        return (f"{path.name} is not a valid SQLite database (corrupt?): {path} ({detail}); restore it from "
+                "a backup, or pass --storage with another file")
+    if "unable to open database file" in lowered:
+        return (f"{path.name} cannot be opened: {path} ({detail}); check that its folder exists and that "
+                "this user may write there")
+    return None
+
+
+def storage_error(url: str, exc: BaseException) -> DSEError:
+    """The :class:`DSEError` to raise for ``exc`` met while opening or first writing storage ``url``:
+    one line, the password masked, an SQLite file's problem named (:func:`storage_problem`)."""
+    message = storage_problem(url, exc) or (f"cannot open storage {redact(url)!r}: "
+                                            f"{type(exc).__name__}: {_first_line(exc)}")
+    return DSEError(redact_storage(message, url))
+
+
+def _check_sqlite(storage, url: str, writable: bool) -> None:
+    """Read the whole SQLite file once (``PRAGMA quick_check``), and with ``writable`` take and
+    release a write lock, so a corrupt or read-only file is reported now, by name, rather than
+    as a failed commit in the middle of a study."""
+    from sqlalchemy import text
+
+    with storage.engine.connect() as conn:
+        rows = conn.execute(text("PRAGMA quick_check")).fetchall()
+        if [tuple(r) for r in rows] != [("ok",)]:
+            path = sqlite_path(url)
+            raise DSEError(f"{path.name} is not a valid SQLite database (corrupt?): {path} "
+                           f"(quick_check: {rows[0][0]}); restore it from a backup, or pass --storage "
+                           "with another file")
+        if writable:
+            conn.execute(text("DELETE FROM studies WHERE 0"))  # needs the write lock, changes nothing
+            conn.rollback()
+
+
+def make_storage(url: str, *, writable: bool = True):
+    """An Optuna ``RDBStorage`` for ``url`` with heartbeats (a killed worker's trial is retried once).
+
+    ``writable``: check now that an SQLite file can be written (False for readers such as the
+    dashboard, which may read a read-only file). Raises :class:`DSEError` (one line, password
+    masked) when the storage cannot be used.
+    """
     import optuna
     import warnings
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+    check_url(url)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     # Workers started together race to create the schema on an empty database; the loser's
     # CREATE fails with a unique violation, and a second attempt finds the tables made.
     for attempt in range(5):
         try:
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+            storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                                 grace_period=GRACE_S,
+                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+            break
         except Exception as exc:
-            if attempt < 4 and type(exc).__name__ in ("IntegrityError", "ProgrammingError", "OperationalError"):
+            if attempt < 4 and type(exc).__name__ in _RETRIED and storage_problem(url, exc) is None:
                 time.sleep(0.5 + attempt)
                 continue
-            raise DSEError(f"cannot open storage {url!r}: {type(exc).__name__}: {exc}") from exc
+            raise storage_error(url, exc) from None  # the cause's text may hold the URL
+    if sqlite_path(url) is not None:
+        try:
+            _check_sqlite(storage, url, writable)
+        except DSEError:
+            raise
+        except Exception as exc:
+            raise storage_error(url, exc) from None
+    return storage
