@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
-from dse.core.errors import DSEError, cli_error
+from dse.core.errors import DSEError, cli_error, redact
 from dse.search.storage import DEFAULT_STORAGE
 
 def main(argv=None) -> int:
@@ -30,7 +31,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", required=True, help="search space: a name in search_spaces/ (moe, precision, context, "
                                                   "frame, full, base-latency) or a YAML path")
-    p.add_argument("--n-trials", type=int, help="finished trials the study should hold (default: the space's n_trials)")
+    p.add_argument("--n-trials", type=int, help="distinct configurations the study should hold, finished (default: "
+                                                "the space's n_trials; 0 runs none and prints the front)")
     p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     p.add_argument("--storage", default=os.environ.get("DSE_STORAGE", DEFAULT_STORAGE),
                    help=f"Optuna storage URL (default {DEFAULT_STORAGE}; postgresql://user@host/db for many workers)")
@@ -44,72 +46,115 @@ def main(argv=None) -> int:
     p.add_argument("--adapt-set", help="manifest of the adaptation split (default: the shipped adapt split)")
     p.add_argument("--cache-dir", help="adaptation cache (default ~/.cache/dse/adapted)")
     p.add_argument("--device", default="cpu", help="device for adaptation: cpu (default) or cuda")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--seed", type=int, help="sampler seed (default: a fresh one per worker, printed, so that "
+                                            "workers sharing a storage do not propose the same configurations)")
     p.add_argument("--profile", action="store_true", help="store an operator breakdown per trial")
     args = p.parse_args(argv)
+    if args.n_trials is not None and args.n_trials < 0:
+        p.error(f"--n-trials {args.n_trials}: give 0 or more distinct configurations")
 
     from rich.console import Console
 
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)  # a terminated worker stops like Ctrl-C
     try:
-        import optuna
-        from dse.search.space import load_space
-        from dse.search.storage import make_storage
-        from dse.search.study import (finished_count, load_context, make_objective, make_sampler, model_identity,
-                                      pareto_table)
-
-        space = load_space(args.study)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = make_storage(args.storage)
-        study_name = args.study_name or space.name
-        sampler = make_sampler(args.sampler or space.sampler, space, args.seed)
-        study = optuna.create_study(storage=storage, study_name=study_name, directions=space.directions,
-                                    sampler=sampler, load_if_exists=True)
-        if list(study.directions) != [optuna.study.StudyDirection.MINIMIZE if d == "minimize" else
-                                      optuna.study.StudyDirection.MAXIMIZE for d in space.directions]:
-            raise DSEError(f"study {study_name!r} in {args.storage} has other objectives than {space.path}; "
-                           "use another --study-name")
-        study.set_metric_names([o.metric for o in space.objectives])
-        study.set_user_attr("space", space.name)
-        study.set_user_attr("objectives", [o.__dict__ for o in space.objectives])
-        study.set_user_attr("constraints", [c.__dict__ for c in space.constraints])
-        target = args.n_trials or space.n_trials
-        remaining = target - finished_count(study)
-        console.print(f"study [bold]{study_name}[/bold] in {args.storage}: {finished_count(study)} finished, "
-                      f"{max(0, remaining)} to run")
-        if remaining > 0:
-            ctx = load_context(space, args)
-            baseline = ctx.space.baseline_config().to_dict()
-            before = study.user_attrs.get("baseline_config")
-            changed = sorted(k for k in baseline if before and k in before and before[k] != baseline[k])
-            if changed:
-                console.print("[yellow]note:[/yellow] this study's baseline changed since its earlier trials ("
-                              + ", ".join(f"{k} {before[k]} -> {baseline[k]}" for k in changed)
-                              + "); trials run before and after differ in these knobs, so compare them with "
-                                "care or start a new --study-name")
-            study.set_user_attr("baseline_config", baseline)
-            study.set_user_attr("eval_set", str(Path(args.eval_set or ctx.eval_set).resolve()))
-            study.set_user_attr("adapt_set", str(ctx.adapt_fn.manifest) if ctx.adapt_fn else None)
-            study.set_user_attr("eval_limit", args.eval_limit or space.eval_limit)
-            study.set_user_attr("model", model_identity(ctx.loaded))
-            console.print(f"model {ctx.loaded.name} ({ctx.loaded.weights}), {len(ctx.audio.waveforms)} eval utterances"
-                          + (f", {len(ctx.audio.skipped)} skipped" if ctx.audio.skipped else ""))
-            from optuna.study import MaxTrialsCallback
-            from optuna.trial import TrialState
-            try:
-                study.optimize(make_objective(ctx, console), n_trials=remaining, timeout=args.timeout,
-                               catch=(Exception,), gc_after_trial=True,
-                               callbacks=[MaxTrialsCallback(target, states=(TrialState.COMPLETE, TrialState.PRUNED))])
-            except KeyboardInterrupt:
-                console.print("[yellow]interrupted[/yellow]: the trial in flight is recorded as FAIL; "
-                              "run the same command again to resume")
-                console.print(pareto_table(study, space))
-                return 130
+        return _run(args, console)
     except DSEError as exc:
         return cli_error(exc)
-    console.print(pareto_table(study, space))
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _run(args, console) -> int:
+    import random
+
+    import optuna
+    from dse.search.space import load_space
+    from dse.search.storage import make_storage
+    from dse.search.study import (DistinctTrials, enqueue_anchors, eval_set_of, finished_count, load_context,
+                                  load_worker_model, make_objective, make_sampler, model_identity, resolve_front)
+
+    space = load_space(args.study)
+    eval_set_of(args)  # a missing eval set is refused before the storage is touched
+    loaded = load_worker_model(space, args)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = make_storage(args.storage)
+    where = redact(args.storage)
+    study_name = args.study_name or space.name
+    # Each worker draws its own sampler seed unless the user fixes one: siblings on one storage
+    # must not propose the same start-up configurations.
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    sampler = make_sampler(args.sampler or space.sampler, space, seed)
+    study = optuna.create_study(storage=storage, study_name=study_name, directions=space.directions,
+                                sampler=sampler, load_if_exists=True)
+    if list(study.directions) != [optuna.study.StudyDirection.MINIMIZE if d == "minimize" else
+                                  optuna.study.StudyDirection.MAXIMIZE for d in space.directions]:
+        raise DSEError(f"study {study_name!r} in {where} has other objectives than {space.path}; "
+                       "use another --study-name")
+    study.set_metric_names([o.metric for o in space.objectives])
+    study.set_user_attr("space", space.name)
+    study.set_user_attr("objectives", [o.__dict__ for o in space.objectives])
+    study.set_user_attr("constraints", [c.__dict__ for c in space.constraints])
+    target = space.n_trials if args.n_trials is None else args.n_trials
+    remaining = target - finished_count(study)
+    console.print(f"study [bold]{study_name}[/bold] in {where}: {finished_count(study)} distinct configurations "
+                  f"finished, {max(0, remaining)} to run (sampler seed {seed})")
+    ctx = None
+    if remaining > 0:
+        ctx = load_context(space, args, loaded)
+        baseline = ctx.space.baseline_config().to_dict()
+        before = study.user_attrs.get("baseline_config")
+        changed = sorted(k for k in baseline if before and k in before and before[k] != baseline[k])
+        if changed:
+            console.print("[yellow]note:[/yellow] this study's baseline changed since its earlier trials ("
+                          + ", ".join(f"{k} {before[k]} -> {baseline[k]}" for k in changed)
+                          + "); trials run before and after differ in these knobs, so compare them with "
+                            "care or start a new --study-name")
+        study.set_user_attr("baseline_config", baseline)
+        study.set_user_attr("eval_set", str(Path(ctx.eval_set).resolve()))
+        study.set_user_attr("adapt_set", str(ctx.adapt_fn.manifest) if ctx.adapt_fn else None)
+        study.set_user_attr("eval_limit", args.eval_limit or space.eval_limit)
+        study.set_user_attr("model", model_identity(ctx.loaded))
+        console.print(f"model {ctx.loaded.name} ({ctx.loaded.weights}), {len(ctx.audio.waveforms)} eval utterances"
+                      + (f", {len(ctx.audio.skipped)} skipped" if ctx.audio.skipped else ""))
+        levels = not isinstance(study.sampler, optuna.samplers.GridSampler)
+        enqueue_anchors(study, ctx.space, levels, log=lambda msg: console.print(f"  {msg}"))
+        # Optuna logs a failed trial's traceback at WARNING; the objective prints one line itself.
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        try:
+            study.optimize(make_objective(ctx, console, seed), n_trials=None, timeout=args.timeout,
+                           catch=(Exception,), gc_after_trial=True, callbacks=[DistinctTrials(target)])
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/yellow]: the trial in flight is recorded as FAIL; "
+                          "run the same command again to resume")
+            _report(study, space, console)
+            return 130
+        if study.user_attrs.get("exhausted") and finished_count(study) < target:
+            console.print(f"the space is exhausted: all {finished_count(study)} distinct configurations of "
+                          f"{space.name} are measured (asked for {target})")
+        try:
+            resolve_front(study, ctx, console)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/yellow] while re-measuring the front")
+    _report(study, space, console)
+    from optuna.trial import TrialState
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    if remaining > 0 and TrialState.FAIL in states and TrialState.COMPLETE not in states:
+        console.print("[red]every trial failed[/red]: see the reasons above (or the trials' fail_reason)")
+        return 1
     return 0
 
+
+def _report(study, space, console) -> None:
+    from dse.search.study import pareto_table, study_summary
+
+    console.print(pareto_table(study, space))
+    for line in study_summary(study, space):
+        console.print(line)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,5 @@
-"""The dashboard served by ``streamlit run`` and driven in headless Chromium: plot, limit slider, export.
+"""The dashboard served by ``streamlit run`` and driven in headless Chromium: plot, limit slider, export
+(into the deploy folder given at launch).
 
 Needs the ``playwright`` package and a ``chromium`` executable (Debian's package); skipped otherwise.
 """
@@ -77,7 +78,7 @@ def dashboard_url(storage_url, tmp_path):
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none",
-         "--browser.gatherUsageStats", "false", "--", "--storage", storage_url],
+         "--browser.gatherUsageStats", "false", "--", "--storage", storage_url, "--deploy-dir", str(tmp_path / "deploy")],
         cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -109,12 +110,12 @@ def test_dashboard_in_a_browser(dashboard_url, tmp_path):
             expect(recommended).to_have_text("Recommended: trial 2", timeout=30_000)
             wait_for_page(page)
 
-            bundle = tmp_path / "bundle"
+            bundle = tmp_path / "deploy" / "bundle"  # a name under the deploy folder given at launch
             folder = page.get_by_role("textbox", name="Output folder")
-            folder.fill(str(bundle))
+            folder.fill("bundle")
             folder.press("Enter")
             wait_for_page(page)
-            expect(folder).to_have_value(str(bundle))
+            expect(folder).to_have_value("bundle")
             page.get_by_role("button", name="Export trial 2").click()
             expect(page.get_by_text("Bundle written to")).to_be_visible(timeout=EXPORT_S * 1000)
             assert (bundle / "config.json").is_file()

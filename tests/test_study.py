@@ -49,6 +49,9 @@ def load(s, name="space"):
 
 def test_two_trial_study_records_everything(setup, monkeypatch):
     monkeypatch.setenv("DSE_LOCK_DIR", str(setup["tmp"]))
+    # the baseline (threads 2) is the first trial; the grid's other point differs in threads only
+    setup["space"].write_text(yaml.safe_dump(dict(SPACE, model=str(setup["ckpt"]), n_trials=2,
+                                                  params={"threads": {"choices": [1, 2]}})))
     assert run.main(args(setup)) == 0
     study = load(setup)
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -72,8 +75,9 @@ def test_two_trial_study_records_everything(setup, monkeypatch):
     assert second.user_attrs["utterance_errors"] == errors and second.user_attrs["wer_ci95"] == first.user_attrs["wer_ci95"]
     assert second.user_attrs["utterances_timed"] == 2 < first.user_attrs["utterances_timed"] == 3
     # resuming with the same target runs nothing more
+    before = len(load(setup).trials)
     assert run.main(args(setup)) == 0
-    assert len(load(setup).trials) == 2
+    assert len(load(setup).trials) == before
 
 
 def test_reuse_rule_needs_same_accuracy_knobs(setup, monkeypatch):
@@ -88,16 +92,35 @@ def test_reuse_rule_needs_same_accuracy_knobs(setup, monkeypatch):
 
 def test_failed_trial_recorded_and_study_goes_on(setup, monkeypatch):
     monkeypatch.setenv("DSE_LOCK_DIR", str(setup["tmp"]))
-    # right context 2 is legal for the space file but not a multiple of the stride 4
-    space = dict(SPACE, model=str(setup["ckpt"]), n_trials=2,
-                 params={"right_context_frames": {"choices": [2, 4]}})
+    import torch
+
+    def broken(fn, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("inductor exploded")
+        return run
+    monkeypatch.setattr(torch, "compile", broken)
+    # a value every trial could run with passes the space check; this one fails when it runs
+    space = dict(SPACE, model=str(setup["ckpt"]), n_trials=2, params={"compile": {"choices": ["off", "default"]}})
     setup["space"].write_text(yaml.safe_dump(space))
-    # the grid has two points: whichever runs first, one trial fails and one completes
+    # the grid has two points: the baseline (compile off) completes, the other fails and is not
+    # retried, so the space is exhausted with one finished configuration
     assert run.main(args(setup)) == 0
     trials = load(setup).trials
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 1
-    assert len(failed) == 1 and "multiple of the time-reduction stride 4" in failed[0].user_attrs["fail_reason"]
+    assert len(failed) == 1 and "inductor exploded" in failed[0].user_attrs["fail_reason"]
+
+
+def test_space_value_no_trial_could_run_is_refused_before_any_trial(setup, monkeypatch, capsys):
+    monkeypatch.setenv("DSE_LOCK_DIR", str(setup["tmp"]))
+    # right context 2 is legal for the space file but not a multiple of the model's stride 4
+    space = dict(SPACE, model=str(setup["ckpt"]), n_trials=2, params={"right_context_frames": {"choices": [2, 4]}})
+    setup["space"].write_text(yaml.safe_dump(space))
+    assert run.main(args(setup)) == 2
+    err = capsys.readouterr().err
+    assert "space.yaml: params.right_context_frames: 2: right_context_frames=2 must be a multiple of the " \
+           "time-reduction stride 4" in err
+    assert not (setup["tmp"] / "s.db").exists()  # nothing written
 
 
 def test_random_weights_cannot_have_wer_objective(setup, monkeypatch):
@@ -166,9 +189,13 @@ def test_two_workers_sqlite_no_trial_lost_or_duplicated(setup):
     assert all(p.returncode == 0 for p in procs), outs
     trials = load(setup).trials
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert 4 <= len(complete) <= 5  # MaxTrialsCallback stops both; one in flight may finish
+    # the space has exactly 4 distinct configurations: each measured once, whichever worker drew it
+    assert len(complete) == 4
+    assert len({t.user_attrs["config_key"] for t in complete}) == 4
     assert len({t.number for t in trials}) == len(trials)
-    assert all(t.state in (TrialState.COMPLETE,) for t in trials)
+    # a repeat proposal (the two workers racing) is recorded as such, not measured again
+    others = [t for t in trials if t.state != TrialState.COMPLETE]
+    assert all(t.state == TrialState.PRUNED and t.user_attrs["duplicate_of"] is not None for t in others)
 
 
 def _free_port():
@@ -218,6 +245,7 @@ def test_three_workers_on_postgresql(setup, postgres):
     assert all(p.returncode == 0 for p in procs), outs
     trials = load(setup).trials
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert 5 <= len(complete) <= 7
+    assert len(complete) == 5 and len({t.user_attrs["config_key"] for t in complete}) == 5
     assert len({t.number for t in trials}) == len(trials)
-    assert all(t.state == TrialState.COMPLETE for t in trials)
+    others = [t for t in trials if t.state != TrialState.COMPLETE]
+    assert all(t.state == TrialState.PRUNED and t.user_attrs["duplicate_of"] is not None for t in others)

@@ -80,7 +80,8 @@ def make_batches(lengths: list[int], max_frames: int, rng: random.Random) -> lis
 
 
 def streaming_wer(loaded: LoadedModel, utts, beam_width: int = 1, limit: int | None = None) -> dict:
-    """Streaming WER/CER of ``loaded`` on ``utts`` (the same path :mod:`dse.core.measure` times)."""
+    """Streaming WER/CER of ``loaded`` on ``utts`` (the same path :mod:`dse.core.measure` times), with
+    per-utterance ``utterance_errors`` ``[word errors, reference words]`` for paired comparisons."""
     import jiwer
     from dse.core.stream import StreamingRecognizer
 
@@ -89,4 +90,9 @@ def streaming_wer(loaded: LoadedModel, utts, beam_width: int = 1, limit: int | N
     for u in utts[:limit]:
         refs.append(u.text)
         hyps.append(rec.transcribe(read_audio(u.path)))
-    return {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "n": len(refs), "example": (refs[0], hyps[0])}
+    errors = []
+    for ref, hyp in zip(refs, hyps):
+        o = jiwer.process_words(ref, hyp)
+        errors.append([o.substitutions + o.deletions + o.insertions, o.hits + o.substitutions + o.deletions])
+    return {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "n": len(refs), "example": (refs[0], hyps[0]),
+            "utterance_errors": errors}

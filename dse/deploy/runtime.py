@@ -7,7 +7,8 @@ A bundle (written by ``python -m dse.export``) is a directory::
     features.json     front-end geometry (samples at the sample rate) and normalisation stats (n_mels,)
     vocabulary.json   the tokenizer (``vocabulary.model`` beside it for sentencepiece)
     lm.lm.gz          only when the trial fused a character language model (lm_weight > 0)
-    metrics.json      what the study measured, with the machine it measured on
+    metrics.json      what the study measured, with the machine it measured on and each eval
+                      utterance's word errors (utterance_errors: [errors, reference words])
     encoder.ts        optional: the streaming encoder alone, as TorchScript (or encoder.pt2 from
                       torch.export); config.json "encoder_artifact" says which, or why neither
     README.md

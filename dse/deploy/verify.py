@@ -115,7 +115,8 @@ def check_accuracy(recognizer, record: dict, audio, eval_set, limit: Optional[in
              + (f", limit {limit}" if limit else "") + (f", {len(audio.skipped)} skipped" if audio.skipped else "") + ")"]
     problems = []
     measured_errors = [(t["errors"], t["words"]) for t in result.get("transcripts") or []]
-    rec_cer = recorded.get("cer")
+    compared = {"wer": recorded.get("wer"), "cer": recorded.get("cer")}  # recorded values on these utterances
+    not_compared = set()
     where = ""
     if subset and recorded.get("wer") is not None:
         pairs = recorded_utterances(record, audio.ids)
@@ -127,20 +128,20 @@ def check_accuracy(recognizer, record: dict, audio, eval_set, limit: Optional[in
                            "the ones the study measured: not the same eval set")
         total = len(record.get("utterance_errors") or []) or "all"
         where = f" on these {len(pairs)} of {total} utterances"
-        recorded = dict(recorded, wer=_pooled(pairs))
+        compared["wer"] = _pooled(pairs)
         by_id = {t["id"]: t for t in record.get("transcripts") or []}
         if all(i in by_id for i in audio.ids):
-            rec_cer = score([by_id[i]["ref"] for i in audio.ids], [by_id[i]["hyp"] for i in audio.ids])["cer"]
+            compared["cer"] = score([by_id[i]["ref"] for i in audio.ids], [by_id[i]["hyp"] for i in audio.ids])["cer"]
         else:
-            rec_cer = "subset"
+            not_compared.add("cer")
     for key in ("wer", "cer"):
-        rec, now = (recorded.get("wer") if key == "wer" else rec_cer), result[key]
-        if rec is None:
-            lines.append(f"{key.upper():<11} recorded not measured (random weights), measured {_fmt(now)}")
-            continue
-        if rec == "subset":
+        rec, now = compared[key], result[key]
+        if key in not_compared:
             lines.append(f"{key.upper():<11} measured {_fmt(now)}; not compared: the record holds per-utterance word "
                          "errors only (run without --limit to compare the CER)")
+            continue
+        if rec is None:
+            lines.append(f"{key.upper():<11} recorded not measured (random weights), measured {_fmt(now)}")
             continue
         same = rec == now
         lines.append(f"{key.upper():<11} recorded {_fmt(rec)}{where}, measured {_fmt(now)}: "
@@ -234,7 +235,8 @@ def main(argv=None) -> int:
         from dse.core.measure import load_eval_audio
 
         audio = load_eval_audio(eval_set, limit)
-        subset = (len(audio.ids) < recorded_count if recorded_count else limit != recorded_limit)
+        # fewer utterances than the study measured: compare with the record of those same ones
+        subset = limit is not None and (limit < recorded_count if recorded_count else limit != recorded_limit)
         if subset and record["metrics"].get("wer") is not None and recorded_utterances(record, audio.ids) is None:
             raise DSEError(f"--limit {args.limit}: this bundle records the WER of its whole eval set but not the "
                            f"errors of each utterance, so a subset's WER has nothing to be compared with; "

@@ -17,9 +17,13 @@ one. Format::
       precision: {choices: [fp32, int8]}
       moe_experts: {choices: [0, 4, 8]}
       adapt_steps: {low: 0, high: 300, step: 100}
+    anchors:                  # known configurations enqueued right after the baseline (once per study)
+      - {precision: int8}
+    remeasure: {pairs: 3, utterances: 8}   # front pairs the noise leaves open, re-timed against each other
     prune:                    # the project's own early stop for adaptation
       wer_above: 0.95         # abandon when the dev WER is above this at a check
-      front_margin: 0.10      # ... or above the worst WER on the current Pareto front + margin
+      front_margin: 0.05      # ... or when a front member at least as fast is ahead on the same dev
+                              # measurement by more than this plus the paired noise
 
 Knobs left out take :class:`~dse.core.config.TrialConfig`'s defaults. MoE sub-knobs are
 set to their defaults when ``moe_experts`` is 0, so dense trials share one identity.
@@ -41,7 +45,7 @@ DIRECTIONS = ("minimize", "maximize")
 LEVEL_SUFFIX = "_level"   # Optuna parameter name of an ordered knob's level index
 SAMPLERS = ("gp", "tpe", "nsga2", "random", "grid")
 TOP_KEYS = {"description", "model", "sampler", "n_trials", "objectives", "constraints", "fixed", "params",
-            "prune", "baseline", "timing_utterances", "eval_limit"}
+            "prune", "baseline", "timing_utterances", "eval_limit", "anchors", "remeasure"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +110,8 @@ class Space:
     baseline: dict
     timing_utterances: int
     eval_limit: Optional[int]
+    anchors: tuple = ()      # known configurations (knob -> value over ``fixed``) enqueued after the baseline
+    remeasure: dict = dataclasses.field(default_factory=lambda: {"pairs": 3, "utterances": 8})
     has_lm: bool = False  # whether the model carries a language model (for_model)
 
     @property
@@ -134,6 +140,78 @@ class Space:
             else:
                 values[p.knob] = trial.suggest_int(p.knob, p.low, p.high, step=p.step)
         return self._filled(values)
+
+    def params_for(self, config: TrialConfig, levels: bool = True) -> Optional[dict]:
+        """The Optuna parameters under which :meth:`suggest` gives ``config`` (so that an enqueued
+        configuration is a regular point for the sampler), or ``None`` when it is not in the
+        space. A knob whose value ``config``'s canonical form ignores (a MoE sub-knob of a
+        dense model) takes its first value."""
+        params, values = {}, dict(self.fixed)
+        for p in self.params:
+            level = p.choices is not None and levels and p.ordered
+            ordered = sorted(p.values()) if level else p.values()
+            mine = getattr(config, p.knob)
+            value = mine if mine in ordered else ordered[0]
+            values[p.knob] = value
+            params[p.level_name if level else p.knob] = ordered.index(value) if level else value
+        try:
+            return params if self._filled(values) == config else None
+        except ConfigError:
+            return None
+
+    def configurations(self) -> list[TrialConfig]:
+        """Every distinct configuration of the space (canonical forms, each once), in grid order."""
+        import itertools
+
+        seen, out = set(), []
+        names = [p.knob for p in self.params]
+        for combo in itertools.product(*(p.values() for p in self.params)):
+            try:
+                cfg = self._filled(dict(self.fixed, **dict(zip(names, combo))))
+            except ConfigError:
+                continue
+            if cfg.key() not in seen:
+                seen.add(cfg.key())
+                out.append(cfg)
+        return out
+
+    def random_configuration(self, rng) -> Optional[TrialConfig]:
+        """One point of the space drawn uniformly (``None`` when the drawn values do not make a
+        valid configuration)."""
+        try:
+            return self._filled(dict(self.fixed, **{p.knob: rng.choice(p.values()) for p in self.params}))
+        except ConfigError:
+            return None
+
+    def anchor_configs(self) -> list[TrialConfig]:
+        """The space's anchors (each over ``fixed``, like a sampled configuration)."""
+        return [self._filled(dict(self.fixed, **a)) for a in self.anchors]
+
+    def check_for(self, arch: dict, has_lm: bool) -> None:
+        """Every value the space can give, checked against the model it will run on before any
+        trial: a value no trial could run with is an error naming the file, the key and the fix."""
+        from dse.core.build import moe_spec
+
+        space = self.for_model(has_lm)
+        experts = max([v for p in self.params if p.knob == "moe_experts" for v in p.values()]
+                      + [self.fixed.get("moe_experts", 0)])
+        checks = [("baseline", lambda: space.baseline_config())]
+        checks += [(f"anchors[{i}]", lambda a=a: space._filled(dict(self.fixed, **a))) for i, a in enumerate(self.anchors)]
+        for p in self.params:
+            for v in p.values():
+                extra = {"moe_experts": experts} if p.knob.startswith("moe_") and p.knob != "moe_experts" else {}
+                checks.append((f"params.{p.knob}: {v!r}", lambda p=p, v=v, extra=extra:
+                               space._filled(dict(self.fixed, **extra, **{p.knob: v}))))
+        for key, make in checks:
+            try:
+                cfg = make()
+                cfg.validate_for(arch)
+                moe_spec(arch, cfg.resolved(arch))
+                if cfg.lm_weight > 0 and not has_lm:
+                    raise ConfigError(f"lm_weight={cfg.lm_weight:g} needs a language model and this model has none "
+                                      "(use --lm FILE, or lm_weight 0)")
+            except ConfigError as exc:
+                raise _err(self.path, key, f"{exc}; change it in the space file") from None
 
     def grid(self) -> dict[str, list]:
         return {p.knob: p.values() for p in self.params}
@@ -226,7 +304,12 @@ def parse_space(data: Any, path: Path, name: Optional[str] = None) -> Space:
                 raise _err(path, f"params.{knob}", "a real-valued knob is searched over a list: 'choices: [...]'")
             for v in (spec["low"], spec["high"]):
                 _check_knob_value(path, knob, v)
-            params.append(Param(knob, low=spec["low"], high=spec["high"], step=spec.get("step", 1)))
+            step = spec.get("step", 1)
+            if not isinstance(step, int) or isinstance(step, bool) or step <= 0:
+                raise _err(path, f"params.{knob}.step", f"{step!r} must be a positive integer")
+            if spec["low"] > spec["high"]:
+                raise _err(path, f"params.{knob}", f"low {spec['low']} is above high {spec['high']}; swap them")
+            params.append(Param(knob, low=spec["low"], high=spec["high"], step=step))
     for knob, v in fixed.items():
         if knob not in KNOBS:
             raise _err(path, f"fixed.{knob}", f"unknown knob; allowed knobs: {', '.join(KNOBS)}")
@@ -239,11 +322,30 @@ def parse_space(data: Any, path: Path, name: Optional[str] = None) -> Space:
         canonical(dict({k: v for k, v in fixed.items() if k not in weight_knobs()}, **baseline))
     except ConfigError as exc:
         raise _err(path, "fixed/baseline", str(exc)) from None
+    anchors = data.get("anchors") or []
+    if not isinstance(anchors, list) or not all(isinstance(a, dict) for a in anchors):
+        raise _err(path, "anchors", "must be a list of mappings knob: value")
+    for i, a in enumerate(anchors):
+        for knob, v in a.items():
+            if knob not in KNOBS:
+                raise _err(path, f"anchors[{i}].{knob}", f"unknown knob; allowed knobs: {', '.join(KNOBS)}")
+            _check_knob_value(path, knob, v)
+        try:
+            canonical(dict(fixed, **a))
+        except ConfigError as exc:
+            raise _err(path, f"anchors[{i}]", str(exc)) from None
+    remeasure = dict({"pairs": 3, "utterances": 8}, **(data.get("remeasure") or {}))
+    counts = {"n_trials": data.get("n_trials", 10), "timing_utterances": data.get("timing_utterances", 24),
+              "remeasure.pairs": remeasure["pairs"], "remeasure.utterances": remeasure["utterances"]}
+    for key, v in counts.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise _err(path, key, f"{v!r} must be a whole number (0 or more)")
     return Space(name=name or path.stem, path=path, description=str(data.get("description", "")),
-                 model=str(data.get("model", "default")), sampler=sampler, n_trials=int(data.get("n_trials", 10)),
+                 model=str(data.get("model", "default")), sampler=sampler, n_trials=counts["n_trials"],
                  objectives=tuple(objectives), constraints=tuple(constraints), fixed=fixed, params=tuple(params),
                  prune=dict(data.get("prune") or {}), baseline=baseline,
-                 timing_utterances=int(data.get("timing_utterances", 24)), eval_limit=data.get("eval_limit"))
+                 timing_utterances=counts["timing_utterances"], eval_limit=data.get("eval_limit"),
+                 anchors=tuple(anchors), remeasure=remeasure)
 
 
 def load_space(name_or_path: str) -> Space:

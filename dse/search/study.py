@@ -109,18 +109,33 @@ class TrialContext:
 
 def run_trial(ctx: TrialContext, config: TrialConfig, reuse: Optional[dict] = None,
               on_phase: Optional[Callable[[str], None]] = None,
-              on_adapt_progress: Optional[Callable[[int, float], None]] = None) -> TrialRecord:
+              on_adapt_progress: Optional[Callable[..., None]] = None,
+              on_speed_probe: Optional[Callable[[dict], None]] = None) -> TrialRecord:
     """Build, adapt, time and score ``config``; returns its record (metrics, phases, extras).
 
     An edit that invalidates the weights (MoE, frame width) with ``adapt_steps == 0`` is
     measured as it is: an honest point showing what the edit costs without adaptation.
 
     ``reuse``: WER/CER (and per-slice WER) of an earlier trial with the same accuracy key.
-    ``on_adapt_progress(step, dev_wer)`` may raise :class:`Pruned` to stop the adaptation.
+    ``on_adapt_progress(step, dev_wer, dev_errors)`` may raise :class:`Pruned` to stop the adaptation.
+    ``on_speed_probe(ratio)``: before adapting, the configuration's speed is measured on its
+    un-adapted weights (the same architecture and precision stream at the same speed; the
+    early stop weighs a candidate's accuracy against it), the same-run ratio against the
+    baseline (:func:`dse.core.measure.interleaved_speedup`).
     """
     phases = Phases(on_phase)
     if config.adapt_steps > 0 and ctx.adapt_fn is None:
         raise DSEError("adapt_steps > 0 but this worker has no adaptation split (trained weights and an adapt manifest)")
+
+    if config.adapt_steps > 0 and on_speed_probe is not None:
+        with phases("speed probe"):
+            unadapted = build_recognizer(ctx.loaded, config.replace(adapt_steps=0))
+            torch.set_num_threads(unadapted.config.threads)
+            with timing_lock(ctx.lock_dir):
+                ratio = interleaved_speedup(unadapted.recognizer, ctx.baseline().recognizer, ctx.timing_audio,
+                                            limit=ctx.ratio_utterances)
+            del unadapted
+        on_speed_probe(ratio)
 
     def adapt_fn(edited, cfg):
         with phases("adapt"):
@@ -203,13 +218,246 @@ def make_sampler(name: str, space, seed: Optional[int]):
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
-        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+        return _grid_sampler(space.grid(), seed)
     raise DSEError(f"unknown sampler {name!r}; use gp, tpe, nsga2, random or grid")
 
 
+def _grid_sampler(grid: dict, seed: Optional[int]):
+    """Optuna's ``GridSampler``, which also accepts a queued trial (the baseline, the anchors, an
+    unmeasured configuration after a duplicate): such a trial's point is marked visited, so the
+    sampler neither proposes it again nor fails when the study ends (Optuna 5 leaves a queued
+    trial without a grid id, and its ``after_trial`` then raises ``KeyError``)."""
+    import optuna
+
+    class GridSampler(optuna.samplers.GridSampler):
+        def before_trial(self, study, trial):
+            fixed = trial.system_attrs.get("fixed_params")
+            if fixed is not None and "grid_id" not in trial.system_attrs:
+                point = tuple(fixed.get(n) for n in self._param_names)
+                if point in self._all_grids:
+                    study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
+                    study._storage.set_trial_system_attr(trial._trial_id, "grid_id", self._all_grids.index(point))
+                    return
+            if fixed is None and "grid_id" not in trial.system_attrs:
+                unvisited = self._get_unvisited_grid_ids(study)  # never a point a queued trial took
+                if unvisited:
+                    study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
+                    study._storage.set_trial_system_attr(trial._trial_id, "grid_id",
+                                                         int(self._rng.rng.choice(unvisited)))
+                    return
+            super().before_trial(study, trial)
+
+        def after_trial(self, study, trial, state, values):
+            if "grid_id" not in study._storage.get_trial_system_attrs(trial._trial_id):
+                if not self._get_unvisited_grid_ids(study):  # a queued point outside the grid
+                    study.stop()
+                return
+            super().after_trial(study, trial, state, values)
+
+    return GridSampler(grid, seed=seed)
+
+
+FINISHED_NOTE = ("a trial is finished when COMPLETE or PRUNED by the early stop; a repeat proposal "
+                 "(duplicate_of) is pruned in seconds and does not count")
+
+
+def is_duplicate(t) -> bool:
+    return t.user_attrs.get("duplicate_of") is not None
+
+
 def finished_count(study) -> int:
+    """Distinct configurations the study has finished (see :data:`FINISHED_NOTE`)."""
     from optuna.trial import TrialState
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+               if not is_duplicate(t))
+
+
+def baseline_trial(study):
+    """The study's baseline trial (the first COMPLETE trial enqueued as the baseline), or ``None``."""
+    from optuna.trial import TrialState
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get("anchor") == "baseline":
+            return t
+    return None
+
+
+RETRIED_FAILURES = ("interrupted", "worker stopped responding")
+
+
+def claimed_keys(study, exclude: Optional[int] = None) -> dict[str, int]:
+    """Configuration key -> trial number of every configuration measured, being measured or
+    queued (COMPLETE, PRUNED by the early stop, RUNNING, WAITING), or that failed for a reason
+    of its own (a failure is not retried; an interrupted or abandoned trial is), duplicates left out."""
+    from optuna.trial import TrialState
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
+                                                      TrialState.WAITING, TrialState.FAIL)):
+        if t.number == exclude or is_duplicate(t):
+            continue
+        if t.state == TrialState.FAIL and (not t.user_attrs.get("fail_reason")
+                                           or t.user_attrs["fail_reason"].startswith(RETRIED_FAILURES)):
+            continue
+        key = t.user_attrs.get("config_key") or (t.user_attrs.get("dse_config") or {}).get("_key")
+        if key and key not in out:
+            out[key] = t.number
+    return out
+
+
+def enqueue_configuration(study, space, config, levels: bool, anchor: Optional[str] = None) -> None:
+    """Queue ``config`` as the study's next trial: under the Optuna parameters that give it (so the
+    sampler sees a regular point), with the configuration itself in ``dse_config``."""
+    params = space.params_for(config, levels=levels)
+    attrs = {"dse_config": dict(config.to_dict(), _key=config.key(), _in_space=params is not None)}
+    params = params or {}
+    if anchor:
+        attrs["anchor"] = anchor
+    study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
+
+
+def enqueue_anchors(study, space, levels: bool, log=lambda msg: None) -> list[str]:
+    """The baseline, then the space's anchors, queued once per study (a resumed study does not
+    queue them again); a configuration already measured is not queued. Returns what was queued."""
+    if study.user_attrs.get("anchors_enqueued"):
+        return []
+    claimed = claimed_keys(study)
+    queued = []
+    for name, cfg in [("baseline", space.baseline_config())] + [
+            (f"anchor {i}", c) for i, c in enumerate(space.anchor_configs())]:
+        if cfg.key() in claimed:
+            continue
+        claimed[cfg.key()] = -1
+        enqueue_configuration(study, space, cfg, levels, anchor="baseline" if name == "baseline" else name)
+        queued.append(f"{name}: {describe(cfg)}")
+    study.set_user_attr("anchors_enqueued", True)
+    for q in queued:
+        log(f"queued {q}")
+    return queued
+
+
+def enqueue_unmeasured(study, space, levels: bool, rng) -> Optional[object]:
+    """Queue a configuration of the space that no trial has claimed (drawn at random), so that a
+    sampler repeating itself cannot stall the study; ``None`` when the space is exhausted."""
+    claimed = claimed_keys(study)
+    if space.grid_size() <= 20000:
+        left = [c for c in space.configurations() if c.key() not in claimed]
+        cfg = rng.choice(left) if left else None
+    else:  # too many to list: draw points until one is new (a space this large is never exhausted here)
+        cfg = next((c for c in (space.random_configuration(rng) for _ in range(1000))
+                    if c is not None and c.key() not in claimed), None)
+    if cfg is not None:
+        enqueue_configuration(study, space, cfg, levels)
+    return cfg
+
+
+class DistinctTrials:
+    """Optuna callback: stop once the study holds ``target`` distinct finished configurations,
+    or when the space is exhausted (a duplicate found nothing left to queue)."""
+
+    def __init__(self, target: int):
+        self.target = target
+
+    def __call__(self, study, trial) -> None:
+        if finished_count(study) >= self.target or study.user_attrs.get("exhausted"):
+            study.stop()
+
+
+def _dev_errors_key(config) -> str:
+    return config.replace(precision="fp32", compile="off", threads=2, beam_width=1, lm_weight=0.0,
+                          temperature=1.0).key()
+
+
+class DevReference:
+    """The early stop's yardstick: the dev measurement (greedy, fp32, the adapt split's dev
+    utterances; the measurement adaptation itself makes at each check) of the baseline and of
+    each front member, measured once per weights and stored on the study (``dev_measurements``)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def errors(self, study, config) -> Optional[list]:
+        from dse.core.build import edit_architecture
+        from dse.core.rnnt import streaming_wer
+
+        key = _dev_errors_key(config)
+        stored = dict(study.user_attrs.get("dev_measurements") or {})
+        if key in stored:
+            return stored[key]
+        adapter = self.ctx.adapt_fn
+        if adapter is None:
+            return None
+        if config.adapt_steps > 0:  # adapted weights: their last check is this very measurement
+            state, info = adapter(edit_architecture(self.ctx.loaded, config), config)
+            errors = info.get("final_dev_errors")
+        else:
+            edited = edit_architecture(self.ctx.loaded, config)
+            dev_utts = adapter._load_audio()[0]
+            errors = streaming_wer(edited, dev_utts, beam_width=1)["utterance_errors"]
+        if errors is not None:
+            stored[key] = errors
+            study.set_user_attr("dev_measurements", stored)
+        return errors
+
+
+def prune_reason(space, study, step: int, dev_wer: float, dev_errors: Optional[list] = None,
+                 speed: Optional[dict] = None, reference: Optional[DevReference] = None) -> Optional[str]:
+    """The project's early stop for adaptation (Optuna's pruners do not work multi-objective).
+
+    At a check, the candidate's dev measurement is compared with the *same* measurement of
+    every member of the current front (the baseline included): it is stopped when a member
+    at least as fast as the candidate (its same-run speedup against the baseline at or above
+    the candidate's lower bound, measured before adapting) is ahead of it on the dev
+    utterances by more than ``front_margin`` beyond the paired noise (the lower end of the
+    paired bootstrap interval above the margin). ``wer_above`` stops any candidate whose dev
+    WER is above it."""
+    above = space.prune.get("wer_above")
+    if above is not None and dev_wer > above:
+        return f"dev WER {dev_wer:.3f} at adaptation step {step} is above the space's limit {above}"
+    margin = space.prune.get("front_margin")
+    if margin is None or dev_errors is None or speed is None or reference is None:
+        return None
+    from dse.core.config import TrialConfig
+    from dse.core.measure import paired_wer_difference
+    from dse.search.front import noisy_front
+
+    points = front_points(study, space)
+    if not points:
+        return None
+    front = noisy_front(points)
+    cand_lo = speed["speedup_ci95"][0]
+    for number in front.members:
+        p = front.points[number]
+        if p.speedup < cand_lo:
+            continue
+        member = study.trials[number]
+        ref = reference.errors(study, TrialConfig.from_dict(member.user_attrs["config"]))
+        if not ref or len(ref) != len(dev_errors):
+            continue
+        diff, lo, hi = paired_wer_difference([tuple(e) for e in dev_errors], [tuple(e) for e in ref])
+        if lo > margin:
+            return (f"at adaptation step {step} the dev WER {dev_wer:.3f} is {100 * diff:.1f} pts "
+                    f"[{100 * lo:.1f}, {100 * hi:.1f}] behind front trial {number} (same dev utterances, greedy, "
+                    f"fp32), which is at least as fast ({p.speedup:.2f}x against the candidate's "
+                    f"{speed['speedup']:.2f}x [{cand_lo:.2f}, {speed['speedup_ci95'][1]:.2f}]): beyond the margin "
+                    f"{100 * margin:.0f} pts, it cannot reach the front")
+    return None
+
+
+def front_points(study, space) -> list:
+    """The study's completed trials as :class:`dse.search.front.Point` (duplicates left out)."""
+    from optuna.trial import TrialState
+
+    from dse.core.config import TrialConfig
+    from dse.search.front import point_of
+
+    base = baseline_trial(study)
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if is_duplicate(t) or not (t.user_attrs.get("speedup") or {}).get("speedup"):
+            continue
+        ok = all(v <= 0 for v in t.user_attrs.get("constraint_violations") or [])
+        out.append(point_of(t, base.number if base else None, ok,
+                            describe(TrialConfig.from_dict(t.user_attrs["config"]))))
+    return out
 
 
 def pareto_trials(study):
@@ -231,41 +479,79 @@ def find_reuse(study, accuracy_key: str) -> Optional[dict]:
     return None
 
 
-def make_objective(ctx, console):
+def make_objective(ctx, console, seed: Optional[int] = None):
+    """The study's objective: one distinct configuration per finished trial (see :data:`FINISHED_NOTE`)."""
+    import random
+
     import optuna
 
     space = ctx.space
+    rng = random.Random(seed)
+    reference = DevReference(ctx)
 
     def objective(trial):
+        from dse.core.config import TrialConfig
+
+        levels = not isinstance(trial.study.sampler, optuna.samplers.GridSampler)
         config = None
         try:
-            config = space.suggest(trial, levels=not isinstance(trial.study.sampler, optuna.samplers.GridSampler))
+            queued = trial.user_attrs.get("dse_config")
+            if queued:  # the baseline, an anchor, or an unmeasured configuration queued after a repeat
+                if queued.get("_in_space", True):
+                    space.suggest(trial, levels=levels)  # its parameters, for the sampler's model
+                config = TrialConfig.from_dict({k: v for k, v in queued.items() if not k.startswith("_")})
+            else:
+                config = space.suggest(trial, levels=levels)
             config.validate_for(ctx.loaded.arch)
             trial.set_user_attr("config", config.to_dict())
+            trial.set_user_attr("config_key", config.key())
             trial.set_user_attr("accuracy_key", config.accuracy_key())
             trial.set_user_attr("model", model_identity(ctx.loaded))
+            twin = claimed_keys(trial.study, exclude=trial.number).get(config.key())
+            if twin is not None:
+                trial.set_user_attr("duplicate_of", twin)
+                nxt = enqueue_unmeasured(trial.study, space, levels, rng)
+                if nxt is None:
+                    trial.study.set_user_attr("exhausted", True)
+                    trial.study.stop()
+                    console.print(f"  trial {trial.number}: {describe(config)} repeats trial {twin}; the space is "
+                                  f"exhausted (every configuration of {space.name} has been measured)")
+                else:
+                    console.print(f"  trial {trial.number}: repeats trial {twin} ({describe(config)}); queued an "
+                                  f"unmeasured configuration instead: {describe(nxt)}")
+                raise optuna.TrialPruned(f"duplicate of trial {twin}")
             reuse = find_reuse(trial.study, config.accuracy_key()) if ctx.loaded.trained else None
+            probe: dict = {}
 
             def on_phase(name):
                 console.print(f"  trial {trial.number}: {name}")
 
-            def on_adapt(step, dev_wer):
+            def on_speed(ratio):
+                probe.update(ratio)
+                trial.set_user_attr("speed_before_adapting", ratio)
+
+            def on_adapt(step, dev_wer, dev_errors=None):
                 console.print(f"  trial {trial.number}: adapt step {step}: dev WER {dev_wer:.3f}")
-                reason = prune_reason(space, trial.study, step, dev_wer)
+                reason = prune_reason(space, trial.study, step, dev_wer, dev_errors, probe or None, reference)
                 if reason:
                     raise Pruned(reason)
 
+            label = trial.user_attrs.get("anchor")
             console.print(f"[bold]trial {trial.number}[/bold] {describe(config)}"
+                          + (f" ({label})" if label else "")
                           + (f" (WER reused from trial {reuse['trial']})" if reuse else ""))
-            record = run_trial(ctx, config, reuse=reuse, on_phase=on_phase, on_adapt_progress=on_adapt)
+            record = run_trial(ctx, config, reuse=reuse, on_phase=on_phase, on_adapt_progress=on_adapt,
+                               on_speed_probe=on_speed)
             record.accuracy_key = config.accuracy_key()
             record.model = model_identity(ctx.loaded)
+        except optuna.TrialPruned:
+            raise
         except Pruned as exc:
             trial.set_user_attr("prune_reason", str(exc))
             console.print(f"  trial {trial.number}: [yellow]pruned[/yellow]: {exc}")
             raise optuna.TrialPruned(str(exc)) from None
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted by the user (Ctrl-C)")
+            trial.set_user_attr("fail_reason", "interrupted by the user (Ctrl-C or SIGTERM)")
             raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
@@ -291,25 +577,11 @@ def make_objective(ctx, console):
                 trial.set_user_attr("fail_reason", msg)
                 raise DSEError(msg)
             values.append(float(v))
-        console.print(f"  trial {trial.number}: " + ", ".join(f"{o.metric}={v:.4g}" for o, v in zip(space.objectives, values)))
+        console.print(f"  trial {trial.number}: " + ", ".join(f"{o.metric}={v:.4g}" for o, v in zip(space.objectives, values))
+                      + f", speedup {record.speedup['speedup']:.2f}x")
         return values
 
     return objective
-
-
-def prune_reason(space, study, step: int, dev_wer: float) -> Optional[str]:
-    """The project's early-stopping rule for adaptation (Optuna's pruners do not work multi-objective)."""
-    above = space.prune.get("wer_above")
-    if above is not None and dev_wer > above:
-        return f"dev WER {dev_wer:.3f} at adaptation step {step} is above the space's limit {above}"
-    margin = space.prune.get("front_margin")
-    wer_index = next((i for i, o in enumerate(space.objectives) if o.metric == "wer"), None)
-    if margin is not None and wer_index is not None:
-        front = [t.values[wer_index] for t in pareto_trials(study)]
-        if front and dev_wer > max(front) + margin:
-            return (f"dev WER {dev_wer:.3f} at adaptation step {step} cannot reach the Pareto front "
-                    f"(worst front WER {max(front):.3f} + margin {margin})")
-    return None
 
 
 def model_identity(loaded) -> dict:
@@ -329,45 +601,141 @@ def describe(config) -> str:
     return ", ".join(f"{k}={v}" for k, v in changed.items()) or "default configuration"
 
 
+def resolve_front(study, ctx, console) -> None:
+    """Re-measure the speed of front pairs the noise leaves open, interleaved against each other
+    (``ctx.space.remeasure``: at most ``pairs`` pairs, ``utterances`` utterances each), and store
+    each pair's ratio on the study (``pair_speedups``) for the front to use."""
+    from dse.core.config import TrialConfig
+    from dse.search.front import noisy_front, undecided_pairs
+
+    budget = ctx.space.remeasure
+    stored = dict(study.user_attrs.get("pair_speedups") or {})
+    points = front_points(study, ctx.space)
+    if not points or not budget.get("pairs"):
+        return
+    done = 0
+    for a, b in undecided_pairs(noisy_front(points, stored), stored):
+        if done >= budget["pairs"]:
+            break
+        if f"{a}-{b}" in stored or f"{b}-{a}" in stored:
+            continue
+        console.print(f"re-measuring trials {a} and {b} against each other (the noise leaves their order open)")
+        built = {}
+        for n in (a, b):
+            cfg = TrialConfig.from_dict(study.trials[n].user_attrs["config"])
+            built[n] = build_recognizer(ctx.loaded, cfg, adapt_fn=ctx.adapt_fn)
+        torch.set_num_threads(built[a].config.threads)
+        with timing_lock(ctx.lock_dir):
+            ratio = interleaved_speedup(built[a].recognizer, built[b].recognizer, ctx.audio,
+                                        limit=budget.get("utterances", 8))
+        stored[f"{a}-{b}"] = ratio
+        study.set_user_attr("pair_speedups", stored)
+        console.print(f"  trial {a} is {ratio['speedup']:.3f}x [{ratio['speedup_ci95'][0]:.3f}, "
+                      f"{ratio['speedup_ci95'][1]:.3f}] the speed of trial {b}")
+        done += 1
+
+
+def study_front(study, space):
+    """(front, baseline trial number or None, all points) of a study, under noise."""
+    from dse.search.front import noisy_front
+
+    points = front_points(study, space)
+    base = baseline_trial(study)
+    return noisy_front(points, study.user_attrs.get("pair_speedups")), (base.number if base else None), points
+
+
 def pareto_table(study, space):
+    """The front under noise (the baseline always shown), with each member's speedup and WER
+    difference against the baseline, their intervals, and the recommendation under it."""
     from rich.table import Table
 
-    table = Table(title=f"Pareto front of study {study.study_name!r}")
+    from dse.search.front import compare
+
+    front, base_number, points = study_front(study, space)
+    table = Table(title=f"Pareto front of study {study.study_name!r} (decided under noise)")
     table.add_column("trial", justify="right")
     table.add_column("configuration")
     for o in space.objectives:
         table.add_column(f"{o.metric} ({o.direction[:3]})", justify="right")
-    for col in ("WER", "RTF p95", "speedup", "TTFT s", "MiB"):
+    for col in ("WER", "vs baseline (pts)", "speedup [95% CI]", "RTF p95", "TTFT s", "MiB", "note"):
         table.add_column(col, justify="right")
-    from dse.core.config import TrialConfig
-    for t in sorted(pareto_trials(study), key=lambda t: t.values):
+    shown = list(front.members)
+    if base_number is not None and base_number not in shown:
+        shown.append(base_number)
+    for number in shown:
+        t = study.trials[number]
+        p = front.points[number]
         m = t.user_attrs.get("metrics", {})
-        cfg = TrialConfig.from_dict(t.user_attrs["config"])
 
         def f(v, spec=".4g"):
             return "not measured" if v is None else format(v, spec)
-        table.add_row(str(t.number), describe(cfg), *[f(v) for v in t.values], f(m.get("wer"), ".3f"),
-                      f(m.get("rtf_p95"), ".4f"), f(m.get("speedup"), ".2f"), f(m.get("ttft_s"), ".3f"),
-                      f(m.get("weight_mib"), ".1f"))
+        diff = ""
+        if base_number is not None and number != base_number:
+            c = compare(p, front.points[base_number], study.user_attrs.get("pair_speedups"))
+            if c.wer_diff is not None:
+                diff = f"{100 * c.wer_diff:+.1f}" + (f" [{100 * c.wer_diff_ci95[0]:+.1f}, {100 * c.wer_diff_ci95[1]:+.1f}]"
+                                                    if c.wer_diff_ci95 else "")
+        notes = []
+        if number == base_number:
+            notes.append("baseline")
+        if number in front.dominated:
+            notes.append(f"dominated by {front.dominated[number]}")
+        if front.is_undecided(number):
+            notes.append("undecided")
+        if not p.limits_ok:
+            notes.append("outside limits")
+        table.add_row(str(number), p.description, *[f(v) for v in (t.values or [])], f(m.get("wer"), ".3f"), diff,
+                      f"{p.speedup:.2f} [{p.speedup_ci95[0]:.2f}, {p.speedup_ci95[1]:.2f}]",
+                      f(m.get("rtf_p95"), ".4f"), f(m.get("ttft_s"), ".3f"), f(m.get("weight_mib"), ".1f"),
+                      ", ".join(notes))
     return table
 
 
-def load_context(space, args):
-    from dse.core.measure import load_eval_audio
-    from dse.core.models import DEFAULT_ADAPT, DEFAULT_EVAL, load_model, random_model, with_lm
+def study_summary(study, space) -> list[str]:
+    """What the study found, in words (:func:`dse.search.front.summary`)."""
+    from dse.search.front import summary
 
-    model_arg = args.model or space.model
-    if model_arg == "default":
-        loaded = load_model(None, None, args.seed)
-    elif model_arg.endswith("-random"):
-        loaded = random_model(model_arg[: -len("-random")], args.seed)
-    else:
-        loaded = load_model(model_arg, None, args.seed)
-    loaded = with_lm(loaded, getattr(args, "lm", None))
-    space = space.for_model(loaded.lm_path is not None)
+    front, base_number, points = study_front(study, space)
+    if base_number is None:
+        return ["the baseline has not been measured yet: no recommendation"] if points else []
+    return summary(front, base_number, points, study.user_attrs.get("pair_speedups"))
+
+
+def eval_set_of(args) -> str:
+    """The eval set a worker uses (``--eval-set`` or the shipped split), checked to exist."""
+    from dse.core.models import DEFAULT_EVAL
+
     eval_set = args.eval_set or DEFAULT_EVAL
     if not os.path.exists(eval_set):
         raise DSEError(f"eval set {eval_set} not found; pass --eval-set MANIFEST_OR_DIR")
+    return str(eval_set)
+
+
+def load_worker_model(space, args):
+    """The model a worker measures (``--model`` or the space's), with its language model; the
+    space is checked against it before any trial (:meth:`dse.search.space.Space.check_for`)."""
+    from dse.core.models import load_model, random_model, with_lm
+
+    model_arg = args.model or space.model
+    weights_seed = 0  # random weights are the same in every worker (--seed is the sampler's)
+    if model_arg == "default":
+        loaded = load_model(None, None, weights_seed)
+    elif model_arg.endswith("-random"):
+        loaded = random_model(model_arg[: -len("-random")], weights_seed)
+    else:
+        loaded = load_model(model_arg, None, weights_seed)
+    loaded = with_lm(loaded, getattr(args, "lm", None))
+    space.check_for(loaded.arch, loaded.lm_path is not None)
+    return loaded
+
+
+def load_context(space, args, loaded=None):
+    from dse.core.measure import load_eval_audio
+    from dse.core.models import DEFAULT_ADAPT
+
+    loaded = loaded or load_worker_model(space, args)
+    space = space.for_model(loaded.lm_path is not None)
+    eval_set = eval_set_of(args)
     limit = args.eval_limit or space.eval_limit
     audio = load_eval_audio(eval_set, limit, progress=True)
     adapt_fn = None

@@ -1,0 +1,415 @@
+"""What the commands do when something is wrong: a bad storage, a one-utterance eval set, bad
+audio among good, a bundle from a newer dse, a subset verified, a folder that is not a bundle, a
+dashboard visitor asking for files or storages it must not touch.
+
+The commands run as subprocesses (``python -m dse.<cmd>``), as a user runs them: each case checks
+the exit status, the message, and that nothing was written or half-written.
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import optuna
+import pytest
+import soundfile
+
+from conftest import tone
+from test_export import SPACE, copy_bundle, rewrite_manifest_line
+from dse import run
+from dse.core import measure, models
+from dse.core.errors import DSEError
+from dse.deploy import export
+from dse.search import storage as storage_module
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "secretpw"
+UNREACHABLE = f"postgresql://u:{PASSWORD}@127.0.0.1:1/x"  # port 1: refused at once
+# Seven utterances: the last two are scored against the transcripts the model gives them, so the
+# WER of the first five (1.0) differs from the whole set's.
+TEXTS = ["hello world", "one", "the cat sat on the mat today", "go", "a b c d e f g h", "yes", "no"]
+MATCHED = (5, 6)
+
+
+def cli(cmd: str, *args, cwd: Path, stdin: bytes = b"", timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m dse.<cmd> ARGS`` in ``cwd`` with this checkout first on the path; text output."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.pop("DSE_STORAGE", None)
+    out = subprocess.run([sys.executable, "-m", f"dse.{cmd}", *map(str, args)], cwd=cwd, env=env, input=stdin,
+                         capture_output=True, timeout=timeout)
+    return subprocess.CompletedProcess(out.args, out.returncode, out.stdout.decode(), out.stderr.decode())
+
+
+def one_error_line(out: subprocess.CompletedProcess) -> str:
+    """The single ``error: ...`` line a failed command prints on stderr (no traceback)."""
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    return lines[0]
+
+
+def tree(path: Path) -> dict:
+    """Every file under ``path`` with its SHA-256: equal before and after means nothing was written."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def write_eval_set(root: Path, texts: list[str]) -> Path:
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, text in enumerate(texts):
+        seconds = 0.6 + 0.2 * i
+        soundfile.write(root / "audio" / f"u{i}.wav", tone(seconds, freq=180 + 40 * i, seed=i), 16000)
+        rows.append({"path": f"audio/u{i}.wav", "duration": seconds, "text": text})
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+def run_study(root: Path, checkpoint: Path, manifest: Path) -> optuna.trial.FrozenTrial:
+    """One fp32 trial of ``checkpoint`` on ``manifest`` (test_export's space), in ``root/s.db``."""
+    space = root / "space.yaml"
+    space.write_text(SPACE.format(checkpoint=checkpoint, n_trials=1, params="{precision: {choices: [fp32]}}"))
+    storage = f"sqlite:///{root / 's.db'}"
+    assert run.main(["--study", str(space), "--storage", storage, "--eval-set", str(manifest),
+                     "--model", str(checkpoint)]) == 0
+    (trial,) = optuna.load_study(study_name="space", storage=storage).get_trials(
+        states=(optuna.trial.TrialState.COMPLETE,))
+    return trial
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A one-trial study of a tiny checkpoint on seven utterances, and its exported bundle."""
+    root = tmp_path_factory.mktemp("reliability")
+    checkpoint = root / "tiny.pt"
+    models.save_checkpoint(checkpoint, models.random_model("tiny"))
+    # a first run learns what the model says, so that two references can be exactly that
+    first = run_study(root / "probe", checkpoint, write_eval_set(root / "probe", TEXTS))
+    texts = [t["hyp"] if i in MATCHED else TEXTS[i] for i, t in enumerate(first.user_attrs["transcripts"])]
+    manifest = write_eval_set(root, texts)
+    trial = run_study(root, checkpoint, manifest)
+    bundle = export.export_bundle(f"sqlite:///{root / 's.db'}", "space", root / "bundle", trial=trial.number)
+    return types.SimpleNamespace(root=root, storage=f"sqlite:///{root / 's.db'}", trial=trial, bundle=bundle,
+                                 manifest=manifest, checkpoint=checkpoint,
+                                 audio=[root / "audio" / f"u{i}.wav" for i in range(len(TEXTS))])
+
+
+# -- 1. storage URLs: passwords never printed, postgres:// explained -------------------------
+@pytest.mark.parametrize("cmd, args", [
+    ("run", ["--study", "precision"]),
+    ("export", ["--study", "space", "--trial", "0", "--out", "out"]),
+])
+def test_unreachable_storage_is_one_line_without_the_password(tmp_path, cmd, args):
+    out = cli(cmd, *args, "--storage", UNREACHABLE, cwd=tmp_path)
+    assert out.returncode == 2
+    assert PASSWORD not in out.stdout + out.stderr
+    line = one_error_line(out)
+    assert "postgresql://u:***@127.0.0.1:1/x" in line and "OperationalError" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_password_in_driver_text_is_masked_even_outside_a_url():
+    url = "postgresql://u:p%2Fss-word@db/x"  # the password 'p/ss-word', percent-encoded in the URL
+    error = storage_module.storage_error(url, RuntimeError("auth failed for 'p/ss-word' (p%2Fss-word) at " + url))
+    assert "ss-word" not in str(error) and "postgresql://u:***@db/x" in str(error)
+
+
+def test_postgres_scheme_is_refused_with_the_right_one(tmp_path):
+    out = cli("run", "--study", "precision", "--storage", f"postgres://u:{PASSWORD}@127.0.0.1:1/x", cwd=tmp_path)
+    assert out.returncode == 2
+    line = one_error_line(out)
+    assert "postgresql://u:***@127.0.0.1:1/x" in line and "postgres://" in line and PASSWORD not in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- 2. a one-utterance eval set ------------------------------------------------------------
+def test_one_utterance_gives_wer_and_rtf_without_intervals(tmp_path, manifest):
+    checkpoint = tmp_path / "tiny.pt"
+    models.save_checkpoint(checkpoint, models.random_model("tiny"))  # a checkpoint's WER is measured
+    out = cli("measure", "--model", checkpoint, "--eval-set", manifest, "--limit", "1", "--no-progress",
+              "--beam-width", "1", "--threads", "1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = dict(line.split("  ", 1) for line in out.stdout.splitlines() if "  " in line)
+    assert rows["WER [95% CI]"].strip().endswith("(no interval: one utterance)")
+    assert rows["RTF mean [95% CI]"].strip().endswith("(no interval: one utterance)")
+
+    audio = measure.load_eval_audio(manifest, limit=1)
+    recognizer = models.load_model(str(checkpoint))
+    from dse.core.build import build_recognizer
+    from dse.core.config import TrialConfig
+
+    result = measure.measure(build_recognizer(recognizer, TrialConfig(beam_width=1, threads=1)).recognizer, audio)
+    assert result["utterances"] == 1 and isinstance(result["wer"], float)
+    assert result["wer_ci95"] is None and result["rtf_mean_ci95"] is None
+    assert json.loads(json.dumps(result))["wer_ci95"] is None  # a well-formed record
+    assert measure.bootstrap_ci([(4, 11)]) is None and measure.wer_interval([(4, 11)]) is None
+
+
+# -- 4. transcribe: a bad file among good ones ----------------------------------------------
+@pytest.mark.parametrize("bad, problem", [("missing.wav", "audio file not found"),
+                                          ("corrupt.wav", "unreadable or corrupt audio")])
+def test_bad_input_is_reported_and_the_others_transcribed(study, tmp_path, bad, problem):
+    if bad == "corrupt.wav":
+        (tmp_path / bad).write_bytes(b"RIFF" + bytes(range(256)) * 8)
+    out = cli("transcribe", study.bundle, study.audio[0], tmp_path / bad, study.audio[2], cwd=tmp_path)
+    assert out.returncode == 2
+    recorded = [t["hyp"] for t in study.trial.user_attrs["transcripts"]]
+    assert out.stdout.splitlines() == [recorded[0], "", recorded[2]]  # one line per input, in order
+    line = one_error_line(out)
+    assert bad in line and problem in line
+
+
+def test_only_bad_input_exits_two(study, tmp_path):
+    (tmp_path / "empty.wav").write_bytes(b"")
+    out = cli("transcribe", study.bundle, tmp_path / "empty.wav", cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == "\n"
+    assert "empty.wav" in one_error_line(out)
+
+
+# -- 5. bundles from a newer dse --------------------------------------------------------------
+@pytest.mark.parametrize("change, message", [
+    ({"version": 99}, "made by a newer dse (config version 99); upgrade"),
+    ({"future_knob": 3}, "made by a newer dse (config version 2, unknown knob(s) future_knob); upgrade"),
+])
+@pytest.mark.parametrize("cmd", ["transcribe", "verify"])
+def test_bundle_from_a_newer_dse_is_refused(study, tmp_path, change, message, cmd):
+    bundle = copy_bundle(study.bundle, tmp_path)
+    config = json.loads((bundle / "config.json").read_text())
+    config["trial_config"].update(change)
+    (bundle / "config.json").write_text(json.dumps(config))
+    rewrite_manifest_line(bundle, "config.json")
+    before = tree(tmp_path)
+    args = [study.audio[0]] if cmd == "transcribe" else ["--no-speedup"]
+    out = cli(cmd, bundle, *args, cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert message in one_error_line(out)
+    assert tree(tmp_path) == before
+
+
+# -- 6. verify --limit compares like with like ---------------------------------------------
+def test_verify_limit_compares_the_same_utterances(study, tmp_path):
+    errors = study.trial.user_attrs["utterance_errors"]
+    subset_wer = sum(e for e, _ in errors[:5]) / sum(w for _, w in errors[:5])
+    assert subset_wer != study.trial.user_attrs["metrics"]["wer"]  # else the check proves nothing
+    out = cli("verify", study.bundle, "--limit", "5", "--no-speedup", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "DIFFERENT" not in out.stdout and "mismatch" not in out.stderr
+    assert f"WER         recorded {subset_wer:.10g} on these 5 of 7 utterances, measured {subset_wer:.10g}: " \
+           "identical" in out.stdout
+    assert "5 of 5 recorded transcripts identical" in out.stdout and "verified" in out.stdout
+
+
+def test_verify_limit_without_per_utterance_errors_is_refused(study, tmp_path):
+    bundle = copy_bundle(study.bundle, tmp_path)  # as a bundle of an older dse: whole-set figures only
+    record = json.loads((bundle / "metrics.json").read_text())
+    record.pop("utterance_errors")
+    record["transcripts"] = [{k: v for k, v in t.items() if k not in ("errors", "words")}
+                             for t in record["transcripts"]]
+    (bundle / "metrics.json").write_text(json.dumps(record))
+    rewrite_manifest_line(bundle, "metrics.json")
+    out = cli("verify", bundle, "--limit", "5", "--no-speedup", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "--limit 5" in one_error_line(out) and "run without --limit" in out.stderr
+
+
+# -- 7. read-only and corrupt SQLite files -------------------------------------------------
+def make_studies_db(path: Path) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=f"sqlite:///{path}", study_name="old")
+    for _ in range(40):
+        study.tell(study.ask(), 1.0)
+
+
+@pytest.fixture
+def read_only_db(tmp_path):
+    """A studies.db this process really cannot write: mode 0444 for a normal user; for root, whom
+    modes do not stop, the immutable attribute (chattr +i), or skip where the file system has none."""
+    path = tmp_path / "studies.db"
+    make_studies_db(path)
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        yield path
+        path.chmod(0o644)
+        return
+    chattr = shutil.which("chattr")
+    if not chattr or subprocess.run([chattr, "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("running as root without chattr +i here: no way to make a file read-only for root "
+                    "(the sqlite URI read-only case below still runs)")
+    try:
+        yield path
+    finally:
+        subprocess.run([chattr, "-i", str(path)], check=True)
+
+
+def test_read_only_studies_db_is_one_line(read_only_db, tmp_path):
+    before = tree(tmp_path)
+    out = cli("run", "--study", "precision", "--storage", f"sqlite:///{read_only_db}", cwd=tmp_path)
+    assert out.returncode == 2
+    line = one_error_line(out)
+    assert line.startswith(f"error: studies.db is read-only: {read_only_db} cannot be written")
+    assert tree(tmp_path) == before
+
+
+def test_studies_db_opened_read_only_is_one_line(tmp_path):
+    path = tmp_path / "studies.db"
+    make_studies_db(path)
+    before = tree(tmp_path)
+    out = cli("run", "--study", "precision", "--storage", f"sqlite:///file:{path}?mode=ro&uri=true", cwd=tmp_path)
+    assert out.returncode == 2
+    assert one_error_line(out).startswith("error: studies.db is read-only:")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("damage", ["middle", "whole"])
+def test_corrupt_studies_db_is_named_not_the_commit(tmp_path, damage):
+    path = tmp_path / "studies.db"
+    make_studies_db(path)
+    data = bytearray(path.read_bytes())
+    if damage == "middle":  # a valid header, garbage pages
+        data[len(data) // 3: len(data) // 3 + 20000] = b"\x42" * 20000
+    else:
+        data[:] = b"not a database at all " * 100
+    path.write_bytes(bytes(data))
+    before = tree(tmp_path)
+    for cmd, args in (("run", ["--study", "precision"]), ("export", ["--study", "old", "--trial", "0", "--out", "o"])):
+        out = cli(cmd, *args, "--storage", f"sqlite:///{path}", cwd=tmp_path)
+        assert out.returncode == 2
+        line = one_error_line(out)
+        assert line.startswith("error: studies.db is not a valid SQLite database (corrupt?):"), line
+        assert "commit" not in line
+        assert tree(tmp_path) == before
+
+
+def test_read_only_is_fine_for_readers(tmp_path):
+    path = tmp_path / "studies.db"
+    make_studies_db(path)
+    url = f"sqlite:///file:{path}?mode=ro&uri=true"
+    assert optuna.get_all_study_names(storage_module.make_storage(url, writable=False)) == ["old"]
+
+
+# -- 11. nothing but a bundle is replaced; the dashboard stays on its machine and folder ------
+def test_force_never_deletes_a_folder_that_is_not_a_bundle(study, tmp_path):
+    out_dir = tmp_path / "photos"
+    out_dir.mkdir()
+    (out_dir / "holiday.jpg").write_bytes(b"\xff\xd8 precious")
+    before = tree(tmp_path)
+    out = cli("export", "--study", "space", "--trial", str(study.trial.number), "--storage", study.storage,
+              "--out", out_dir, "--force", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "is not a dse bundle" in out.stderr and "holiday.jpg" not in out.stdout
+    assert tree(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+def test_force_never_deletes_a_bundle_holding_other_files(study, tmp_path):
+    bundle = copy_bundle(study.bundle, tmp_path)
+    (bundle / "notes.txt").write_text("mine")
+    with pytest.raises(DSEError, match="does not list: notes.txt"):
+        export.export_bundle(study.storage, "space", bundle, trial=study.trial.number, force=True)
+    assert (bundle / "notes.txt").read_text() == "mine"
+
+
+def test_dashboard_listens_on_localhost_by_default():
+    code = "from streamlit import config; print(config.get_option('server.address'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "127.0.0.1"
+
+
+@pytest.mark.parametrize("name", ["/etc/dse", "../outside", "a/../../outside", "~/bundle", ".", "", " "])
+def test_bundle_path_stays_in_the_deploy_folder(tmp_path, name):
+    with pytest.raises(DSEError):
+        export.bundle_path(tmp_path / "deploy", name)
+
+
+def test_bundle_path_refuses_a_link_out_of_the_deploy_folder(tmp_path):
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "deploy" / "link").symlink_to(tmp_path)
+    assert export.bundle_path(tmp_path / "deploy", "moe/trial-3") == (tmp_path / "deploy" / "moe" / "trial-3").resolve()
+    with pytest.raises(DSEError, match="not a folder under"):
+        export.bundle_path(tmp_path / "deploy", "link/escaped")
+
+
+@pytest.fixture
+def dashboard(monkeypatch, tmp_path):
+    """The page (Streamlit's AppTest) over a demo study, started with ``-- ARGS``."""
+    pytest.importorskip("streamlit")
+    pytest.importorskip("plotly")
+    from streamlit.testing.v1 import AppTest
+    from dashboard_study import DEMO_TRIALS, write_study
+
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    write_study(url, "moe-demo", DEMO_TRIALS)
+    monkeypatch.delenv("DSE_STORAGE", raising=False)
+
+    def start(*args):
+        monkeypatch.setattr(sys, "argv", ["dashboard/app.py", "--storage", url, *map(str, args)])
+        page = AppTest.from_file(str(PROJECT_ROOT / "dashboard" / "app.py"), default_timeout=60)
+        page.run()
+        assert not page.exception, page.exception
+        return page
+
+    return start
+
+
+@pytest.mark.parametrize("name", ["/tmp/dse-evil", "../evil"])
+def test_dashboard_exports_only_under_its_deploy_folder(dashboard, tmp_path, name):
+    deploy = tmp_path / "deploy"
+    page = dashboard("--deploy-dir", deploy)
+    before = tree(tmp_path)
+    folder = next(t for t in page.text_input if t.label == "Output folder")
+    assert folder.value == "moe-demo-trial3"  # a name under the deploy folder
+    folder.set_value(name)
+    next(b for b in page.button if b.label.startswith("Export trial")).click().run()
+    assert not page.exception
+    assert any("Export refused" in e.value for e in page.error), [e.value for e in page.error]
+    assert tree(tmp_path) == before and not Path("/tmp/dse-evil").exists() and not deploy.exists()
+
+
+def test_dashboard_storage_is_fixed_at_launch_unless_allowed(dashboard):
+    page = dashboard()
+    assert [t.label for t in page.sidebar.text_input] == []  # no URL field: a visitor cannot pick a storage
+    assert page.sidebar.selectbox[0].label == "Study"  # only the studies in it
+    assert any("set at launch" in c.value for c in page.sidebar.caption)
+    page = dashboard("--allow-any-storage")
+    assert [t.label for t in page.sidebar.text_input] == ["Storage"]
+
+
+# -- what already worked, kept working ------------------------------------------------------
+@pytest.mark.parametrize("params, message", [
+    ("{precision: {choices: [fp32, int8}", "not valid YAML"),
+    ("{warp_factor: {choices: [1, 2]}}", "warp_factor"),
+])
+def test_bad_search_space_is_refused_and_nothing_written(tmp_path, params, message):
+    (tmp_path / "space.yaml").write_text(SPACE.format(checkpoint="tiny", n_trials=1, params=params))
+    out = cli("run", "--study", tmp_path / "space.yaml", "--storage", f"sqlite:///{tmp_path / 's.db'}", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and message in out.stderr and "space.yaml" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
+
+
+def test_tampered_bundle_is_refused_by_name(study, tmp_path):
+    bundle = copy_bundle(study.bundle, tmp_path)
+    data = bytearray((bundle / "weights.pt").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (bundle / "weights.pt").write_bytes(bytes(data))
+    out = cli("transcribe", bundle, study.audio[0], cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    line = one_error_line(out)
+    assert "weights.pt" in line and "does not match MANIFEST.sha256" in line
+
+
+def test_non_empty_out_without_force_is_refused(study, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "old.txt").write_text("keep me")
+    before = tree(tmp_path)
+    out = cli("export", "--study", "space", "--trial", str(study.trial.number), "--storage", study.storage,
+              "--out", out_dir, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "not empty; pass --force" in one_error_line(out)
+    assert tree(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
