@@ -24,7 +24,7 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:
@@ -249,8 +249,11 @@ def choose_limits(rows: pd.DataFrame, attrs: dict, study_name: str) -> logic.Lim
 
 
 def show_recommendation(rows: pd.DataFrame, x: str, y: str, limits: logic.Limits, recommended: Optional[int],
-                        baselines: list[int], baseline_config: Optional[dict]) -> None:
-    """The trial to ship, with its key numbers against the baseline trial (when the study has one)."""
+                        baselines: list[int], baseline_config: Optional[dict],
+                        pair_speedups: Optional[dict] = None) -> None:
+    """The trial to ship, with its key numbers against the baseline trial (when the study has one).
+    The recommendation is never a trial the baseline dominates; when nothing beats the baseline
+    within the limits, the page says so and recommends the baseline."""
     if recommended is None:
         bounds = ", ".join(f"{logic.METRICS[metric].label} ≤ {logic.format_metric(metric, bound)}"
                            for metric, bound in limits.bounds().items())
@@ -261,8 +264,16 @@ def show_recommendation(rows: pd.DataFrame, x: str, y: str, limits: logic.Limits
         return
     row = rows.set_index("trial").loc[recommended]
     base = rows.set_index("trial").loc[baselines[0]] if baselines else None
-    st.markdown(f"### Recommended: trial {recommended}")
-    st.caption(f"Lowest {logic.METRICS[x].label} within the limits (ties go to the lower WER). "
+    if baselines and recommended == baselines[0]:
+        st.markdown(f"### Recommended: trial {recommended} (the baseline)")
+        st.info("No configuration beats the baseline within the limits: none is faster than it beyond the "
+                "timing noise without the baseline dominating it. Ship the baseline, or loosen a limit.")
+    else:
+        st.markdown(f"### Recommended: trial {recommended}")
+        if baselines:
+            st.markdown(logic.against_baseline(rows, recommended, baselines[0], pair_speedups) + ".")
+    st.caption(f"Lowest {logic.METRICS[x].label} within the limits among the trials that beat the baseline "
+               "beyond the noise (ties go to the lower WER). "
                f"Changes from the baseline: {logic.describe_changes(row['config'], baseline_config)}.")
     shown = list(dict.fromkeys([x, y, "wer", "speedup", "ttft_s", "weight_mib"]))
     for column, metric in zip(st.columns(len(shown)), shown):
@@ -285,14 +296,17 @@ def front_table(front: pd.DataFrame, x: str, y: str, baseline_config: Optional[d
 
 
 def show_plot(rows: pd.DataFrame, counts: logic.TrialCounts, x: str, y: str, colour_by: str,
-              limits: logic.Limits, recommended: Optional[int], baselines: list[int]) -> Optional[int]:
+              limits: logic.Limits, recommended: Optional[int], baselines: list[int],
+              undecided: Sequence[int] = ()) -> Optional[int]:
     """The front plot with its legend in words; returns the trial clicked in the plot, if any."""
-    fig = figures.front_figure(rows, x, y, colour_by, limits, recommended, baselines)
+    fig = figures.front_figure(rows, x, y, colour_by, limits, recommended, baselines, undecided=undecided)
     event = st.plotly_chart(fig, key="front_plot", on_select="rerun", selection_mode="points",
                             config={"displaylogo": False})
     not_plotted = int((rows[x].isna() | rows[y].isna()).sum())
     notes = ["Solid points joined by the staircase: the Pareto front within the limits (nothing is both faster "
              "and more accurate). Faded: dominated. Hollow: outside the limits. ★ recommended, ◇ baseline. "
+             "Bars: 95 % intervals (WER over utterances; speed from the same-run ratio against the baseline). "
+             "Ringed: another trial looks better on both axes but not beyond the noise (undecided). "
              "Click a point to inspect it."]
     if counts.failed or counts.pruned:
         notes.append(f"{counts.failed} failed and {counts.pruned} pruned trials are not plotted "
@@ -504,10 +518,12 @@ def main() -> None:
     limits = choose_limits(rows, attrs, study_name)
     baseline_config = attrs.get("baseline_config")
     baselines = logic.baseline_trials(rows, baseline_config)
-    recommended = logic.recommend(rows, x, limits)
+    pair_speedups = attrs.get("pair_speedups")
+    recommended = logic.recommend(rows, x, limits, baselines, pair_speedups)
 
-    show_recommendation(rows, x, y, limits, recommended, baselines, baseline_config)
-    clicked = show_plot(rows, counts, x, y, colour_by, limits, recommended, baselines)
+    show_recommendation(rows, x, y, limits, recommended, baselines, baseline_config, pair_speedups)
+    undecided = logic.undecided_trials(rows, baselines[0] if baselines else None, pair_speedups)
+    clicked = show_plot(rows, counts, x, y, colour_by, limits, recommended, baselines, undecided)
 
     front = logic.pareto_front(rows[logic.feasible_mask(rows, limits)], x, y)
     with st.expander(f"Pareto front within the limits: {len(front)} trial(s)", expanded=True):

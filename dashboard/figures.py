@@ -56,13 +56,17 @@ def _front_line(front: pd.DataFrame, x: str, y: str, name: str, colour: str, das
 
 
 def front_figure(rows: pd.DataFrame, x: str, y: str, colour_by: str, limits: logic.Limits,
-                 recommended: Optional[int], baselines: Sequence[int], height_px: int = 560) -> go.Figure:
+                 recommended: Optional[int], baselines: Sequence[int], height_px: int = 560,
+                 undecided: Sequence[int] = ()) -> go.Figure:
     """Speed (``x``) against accuracy (``y``), one colour per value of the knob ``colour_by``.
 
     Points on the Pareto front within ``limits`` are solid with a dark outline and joined by a
     staircase; dominated points are faded; points outside the limits are hollow. The
     unconstrained front is dotted when the limits change it. The recommended trial is a star,
-    the baseline trials are open diamonds. Each point's ``customdata`` is its trial number.
+    the baseline trials are open diamonds. Each point carries its 95 % interval as error bars
+    where the study keeps one (:func:`logic.error_bar`); trials whose order against another the
+    timing or WER noise leaves open (``undecided``) are ringed. Each point's ``customdata`` is
+    its trial number.
     """
     plotted = rows[rows[x].notna() & rows[y].notna()]
     feasible = logic.feasible_mask(plotted, limits)
@@ -74,8 +78,14 @@ def front_figure(rows: pd.DataFrame, x: str, y: str, colour_by: str, limits: log
     labels = plotted[colour_by].map(lambda v: logic.format_knob(colour_by, v))
     for i, label in enumerate(_category_order(plotted[colour_by].tolist(), colour_by)):
         part = labels == label
+        bars = {}
+        for axis, metric in (("error_x", x), ("error_y", y)):
+            spans = logic.error_bar(plotted[part], metric)
+            if spans is not None:
+                bars[axis] = dict(type="data", symmetric=False, arrayminus=spans[0], array=spans[1],
+                                  thickness=1, width=3, color=PALETTE[i % len(PALETTE)])
         fig.add_trace(go.Scatter(
-            x=plotted.loc[part, x], y=plotted.loc[part, y], mode="markers", name=label,
+            x=plotted.loc[part, x], y=plotted.loc[part, y], mode="markers", name=label, **bars,
             customdata=plotted.loc[part, "trial"], hovertext=hover[part], hoverinfo="text",
             marker=dict(
                 color=PALETTE[i % len(PALETTE)], size=[13 if f else 10 for f in on_front[part]],
@@ -96,6 +106,11 @@ def front_figure(rows: pd.DataFrame, x: str, y: str, colour_by: str, limits: log
             x=base[x], y=base[y], mode="markers+text", name="baseline", text=["baseline"] * len(base),
             textposition="bottom center", hoverinfo="skip",
             marker=dict(symbol="diamond-open", size=20, color=FRONT_COLOUR, line=dict(width=2))))
+    open_order = plotted[plotted["trial"].isin(undecided)]
+    if len(open_order):
+        fig.add_trace(go.Scatter(
+            x=open_order[x], y=open_order[y], mode="markers", name="undecided under noise", hoverinfo="skip",
+            marker=dict(symbol="circle-open-dot", size=26, color=LIMIT_COLOUR, line=dict(width=1.5))))
     chosen = plotted[plotted["trial"] == recommended]
     if len(chosen):
         fig.add_trace(go.Scatter(

@@ -188,17 +188,90 @@ def excluded_by_limit(rows: pd.DataFrame, limits: Limits) -> dict[str, int]:
             for metric, bound in limits.bounds().items()}
 
 
-def recommend(rows: pd.DataFrame, speed: str, limits: Limits) -> Optional[int]:
+def recommend(rows: pd.DataFrame, speed: str, limits: Limits, baselines: Sequence[int] = (),
+              pair_speedups: Optional[dict] = None) -> Optional[int]:
     """The trial number to ship: the lowest ``speed`` among rows within ``limits``.
 
     Ties go to the lower WER (a measured WER before a missing one), then to the lower trial
     number. ``None`` when no row meets the limits with a measured ``speed``.
+
+    With a baseline trial (``baselines``), the recommendation is never one the baseline
+    dominates: a trial qualifies only if it is faster than the baseline beyond the timing
+    noise and the baseline does not dominate it beyond noise (:mod:`dse.search.front`); when
+    none qualifies, the baseline itself is recommended (if it meets the limits).
     """
     candidates = rows[feasible_mask(rows, limits) & rows[speed].notna()]
     if candidates.empty:
         return None
     ordered = candidates.sort_values([speed, "wer", "trial"], na_position="last")
-    return int(ordered["trial"].iloc[0])
+    base = baselines[0] if baselines else None
+    if base is None or base not in set(rows["trial"]):
+        return int(ordered["trial"].iloc[0])
+    for number in ordered["trial"]:
+        if int(number) == base or beats_baseline(rows, int(number), base, pair_speedups):
+            return int(number)
+    return base if base in set(candidates["trial"]) else None
+
+
+def _points(rows: pd.DataFrame, baseline: Optional[int]) -> dict:
+    from dse.search.front import point_from_attrs
+
+    return {int(n): point_from_attrs(int(n), a, baseline) for n, a in zip(rows["trial"], rows["attrs"])}
+
+
+def beats_baseline(rows: pd.DataFrame, trial: int, baseline: int, pair_speedups: Optional[dict] = None) -> bool:
+    """Faster than the baseline beyond noise, and not dominated by it beyond noise."""
+    from dse.search.front import BETTER, compare
+
+    points = _points(rows[rows["trial"].isin([trial, baseline])], baseline)
+    c = compare(points[trial], points[baseline], pair_speedups)
+    return c.speed == BETTER and not compare(points[baseline], points[trial], pair_speedups).dominates
+
+
+def against_baseline(rows: pd.DataFrame, trial: int, baseline: int, pair_speedups: Optional[dict] = None) -> str:
+    """``trial``'s speedup and WER difference against the baseline, each with its interval, in words."""
+    from dse.search.front import compare, describe_against_baseline
+
+    points = _points(rows[rows["trial"].isin([trial, baseline])], baseline)
+    return describe_against_baseline(compare(points[trial], points[baseline], pair_speedups), f"Trial {trial}")
+
+
+def undecided_trials(rows: pd.DataFrame, baseline: Optional[int], pair_speedups: Optional[dict] = None) -> list[int]:
+    """Trials another trial nominally dominates but not beyond the noise (:func:`dse.search.front.noisy_front`)."""
+    from dse.search.front import noisy_front
+
+    measured = rows[rows["attrs"].map(lambda a: bool((a.get("speedup") or {}).get("speedup")))]
+    if measured.empty:
+        return []
+    front = noisy_front(list(_points(measured, baseline).values()), pair_speedups)
+    return sorted({b for _, b in front.undecided})
+
+
+def error_bar(rows: pd.DataFrame, metric: str) -> Optional[tuple[list, list]]:
+    """(minus, plus) distances of each row's 95 % interval on ``metric``, where the study keeps one:
+    WER (bootstrap over utterances), mean RTF, and the speed axes derived from the same-run
+    speedup (its interval); ``None`` for metrics without one."""
+    def spans(values, intervals):
+        minus, plus = [], []
+        for v, ci in zip(values, intervals):
+            ok = ci is not None and not is_missing(v)
+            minus.append(max(0.0, v - ci[0]) if ok else 0.0)
+            plus.append(max(0.0, ci[1] - v) if ok else 0.0)
+        return minus, plus
+
+    attrs = list(rows["attrs"])
+    if metric == "wer":
+        return spans(rows["wer"], [a.get("wer_ci95") for a in attrs])
+    if metric == "rtf_mean":
+        return spans(rows["rtf_mean"], [a.get("rtf_mean_ci95") for a in attrs])
+    if metric in ("rtf_normalised", "inverse_speedup"):
+        out = []
+        for v, a in zip(rows[metric], attrs):
+            ratio = a.get("speedup") or {}
+            ci, sp = ratio.get("speedup_ci95"), ratio.get("speedup")
+            out.append(None if not ci or not sp or is_missing(v) else (v * sp / ci[1], v * sp / ci[0]))
+        return spans(rows[metric], out)
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,11 +325,14 @@ def unfinished_rows(trials: Iterable, baseline_config: Optional[dict] = None) ->
 
 
 def baseline_trials(rows: pd.DataFrame, baseline_config: Optional[dict]) -> list[int]:
-    """Numbers of the trials whose configuration equals the study's baseline (all knobs, version ignored)."""
+    """Numbers of the baseline trials: the one the study queued as its baseline first, then any
+    whose configuration equals the study's baseline (all knobs, version ignored)."""
+    queued = [int(n) for n, a in zip(rows["trial"], rows["attrs"]) if a.get("anchor") == "baseline"]
     if not baseline_config:
-        return []
+        return queued
     wanted = _config_knobs(baseline_config)
-    return [int(n) for n, config in zip(rows["trial"], rows["config"]) if _config_knobs(config) == wanted]
+    same = [int(n) for n, config in zip(rows["trial"], rows["config"]) if _config_knobs(config) == wanted]
+    return queued + [n for n in same if n not in queued]
 
 
 def describe_changes(config: dict, baseline_config: Optional[dict]) -> str:

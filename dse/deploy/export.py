@@ -128,7 +128,50 @@ def select_trial(study, trial: Optional[int] = None, pick: Optional[str] = None,
         extra = f" with {minimize} measured" if matches else ""
         raise DSEError(f"no COMPLETE trial of study {study.study_name!r} satisfies {what}{extra} "
                        f"({len(complete)} complete; {'; '.join(best)}); loosen --pick")
-    return min(ranked, key=lambda t: (t.user_attrs["metrics"][minimize], t.number))
+    ordered = sorted(ranked, key=lambda t: (t.user_attrs["metrics"][minimize], t.number))
+    base = _baseline(complete)
+    if base is None:  # a study from before baselines were trials
+        return ordered[0]
+    for t in ordered:  # never a trial the baseline dominates: it must beat the baseline beyond noise
+        if t.number == base.number or _beats(study, t, base):
+            return t
+    if base in matches:
+        return base
+    raise DSEError(f"no COMPLETE trial of study {study.study_name!r} that satisfies {','.join(map(str, conditions))} "
+                   f"beats the baseline (trial {base.number}) beyond the timing noise, and the baseline itself does "
+                   "not satisfy it; loosen --pick")
+
+
+def _baseline(trials):
+    return next((t for t in trials if t.user_attrs.get("anchor") == "baseline"), None)
+
+
+def _comparison(study, t, base):
+    from dse.search.front import compare, point_of
+
+    pairs = study.user_attrs.get("pair_speedups")
+    return compare(point_of(t, base.number), point_of(base, base.number), pairs), \
+        compare(point_of(base, base.number), point_of(t, base.number), pairs)
+
+
+def _beats(study, t, base) -> bool:
+    from dse.search.front import BETTER
+
+    ours, theirs = _comparison(study, t, base)
+    return ours.speed == BETTER and not theirs.dominates
+
+
+def pick_note(study, chosen) -> str:
+    """What ``--pick`` chose, against the baseline in words (with the intervals)."""
+    from dse.search.front import describe_against_baseline
+
+    base = _baseline(_complete_trials(study))
+    if base is None:
+        return f"picked trial {chosen.number}"
+    if chosen.number == base.number:
+        return (f"picked trial {chosen.number}, the baseline: no configuration that meets the conditions beats it "
+                "beyond the timing noise")
+    return "picked " + describe_against_baseline(_comparison(study, chosen, base)[0], f"trial {chosen.number}")
 
 
 def load_study(storage_url: str, study_name: str):
@@ -563,7 +606,7 @@ def export_bundle(storage_url: str, study_name: str, out_dir, trial: Optional[in
     study = load_study(storage_url, study_name)
     chosen = select_trial(study, trial, pick, minimize)
     if pick is not None:
-        log(f"picked trial {chosen.number} ({minimize}={chosen.user_attrs['metrics'][minimize]:.4g})")
+        log(f"{pick_note(study, chosen)} ({minimize}={chosen.user_attrs['metrics'][minimize]:.4g})")
     built, adaptation = _rebuild(study, chosen, cache_dir, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

@@ -76,15 +76,20 @@ class Comparison:
 
 def point_of(trial, baseline_number: Optional[int] = None, limits_ok: bool = True, description: str = "") -> Point:
     """The :class:`Point` of an Optuna ``FrozenTrial`` written by the study."""
-    attrs = trial.user_attrs
+    return point_from_attrs(trial.number, trial.user_attrs, baseline_number, limits_ok, description)
+
+
+def point_from_attrs(number: int, attrs: dict, baseline_number: Optional[int] = None, limits_ok: bool = True,
+                     description: str = "") -> Point:
+    """The :class:`Point` of trial ``number`` from the ``user_attrs`` the study wrote."""
     ratio = attrs.get("speedup") or {}
     speedup = float(ratio.get("speedup", float("nan")))
     lo, hi = ratio.get("speedup_ci95") or (speedup, speedup)
-    if trial.number == baseline_number:  # the reference: its speed relative to itself is 1 by definition
+    if number == baseline_number:  # the reference: its speed relative to itself is 1 by definition
         speedup, lo, hi = 1.0, 1.0, 1.0
-    return Point(trial.number, speedup, (float(lo), float(hi)), (attrs.get("metrics") or {}).get("wer"),
+    return Point(number, speedup, (float(lo), float(hi)), (attrs.get("metrics") or {}).get("wer"),
                  tuple(tuple(e) for e in attrs.get("utterance_errors") or ()), description,
-                 trial.number == baseline_number, limits_ok)
+                 number == baseline_number, limits_ok)
 
 
 def _key(a: int, b: int) -> str:
