@@ -9,14 +9,18 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
+from typing import Optional
 
 import optuna
 import pytest
 import soundfile
+import yaml
 
 from conftest import tone
 from test_export import SPACE, copy_bundle, rewrite_manifest_line
@@ -413,3 +417,89 @@ def test_non_empty_out_without_force_is_refused(study, tmp_path):
     assert out.returncode == 2
     assert "not empty; pass --force" in one_error_line(out)
     assert tree(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# -- the study command: bad spaces, counts, interruptions -----------------------------------------
+STUDY_SPACE = {"sampler": "grid", "objectives": [{"metric": "wer", "direction": "minimize"},
+                                                 {"metric": "rtf_p95", "direction": "minimize"}],
+               "fixed": {"beam_width": 1, "threads": 1}, "timing_utterances": 2, "n_trials": 2,
+               "params": {"precision": {"choices": ["fp32", "int8"]}}}
+
+
+def study_args(root: Path, space: dict, *extra, manifest: Optional[Path] = None) -> list:
+    (root / "space.yaml").write_text(yaml.safe_dump(space))
+    return ["--study", root / "space.yaml", "--storage", f"sqlite:///{root / 's.db'}",
+            "--eval-set", manifest or root / "missing.jsonl", *extra]
+
+
+@pytest.mark.parametrize("params, top, message", [
+    ({"right_context_frames": {"choices": [3]}}, {},
+     "params.right_context_frames: 3: right_context_frames=3 must be a multiple of the time-reduction stride 4"),
+    ({"adapt_steps": {"low": 8, "high": 1}}, {}, "params.adapt_steps: low 8 is above high 1; swap them"),
+    ({"beam_width": {"low": 1, "high": 4, "step": 0}}, {}, "params.beam_width.step: 0 must be a positive integer"),
+    ({"precision": {"choices": ["fp32"]}}, {"n_trials": "many"}, "n_trials: 'many' must be a whole number"),
+    ({"moe_experts": {"choices": [0, 4]}, "moe_hidden": {"choices": [4096]}}, {},
+     "params.moe_hidden: 4096: moe_hidden=4096 exceeds the dense FFN width"),
+])
+def test_a_space_value_no_trial_could_run_is_refused_before_any_trial(study, tmp_path, params, top, message):
+    space = dict(STUDY_SPACE, model=str(study.checkpoint), params=params, **top)
+    out = cli("run", *study_args(tmp_path, space, manifest=study.manifest), cwd=tmp_path)
+    assert out.returncode == 2
+    line = one_error_line(out)
+    assert "space.yaml" in line and message in line
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_a_study_in_which_every_trial_failed_exits_non_zero(tmp_path, manifest):
+    # random weights cannot give the WER objective: every trial fails, and the command says so
+    space = dict(STUDY_SPACE, model="tiny-random")
+    out = cli("run", *study_args(tmp_path, space, manifest=manifest), cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert "every trial failed" in out.stderr and "Traceback" not in out.stderr
+    trials = optuna.load_study(study_name="space", storage=f"sqlite:///{tmp_path / 's.db'}").trials
+    assert trials and all(t.state == optuna.trial.TrialState.FAIL for t in trials if t.user_attrs.get("duplicate_of") is None)
+
+
+def test_n_trials_zero_runs_nothing(study, tmp_path):
+    space = dict(STUDY_SPACE, model=str(study.checkpoint))
+    out = cli("run", *study_args(tmp_path, space, "--n-trials", "0", manifest=study.manifest), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "0 to run" in out.stderr
+    assert optuna.load_study(study_name="space", storage=f"sqlite:///{tmp_path / 's.db'}").trials == []
+    negative = cli("run", *study_args(tmp_path, space, "--n-trials", "-1", manifest=study.manifest), cwd=tmp_path)
+    assert negative.returncode == 2 and "--n-trials -1" in negative.stderr
+
+
+def test_missing_eval_set_leaves_no_study_behind(study, tmp_path):
+    space = dict(STUDY_SPACE, model=str(study.checkpoint))
+    out = cli("run", *study_args(tmp_path, space), cwd=tmp_path)
+    assert out.returncode == 2 and "missing.jsonl not found" in one_error_line(out)
+    assert not (tmp_path / "s.db").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_worker_leaves_no_trial_running_and_no_traceback(study, tmp_path, sig):
+    # long enough to be caught mid-trial: many utterances
+    manifest = write_eval_set(tmp_path / "long", ["hello world"] * 40)
+    space = dict(STUDY_SPACE, model=str(study.checkpoint), timing_utterances=40)
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), DSE_LOCK_DIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "dse.run", *map(str, study_args(tmp_path, space, manifest=manifest))],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            if any(t.state == optuna.trial.TrialState.RUNNING
+                   for t in optuna.load_study(study_name="space", storage=storage).trials):
+                break
+        except Exception:
+            continue
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    trials = optuna.load_study(study_name="space", storage=storage).trials
+    assert trials and not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    stopped = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert stopped and stopped[0].user_attrs["fail_reason"].startswith("interrupted")

@@ -167,12 +167,13 @@ def test_resume_after_killed_worker(setup):
     running = [t.number for t in load(setup).trials if t.state == TrialState.RUNNING]
     assert running, "the killed worker should leave its trial RUNNING"
     # the heartbeat grace period is long for real studies; a storage with a short one fails the stale trial
-    storage = optuna.storages.RDBStorage(setup["storage"], heartbeat_interval=1, grace_period=1,
-                                         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+    from dse.search.storage import make_storage
+    storage = make_storage(setup["storage"], heartbeat_s=1, grace_s=1)
     time.sleep(2)
     optuna.storages.fail_stale_trials(optuna.load_study(study_name="space", storage=storage))
-    states = {t.number: t.state for t in load(setup).trials}
-    assert all(states[n] == TrialState.FAIL for n in running)
+    trials = {t.number: t for t in load(setup).trials}
+    assert all(trials[n].state == TrialState.FAIL for n in running)
+    assert all(trials[n].user_attrs["fail_reason"].startswith("worker stopped responding") for n in running)
     out = _worker(setup, 3).communicate(timeout=600)[0]
     study = load(setup)
     assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 3, out

@@ -125,8 +125,49 @@ def _check_sqlite(storage, url: str, writable: bool) -> None:
             conn.rollback()
 
 
-def make_storage(url: str, *, writable: bool = True):
-    """An Optuna ``RDBStorage`` for ``url`` with heartbeats (a killed worker's trial is retried once).
+STALE_REASON = (f"worker stopped responding (no heartbeat for {GRACE_S} s: killed, or its machine went away); "
+                "the trial is retried once")
+
+
+class _StaleTrial:
+    """Optuna's retry of a trial whose worker stopped sending heartbeats, which also records why the
+    trial failed (``fail_reason``), as every other failed trial does."""
+
+    def __init__(self, retry):
+        self.retry = retry
+
+    def __call__(self, study, trial) -> None:
+        backend = getattr(study._storage, "_backend", study._storage)
+        if hasattr(backend, "record_fail_reason"):
+            backend.record_fail_reason(trial._trial_id, STALE_REASON)
+        self.retry(study, trial)
+
+
+def _rdb_storage_class():
+    """Optuna's ``RDBStorage``, able to note why a trial it has already failed failed: Optuna fails
+    a silent worker's trial before any callback runs, and refuses to annotate a finished trial."""
+    from optuna.storages import RDBStorage
+
+    class Storage(RDBStorage):
+        _annotating = False
+
+        def check_trial_is_updatable(self, trial_id, trial_state):
+            if not self._annotating:
+                super().check_trial_is_updatable(trial_id, trial_state)
+
+        def record_fail_reason(self, trial_id: int, reason: str) -> None:
+            self._annotating = True
+            try:
+                self.set_trial_user_attr(trial_id, "fail_reason", reason)
+            finally:
+                self._annotating = False
+
+    return Storage
+
+
+def make_storage(url: str, *, writable: bool = True, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S):
+    """An Optuna ``RDBStorage`` for ``url`` with heartbeats every ``heartbeat_s`` seconds (a trial
+    silent for ``grace_s`` is failed with its reason and retried once).
 
     ``writable``: check now that an SQLite file can be written (False for readers such as the
     dashboard, which may read a read-only file). Raises :class:`DSEError` (one line, password
@@ -134,7 +175,7 @@ def make_storage(url: str, *, writable: bool = True):
     """
     import optuna
     import warnings
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     check_url(url)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -143,9 +184,9 @@ def make_storage(url: str, *, writable: bool = True):
     # CREATE fails with a unique violation, and a second attempt finds the tables made.
     for attempt in range(5):
         try:
-            storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
-                                 grace_period=GRACE_S,
-                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+            storage = _rdb_storage_class()(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
+                                 grace_period=grace_s,
+                                 heartbeat_stale_trial_callback=_StaleTrial(RetryHeartbeatStaleTrialCallback(max_retry=1)))
             break
         except Exception as exc:
             if attempt < 4 and type(exc).__name__ in _RETRIED and storage_problem(url, exc) is None:
