@@ -378,6 +378,7 @@ class DevReference:
         from dse.core.build import edit_architecture
         from dse.core.rnnt import streaming_wer
 
+        config = config.resolved(self.ctx.loaded.arch) if self.ctx is not None else config
         key = _dev_errors_key(config)
         stored = dict(study.user_attrs.get("dev_measurements") or {})
         if key in stored:
