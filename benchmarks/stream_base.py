@@ -1,11 +1,25 @@
-"""Base architecture (emformer_rnnt_base, random weights), fp32: streaming speed, and int8 vs fp32.
+"""Base architecture (emformer_rnnt_base, random weights), greedy: torch vs ONNX Runtime, fp32 vs int8, compile.
 
-    python benchmarks/stream_base.py [--utterances 6] [--threads 2]
+    python benchmarks/stream_base.py [--utterances 6] [--threads 2] [--chunks 60] [--model base]
 
-Prints RTF, chunk p95 and TTFT for greedy and beam-10 decoding, then the same-run
-ratio of int8 dynamic quantisation against fp32, timed interleaved (A B, B A, ...)
-on the same utterances: first the encoder alone (per-chunk ``transcriber.infer``),
-then the whole streaming path. WER is not measured: the weights are random.
+Everything in one process, timed interleaved (the order rotates every round) on the same
+inputs, so the ratios compare like with like on a noisy machine:
+
+1. the encoder alone (per-chunk ``transcriber.infer``, state carried, after 5 warm-up chunks):
+   torch fp32, torch int8 (``quantize_dynamic``), ONNX Runtime fp32 and int8 (its dynamic
+   quantisation), each as :func:`dse.core.build.build_recognizer` builds it;
+2. the whole stream (features + encoder + search, timed as :mod:`dse.core.measure` times it, one
+   warm-up utterance each): torch fp32 with torchaudio's search (the baseline before the
+   vectorised search and the ONNX backend), torch int8 with torchaudio's search, torch int8
+   with the vectorised search, ONNX Runtime fp32 and int8 with the vectorised search;
+3. ``torch.compile`` (mode default) of the torch fp32 encoder: compile time, graphs compiled,
+   recompiles while timed, compiled vs eager per chunk, and where a chunk's time goes
+   (profile of both).
+
+RTF: compute seconds per audio second over all timed utterances (a 160 ms chunk of the base
+model is 16 frames). Ratios: medians over chunks or utterances with bootstrap 95 % intervals.
+OpenMP's wait policy is PASSIVE (set by importing dse) and ONNX Runtime does not spin: what
+a deployment on a shared machine gets. WER is not measured: the weights are random.
 """
 from __future__ import annotations
 
@@ -13,63 +27,168 @@ import argparse
 import statistics
 import time
 
+import dse  # noqa: F401  (before torch: sets OMP_WAIT_POLICY, which OpenMP reads once)
 import torch
 
+from dse.core.build import build_recognizer
 from dse.core.config import TrialConfig
-from dse.core.measure import bootstrap_ci, interleaved_speedup, load_eval_audio, machine_fingerprint, measure
+from dse.core.measure import (OtherCpuLoad, bootstrap_ci, dynamo_graphs, load_eval_audio, machine_fingerprint,
+                              stream_utterance, threading_settings)
 from dse.core.models import DEFAULT_EVAL, random_model
-from dse.core.build import apply_precision, build_recognizer
+from dse.core.stream import StreamingRecognizer
+
+WARMUP_CHUNKS = 5
 
 
-def encoder_ratio(fp32_model, int8_model, chunk_frames: int, n_chunks: int = 60) -> dict:
-    """Interleaved per-chunk encoder time, fp32 / int8, over ``n_chunks`` streamed chunks."""
-    x = torch.randn(1, chunk_frames, 80)
+def interleaved_chunks(infers: dict, chunk_frames: int, n_chunks: int, n_mels: int = 80) -> dict[str, list[float]]:
+    """Per-chunk seconds of each ``infer(x (1, chunk_frames, n_mels), lengths (1,), state)``, state
+    carried, the order rotating every chunk; the first :data:`WARMUP_CHUNKS` are not kept."""
+    gen = torch.Generator().manual_seed(0)
+    xs = torch.randn(n_chunks + WARMUP_CHUNKS, 1, chunk_frames, n_mels, generator=gen)
     length = torch.tensor([chunk_frames])
-    states = {id(fp32_model): None, id(int8_model): None}
-    times = {id(fp32_model): [], id(int8_model): []}
+    names = list(infers)
+    states = dict.fromkeys(names)
+    times: dict[str, list[float]] = {n: [] for n in names}
     with torch.inference_mode():
-        for i in range(n_chunks + 5):
-            order = (fp32_model, int8_model) if i % 2 == 0 else (int8_model, fp32_model)
-            for m in order:
+        for i, x in enumerate(xs):
+            for name in names[i % len(names):] + names[:i % len(names)]:
                 t0 = time.perf_counter_ns()
-                _, _, states[id(m)] = m.transcriber.infer(x, length, states[id(m)])
-                if i >= 5:  # warm-up chunks are not counted
-                    times[id(m)].append(time.perf_counter_ns() - t0)
-    a, b = times[id(fp32_model)], times[id(int8_model)]
-    ratios = [x / y for x, y in zip(a, b)]
-    return {"fp32_ms": statistics.median(a) / 1e6, "int8_ms": statistics.median(b) / 1e6,
-            "speedup": statistics.median(ratios), "ci95": bootstrap_ci(ratios, stat=statistics.median)}
+                _, _, states[name] = infers[name](x, length, states[name])
+                if i >= WARMUP_CHUNKS:
+                    times[name].append((time.perf_counter_ns() - t0) / 1e9)
+    return times
+
+
+def ratio(reference: list[float], candidate: list[float]) -> str:
+    """``reference / candidate`` per sample: median and bootstrap 95 % interval."""
+    r = [a / b for a, b in zip(reference, candidate)]
+    lo, hi = bootstrap_ci(r, stat=statistics.median) or (float("nan"), float("nan"))
+    return f"{statistics.median(r):5.2f}x [{lo:.2f}, {hi:.2f}]"
+
+
+def with_search(recognizer: StreamingRecognizer, search: str, temperature: float) -> StreamingRecognizer:
+    """The same deployed model and front end with another search implementation (greedy)."""
+    r = recognizer
+    return StreamingRecognizer(r.model, r.logmel, r.tokenizer, r.segment_length, r.right_context_length,
+                               beam_width=1, dtype=r.dtype, temperature=temperature, search=search)
+
+
+def profile_chunks(infer, chunk_frames: int, n_mels: int, n: int = 8, top: int = 6) -> tuple[list[tuple[str, float]], float]:
+    """Top operators by self CPU time per chunk over ``n`` steady-state chunks, and the share of GEMMs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(1)
+    xs = torch.randn(12 + n, 1, chunk_frames, n_mels, generator=gen)
+    length, state = torch.tensor([chunk_frames]), None
+    with torch.inference_mode():
+        for x in xs[:12]:  # past the left context: the steady state
+            _, _, state = infer(x, length, state)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for x in xs[12:]:
+                _, _, state = infer(x, length, state)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    gemm = sum(e.self_cpu_time_total for e in events
+               if any(k in e.key for k in ("addmm", "aten::mm", "bmm", "linear", "mkldnn", "gemm", "extern_kernels")))
+    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [(e.key[:48], e.self_cpu_time_total / 1000 / n) for e in rows], gemm / total
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--utterances", type=int, default=6, help="eval utterances to stream (default 6)")
+    p.add_argument("--utterances", type=int, default=6, help="eval utterances streamed (default 6)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--chunks", type=int, default=60, help="timed encoder chunks per configuration (default 60)")
+    p.add_argument("--model", default="base", help="architecture (default base; tiny for a quick check of the script)")
     args = p.parse_args()
+    started = time.perf_counter()
     torch.set_num_threads(args.threads)
     audio = load_eval_audio(DEFAULT_EVAL, args.utterances)
-    loaded = random_model("base")
+    audio_s = sum(w.numel() for w in audio.waveforms) / 16000
+    loaded = random_model(args.model)
     m = machine_fingerprint()
-    print(f"machine: {m['cpu_model']}, {m['cpu_count']} cores, {args.threads} threads, torch {m['torch']}")
-    print(f"audio: {len(audio.waveforms)} utterances, {sum(w.numel() for w in audio.waveforms) / 16000:.1f} s; "
-          "WER: not measured (random weights)")
-    print(f"{'config':<16} {'RTF mean':>9} {'RTF p95':>8} {'chunk p95 ms':>13} {'TTFT s':>7}")
-    for beam in (1, 10):
-        built = build_recognizer(loaded, TrialConfig(beam_width=beam, threads=args.threads))
-        r = measure(built.recognizer, audio, accuracy=False)
-        ttft = "none" if r["ttft_s"] is None else f"{r['ttft_s']:.3f}"
-        print(f"{'fp32 beam ' + str(beam):<16} {r['rtf_mean']:>9.3f} {r['rtf_p95']:>8.3f} "
-              f"{r['chunk_latency_p95_ms']:>13.1f} {ttft:>7}")
-    fp32 = apply_precision(loaded.model, "fp32")
-    int8 = apply_precision(loaded.model, "int8")
-    e = encoder_ratio(fp32, int8, 20)
-    print(f"encoder chunk, same run: fp32 {e['fp32_ms']:.1f} ms, int8 {e['int8_ms']:.1f} ms, "
-          f"int8 speedup {e['speedup']:.2f}x [95% CI {e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}]")
-    base = build_recognizer(loaded, TrialConfig(beam_width=1, threads=args.threads)).recognizer
-    q = build_recognizer(loaded, TrialConfig(beam_width=1, precision="int8", threads=args.threads)).recognizer
-    s = interleaved_speedup(q, base, audio)
-    print(f"whole stream (greedy), same run: int8 speedup over fp32 {s['speedup']:.2f}x "
-          f"[95% CI {s['speedup_ci95'][0]:.2f}, {s['speedup_ci95'][1]:.2f}], {s['samples']} utterances")
+    print(f"machine: {m['cpu_model']}, {m['cpu_count']} cores, {args.threads} threads, torch {m['torch']}, "
+          f"OMP_WAIT_POLICY {m['omp_wait_policy']}")
+    print(f"audio: {len(audio.waveforms)} utterances, {audio_s:.1f} s; greedy; WER not measured (random weights)")
+
+    configs = {"torch fp32": {}, "torch int8": {"precision": "int8"}, "ORT fp32": {"backend": "onnxruntime"},
+               "ORT int8": {"backend": "onnxruntime", "precision": "int8"}}
+    built = {}
+    for name, knobs in configs.items():
+        built[name] = build_recognizer(loaded, TrialConfig(beam_width=1, threads=args.threads, **knobs))
+        b = built[name]
+        if b.export_s is not None:
+            info = b.export_info
+            print(f"  {name}: export {b.export_s:.1f} s" + (" (export cache hit)" if info.get("hit") else "")
+                  + f", {info['bytes'] / 2**20:.0f} MiB")
+    torch.set_num_threads(args.threads)
+    t = threading_settings(built["ORT int8"].recognizer)
+    print(f"threads: torch {t['torch_threads']}, ONNX Runtime {t['ort_threads']} (spinning "
+          f"{'on' if t['ort_spinning'] else 'off'})")
+    chunk_frames = built["torch fp32"].recognizer.chunk_frames
+    chunk_audio_s = built["torch fp32"].recognizer.advance_frames * 0.01
+
+    # 1. the encoder alone
+    with OtherCpuLoad() as load:
+        enc = interleaved_chunks({n: b.recognizer.model.transcriber.infer for n, b in built.items()},
+                                 chunk_frames, args.chunks)
+    print(f"\n1. encoder alone, {args.chunks} chunks of {chunk_frames} frames ({chunk_audio_s * 1000:.0f} ms of audio), "
+          f"interleaved; other processes' load {load.other_cores:.2f} cores")
+    print(f"   {'config':<12} {'ms/chunk p50':>12} {'enc RTF':>8}   {'speedup vs torch fp32':>24}   "
+          f"{'vs torch int8':>22}")
+    for name, ts in enc.items():
+        med = statistics.median(ts)
+        print(f"   {name:<12} {med * 1000:12.2f} {med / chunk_audio_s:8.3f}   {ratio(enc['torch fp32'], ts):>24}   "
+              f"{ratio(enc['torch int8'], ts):>22}")
+
+    # 2. the whole stream
+    temperature = built["torch fp32"].config.temperature
+    streams = {
+        "torch fp32 + torchaudio search": with_search(built["torch fp32"].recognizer, "torchaudio", temperature),
+        "torch int8 + torchaudio search": with_search(built["torch int8"].recognizer, "torchaudio", temperature),
+        "torch int8 + vectorised": built["torch int8"].recognizer,
+        "ORT fp32 + vectorised": built["ORT fp32"].recognizer,
+        "ORT int8 + vectorised": built["ORT int8"].recognizer,
+    }
+    names = list(streams)
+    for rec in streams.values():
+        stream_utterance(rec, audio.waveforms[0])  # warm-up, not counted
+    per_utt: dict[str, list[float]] = {n: [] for n in names}
+    with OtherCpuLoad() as load:
+        for i, w in enumerate(audio.waveforms):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                per_utt[name].append(sum(stream_utterance(streams[name], w).chunk_compute_s))
+    base, int8_ta = per_utt[names[0]], per_utt[names[1]]
+    print(f"\n2. whole stream (features + encoder + search), {len(audio.waveforms)} utterances, interleaved; "
+          f"other processes' load {load.other_cores:.2f} cores" + (" (BUSY: absolute times are inflated)"
+                                                                  if load.warning else ""))
+    print(f"   {'config':<32} {'RTF':>6}   {'speedup vs baseline':>22}   {'vs torch int8 + torchaudio':>26}")
+    for name in names:
+        rtf = sum(per_utt[name]) / audio_s
+        print(f"   {name:<32} {rtf:6.3f}   {ratio(base, per_utt[name]):>22}   {ratio(int8_ta, per_utt[name]):>26}")
+    best = min(names, key=lambda n: sum(per_utt[n]))
+    best_rtf = sum(per_utt[best]) / audio_s
+    best_x = statistics.median([a / b for a, b in zip(int8_ta, per_utt[best])])
+    print(f"   best: {best}, RTF {best_rtf:.3f} (goal <= 0.05: {'met' if best_rtf <= 0.05 else 'NOT met'}), "
+          f"{best_x:.2f}x torch int8 + torchaudio greedy (goal >= 2x: {'met' if best_x >= 2 else 'NOT met'})")
+
+    # 3. torch.compile of the fp32 encoder
+    compiled = build_recognizer(loaded, TrialConfig(beam_width=1, threads=args.threads, compile="default"))
+    torch.set_num_threads(args.threads)
+    graphs = dynamo_graphs()
+    comp = interleaved_chunks({"eager": built["torch fp32"].recognizer.model.transcriber.infer,
+                               "compiled": compiled.recognizer.model.transcriber.infer}, chunk_frames, args.chunks)
+    recompiles = dynamo_graphs() - graphs
+    e_ms, c_ms = statistics.median(comp["eager"]) * 1000, statistics.median(comp["compiled"]) * 1000
+    print(f"\n3. torch.compile (default) of the torch fp32 encoder: compile {compiled.compile_s:.1f} s, "
+          f"{compiled.compile_graphs} graphs; {recompiles} recompiles over {args.chunks} timed chunks")
+    print(f"   eager {e_ms:.2f} ms/chunk, compiled {c_ms:.2f} ms/chunk: speedup {ratio(comp['eager'], comp['compiled'])}")
+    for label, infer in (("eager", built["torch fp32"].recognizer.model.transcriber.infer),
+                         ("compiled", compiled.recognizer.model.transcriber.infer)):
+        rows, gemm = profile_chunks(infer, chunk_frames, loaded.arch["input_dim"])
+        print(f"   profile, {label}: GEMMs {gemm:.0%} of operator self time; top operators (ms/chunk): "
+              + "; ".join(f"{k} {v:.2f}" for k, v in rows))
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -198,19 +198,20 @@ def recommend(rows: pd.DataFrame, speed: str, limits: Limits, baselines: Sequenc
     With a baseline trial (``baselines``), the recommendation is never one the baseline
     dominates: a trial qualifies only if it is faster than the baseline beyond the timing
     noise and the baseline does not dominate it beyond noise (:mod:`dse.search.front`); when
-    none qualifies, the baseline itself is recommended (if it meets the limits).
+    none qualifies, the baseline itself is recommended. A baseline outside the limits cannot
+    be shipped, so it then rules nothing out.
     """
     candidates = rows[feasible_mask(rows, limits) & rows[speed].notna()]
     if candidates.empty:
         return None
     ordered = candidates.sort_values([speed, "wer", "trial"], na_position="last")
     base = baselines[0] if baselines else None
-    if base is None or base not in set(rows["trial"]):
+    if base is None or base not in set(candidates["trial"]):  # no baseline, or one outside the limits
         return int(ordered["trial"].iloc[0])
     for number in ordered["trial"]:
         if int(number) == base or beats_baseline(rows, int(number), base, pair_speedups):
             return int(number)
-    return base if base in set(candidates["trial"]) else None
+    return base
 
 
 def _points(rows: pd.DataFrame, baseline: Optional[int]) -> dict:
@@ -356,10 +357,10 @@ def measured(rows: pd.DataFrame, metric: str) -> bool:
     return bool(rows[metric].notna().any())
 
 
-def hover_text(row: pd.Series, knobs: Sequence[str] = tuple(KNOBS), metrics: Sequence[str] = KEY_METRICS) -> str:
+def hover_text(row: pd.Series, knobs: Optional[Sequence[str]] = None, metrics: Sequence[str] = KEY_METRICS) -> str:
     """Plotly hover text (``<br>``-separated) for one row: trial number, every knob, key metrics."""
     lines = [f"<b>trial {int(row['trial'])}</b>" + (f" ({row['study']})" if row.get("study") else "")]
-    lines += [f"{k} = {format_knob(k, row[k])}" for k in knobs]
+    lines += [f"{k} = {format_knob(k, row[k])}" for k in (KNOBS if knobs is None else knobs) if k in row]
     lines += [f"{METRICS[m].label}: {format_metric(m, row[m])}" for m in metrics]
     return "<br>".join(lines)
 

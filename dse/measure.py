@@ -36,8 +36,9 @@ def _format_table(record: dict) -> str:
     rows = [
         ("model", record["model"]), ("weights", record["weights"]), ("params", fmt(record["params"])),
         ("weight MiB", fmt(record["weight_mib"])), ("precision", record["precision"]),
+        ("backend", record.get("backend", "torch")),
         ("beam width", record["beam_width"]), ("LM weight", record.get("lm_weight", 0.0)),
-        ("decoder temperature", record.get("temperature", 1.0)), ("threads", record["threads"]),
+        ("decoder temperature", record.get("temperature", 1.0)),
         ("utterances / audio", f"{record['utterances']} / {record['audio_s']:.1f} s"),
         ("RTF mean [95% CI]", f"{record['rtf_mean']:.4f} {interval(record['rtf_mean_ci95'])}"),
         ("RTF p50 / p95", f"{record['rtf_p50']:.4f} / {record['rtf_p95']:.4f}"),
@@ -45,6 +46,16 @@ def _format_table(record: dict) -> str:
                                       f"{record['chunk_latency_p99_ms']:.2f} ms"),
         ("TTFT median / p95", f"{fmt(record['ttft_s'], ' s')} / {fmt(record['ttft_p95_s'], ' s')}"),
         ("peak RSS", f"{record['peak_rss_mib']:.0f} MiB"),
+        ("build / export / compile", f"{record['build_s']:.1f} s / "
+                                     + ("not exported" if record.get("export_s") is None else
+                                        f"{record['export_s']:.1f} s" + (" (export cache hit)" if record.get(
+                                            "export_cache_hit") else "")) + " / "
+                                     + ("not compiled" if record.get("compile_s") is None else
+                                        f"{record['compile_s']:.1f} s, {record.get('compile_graphs')} graphs, "
+                                        f"{record.get('recompiles')} recompiled while timed")),
+        ("threads", _threads(record)),
+        ("other processes' load", f"{record['other_cpu_load']:.2f} cores" if record.get("other_cpu_load") is not None
+         else "not measured"),
         ("WER [95% CI]", fmt(record["wer"]) if record["wer"] is None else
          f"{record['wer']:.4f} {interval(record.get('wer_ci95'))}"),
         ("CER", fmt(record["cer"])),
@@ -57,10 +68,20 @@ def _format_table(record: dict) -> str:
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     if record.get("spread_warning"):
         lines.append(f"warning: {record['spread_warning']}")
+    if record.get("load_warning"):
+        lines.append(f"warning: {record['load_warning']}")
     if record.get("skipped"):
         lines.append(f"skipped {len(record['skipped'])} bad utterance(s):")
         lines += [f"  {s}" for s in record["skipped"]]
     return "\n".join(lines)
+
+
+def _threads(record: dict) -> str:
+    t = record.get("threading") or {}
+    text = f"{record['threads']} (torch {t.get('torch_threads', '?')}, OMP_WAIT_POLICY {t.get('omp_wait_policy', '?')}"
+    if t.get("ort_threads") is not None:
+        text += f"; ONNX Runtime {t['ort_threads']}, spinning {'on' if t['ort_spinning'] else 'off'}"
+    return text + ")"
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -101,9 +122,12 @@ def main(argv=None) -> int:
     except DSEError as exc:
         return cli_error(exc)
     record = {"model": loaded.name, "weights": loaded.weights, "params": built.params,
-              "weight_mib": built.weight_mib, "precision": config.precision, "beam_width": config.beam_width,
-              "lm_weight": config.lm_weight, "temperature": config.temperature, "threads": config.threads, "config": config.to_dict(), "machine": machine_fingerprint(),
-              "build_s": built.build_s, "compile_s": built.compile_s, **result}
+              "weight_mib": built.weight_mib, "precision": config.precision, "backend": config.backend,
+              "beam_width": config.beam_width, "lm_weight": config.lm_weight, "temperature": config.temperature,
+              "threads": config.threads, "config": config.to_dict(), "machine": machine_fingerprint(),
+              "build_s": built.build_s, "export_s": built.export_s,
+              "export_cache_hit": built.export_info.get("hit") if built.export_info else None,
+              "compile_s": built.compile_s, "compile_graphs": built.compile_graphs, **result}
     if args.json:
         record.pop("transcripts", None)
         print(json.dumps(record))

@@ -43,7 +43,7 @@ def test_version_1_configs_were_decoded_at_temperature_1():
     old = {k: v for k, v in TrialConfig().to_dict().items() if k != "temperature"}
     assert TrialConfig.from_dict(dict(old, version=1)).temperature == 1.0
     assert TrialConfig.from_dict(old).temperature == TrialConfig().temperature  # no version: the current one
-    assert TrialConfig().to_dict()["version"] == 2
+    assert TrialConfig().to_dict()["version"] == 3
 
 
 def test_accuracy_key_ignores_threads_and_compile_only():

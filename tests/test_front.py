@@ -5,10 +5,8 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-import yaml
 from optuna.trial import TrialState, create_trial
 
-from dse import run
 from dse.core import models
 from dse.core.build import edit_architecture
 from dse.core.config import TrialConfig

@@ -13,6 +13,10 @@ from dse.core.config import TrialConfig, add_config_arguments, config_from_args
 from dse.core.errors import ConfigError
 from dse.search.space import parse_space
 
+# imported before a toy knob is registered, as in a real run: its module-level baseline holds
+# only the registered knobs
+import dashboard_study  # noqa: E402,F401  (imported for that side effect)
+
 
 def scale_joiner(loaded, config):
     """The toy transform (architecture stage): scales the joiner's output layer by ``toy_gain``."""
@@ -68,7 +72,7 @@ def test_toy_knob_is_applied_by_the_build(toy_knob, tiny):
 def test_toy_knob_is_a_dashboard_column(toy_knob):
     pytest.importorskip("pandas")
     from dashboard import logic
-    from dashboard_study import TrialSpec, write_study
+    from dashboard_study import TrialSpec, write_study  # noqa: F811
 
     study = write_study(None, "toy", [TrialSpec(knobs={"toy_gain": 2.0}, wer=0.3, rtf=0.1)])
     rows = logic.trial_rows(study.get_trials(), "toy")

@@ -178,7 +178,7 @@ def test_only_bad_input_exits_two(study, tmp_path):
 # -- 5. bundles from a newer dse --------------------------------------------------------------
 @pytest.mark.parametrize("change, message", [
     ({"version": 99}, "made by a newer dse (config version 99); upgrade"),
-    ({"future_knob": 3}, "made by a newer dse (config version 2, unknown knob(s) future_knob); upgrade"),
+    ({"future_knob": 3}, "made by a newer dse (config version 3, unknown knob(s) future_knob); upgrade"),
 ])
 @pytest.mark.parametrize("cmd", ["transcribe", "verify"])
 def test_bundle_from_a_newer_dse_is_refused(study, tmp_path, change, message, cmd):

@@ -13,15 +13,24 @@ here; they run stage by stage:
    (mel window/hop), and any registered transform of that stage.
 2. ``weights``: when ``adapt_steps > 0``, fine-tuned weights for exactly this edit from the
    caller's adaptation function (the study's :class:`~dse.search.adapt.Adapter`).
-3. ``deploy``: :func:`apply_precision_knob` (bf16/fp16 weights, int8 dynamic quantisation of
-   every Linear layer, or ``amp-*`` autocast), then :func:`apply_compile` (``torch.compile``
-   of the transcriber's per-chunk ``infer``).
+3. ``deploy``: :func:`apply_backend` (for ``backend=onnxruntime`` the encoder exported to ONNX
+   from its fp32 weights, once per weights and geometry, int8 by ONNX Runtime's dynamic
+   quantisation, and run in ONNX Runtime), :func:`apply_precision_knob` (bf16/fp16 weights,
+   int8 dynamic quantisation of every Linear layer torch still runs, or ``amp-*`` autocast),
+   then :func:`apply_compile` (``torch.compile`` of the transcriber's per-chunk ``infer`` in
+   its steady state: compiled once, see :class:`SteadyStateCompiled`).
 4. ``decoder``: :func:`decoder_options` (beam width, LM fusion weight, temperature).
 5. ``runtime``: :func:`apply_threads` before anything is timed.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import hashlib
+import json
+import logging
+import math
 import time
 from typing import Callable, Optional
 
@@ -41,6 +50,15 @@ class TrialFailed(DSEError):
 
 @dataclasses.dataclass
 class Built:
+    """A built recognizer and what building it cost.
+
+    ``build_s``: seconds of the build, the encoder's ONNX export excluded (``export_s``);
+    ``compile_s``: seconds of the compiling warm-up (``None``: not compiled), in which
+    ``compile_graphs`` graphs were compiled; ``export_s``: seconds this build spent exporting
+    (and quantising) the encoder for ``backend=onnxruntime`` (0 on an export-cache hit; ``None``
+    for torch), with the details in ``export_info`` (``hit``, ``path``, ``key``, ``bytes``,
+    ``precision``, ``original_export_s`` on a hit, ...).
+    """
     recognizer: StreamingRecognizer
     loaded: LoadedModel          # the edited model before precision/compile (fp32)
     config: TrialConfig          # resolved: geometry filled in
@@ -49,6 +67,9 @@ class Built:
     build_s: float
     compile_s: Optional[float]
     adapt_info: dict
+    export_s: Optional[float] = None
+    export_info: dict = dataclasses.field(default_factory=dict)
+    compile_graphs: Optional[int] = None
 
 
 # -- architecture stage ---------------------------------------------------------------------
@@ -144,21 +165,135 @@ def apply_adaptation(edited: LoadedModel, config: TrialConfig,
 
 
 # -- deploy stage ---------------------------------------------------------------------------
+def encoder_identity(model: torch.nn.Module) -> str:
+    """SHA-256 of the encoder's weights (its state dict, names and bytes): which weights an exported
+    encoder holds, whether they came from a checkpoint, a random seed or an adaptation."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.transcriber.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def encoder_cache_key(model: torch.nn.Module, config: TrialConfig) -> str:
+    """The export cache's key for ``model``'s encoder under ``config`` (resolved geometry): the
+    configuration's weights key, the geometry (segment and right context, left context, memory,
+    layers, width) and the model identity (:func:`encoder_identity`). Configurations that leave
+    weights and geometry alone share one export."""
+    emformer = model.transcriber.transformer
+    geometry = {"segment_frames": config.segment_frames, "right_context_frames": config.right_context_frames,
+                "left_context": emformer.left_context_length, "memory": emformer.max_memory_size,
+                "layers": len(emformer.emformer_layers), "dim": emformer.emformer_layers[0].input_dim}
+    material = json.dumps({"weights_key": config.weights_key(), "geometry": geometry,
+                           "model": encoder_identity(model)}, sort_keys=True)
+    return (f"emformer-L{geometry['layers']}-D{geometry['dim']}-s{config.segment_frames}r{config.right_context_frames}"
+            f"-{hashlib.sha256(material.encode()).hexdigest()[:20]}")
+
+
+def apply_backend(model: torch.nn.Module, config: TrialConfig, cache_dir=None) -> torch.nn.Module:
+    """For ``backend=onnxruntime``, a shallow copy of ``model`` whose encoder runs in ONNX Runtime.
+
+    The encoder is exported from ``model``'s fp32 weights (int8: ONNX Runtime's dynamic
+    quantisation of that export) through :func:`dse.core.onnx_encoder.encoder_onnx`, cached by
+    :func:`encoder_cache_key` under ``cache_dir`` (default ``$DSE_ONNX_CACHE`` or
+    ``~/.cache/dse/onnx``). The session's intra-op threads are ``config.threads``; spinning
+    is off (see :class:`~dse.core.onnx_encoder.OrtTranscriber`). What the export cost is on
+    the transcriber's ``export_info``. A model the exporter refuses (a mixture of experts)
+    raises :class:`TrialFailed` with the exporter's reason: never a silent fall-back to torch.
+    """
+    if config.backend == "torch":
+        return model
+    from dse.core import onnx_encoder
+
+    chunk_frames = config.segment_frames + config.right_context_frames
+    key = encoder_cache_key(model, config)
+    try:
+        path, info = onnx_encoder.encoder_onnx(model, chunk_frames, config.precision, cache_dir=cache_dir, key=key)
+        deployed = onnx_encoder.use_onnx_encoder(model, path, threads=config.threads, spinning=False)
+    except onnx_encoder.BackendError as exc:
+        raise TrialFailed(f"backend onnxruntime cannot run this configuration: {exc}") from exc
+    deployed.transcriber.export_info = dict(info, path=str(path), key=key)
+    return deployed
+
+
 def apply_precision_knob(model: torch.nn.Module, config: TrialConfig) -> torch.nn.Module:
     """The deployed form for ``config.precision`` (a copy: the fp32 model stays usable)."""
     return apply_precision(model, config.precision)
 
 
+def _whole_state(state: list) -> tuple:
+    """``_EmformerLayer._unpack_state`` once the left context and memory are full: the whole
+    slots ``(memory, lc_key, lc_val)``, with no ``past_length.item()`` for dynamo to specialise on."""
+    return state[0], state[1], state[2]
+
+
+def full_state_view(transcriber: torch.nn.Module) -> torch.nn.Module:
+    """A view of ``transcriber`` (parameters shared, nothing copied) whose Emformer layers unpack
+    their state whole (:func:`_whole_state`): what ``infer`` computes once the state is full.
+
+    torchaudio's ``_EmformerLayer._unpack_state`` (private; this is the one place that replaces
+    it) reads ``past_length`` with ``.item()`` and slices the state by it: a Python int that
+    changes every chunk, on which ``torch.compile`` specialises and recompiles each chunk until
+    its recompile limit, after which it runs eagerly. Once ``past_length`` reaches
+    :func:`full_state_frames` the slices are the whole slots, so this view computes the same.
+    """
+    view = copy.copy(transcriber)
+    view._modules = dict(transcriber._modules)
+    emformer = copy.copy(transcriber.transformer)
+    emformer._modules = dict(emformer._modules)
+    layers = []
+    for layer in transcriber.transformer.emformer_layers:
+        twin = copy.copy(layer)
+        object.__setattr__(twin, "_unpack_state", _whole_state)
+        layers.append(twin)
+    emformer.emformer_layers = torch.nn.ModuleList(layers)
+    view.transformer = emformer
+    return view
+
+
+def full_state_frames(transcriber: torch.nn.Module) -> int:
+    """``past_length`` (frames after time reduction) from which every layer's left context and
+    memory are full: ``max(left context, memory slots x segment)``."""
+    emformer = transcriber.transformer
+    return max(emformer.left_context_length, emformer.max_memory_size * emformer.segment_length)
+
+
+class SteadyStateCompiled:
+    """``transcriber.infer`` compiled once for the steady state, eager while the state fills.
+
+    The first ``ceil(full_state_frames / segment)`` chunks of a stream (the left context and
+    memory filling) run eagerly; every later chunk runs one compiled :func:`full_state_view`
+    (``dynamic=False``: its shapes no longer change). Compiling ``infer`` as it is recompiles on
+    every chunk (the past length is a new Python int each time) until dynamo gives up and runs
+    it eagerly. Graph breaks remain where torchaudio reads ``lengths`` with ``.item()`` (the
+    padding mask, the key slicing): a fixed set of graphs, compiled on the first full chunk.
+    """
+
+    def __init__(self, transcriber: torch.nn.Module, mode: str):
+        self.eager = transcriber.infer
+        self.full_at = full_state_frames(transcriber)
+        segment = transcriber.transformer.segment_length
+        self.chunks_to_steady = math.ceil(self.full_at / segment) + 1  # the first compiled chunk included
+        kwargs = {} if mode == "default" else {"mode": mode}
+        self.compiled = torch.compile(full_state_view(transcriber).infer, dynamic=False, **kwargs)
+
+    def __call__(self, input: torch.Tensor, lengths: torch.Tensor, states=None):
+        if states is not None and int(states[0][3][0, 0]) >= self.full_at:
+            return self.compiled(input, lengths, states)
+        return self.eager(input, lengths, states)
+
+
 def apply_compile(model: torch.nn.Module, config: TrialConfig) -> torch.nn.Module:
-    """``torch.compile`` of the transcriber's per-chunk ``infer`` (in place), for ``config.compile != "off"``."""
+    """``torch.compile`` of the transcriber's per-chunk ``infer`` (in place), for ``config.compile != "off"``:
+    compiled once for the steady state (:class:`SteadyStateCompiled`)."""
     if config.compile != "off":
-        kwargs = {} if config.compile == "default" else {"mode": config.compile}
-        model.transcriber.infer = torch.compile(model.transcriber.infer, dynamic=False, **kwargs)
+        model.transcriber.infer = SteadyStateCompiled(model.transcriber, config.compile)
     return model
 
 
 def deploy(model: torch.nn.Module, config: TrialConfig) -> torch.nn.Module:
-    """Every ``deploy``-stage transform: precision, then compile."""
+    """Every ``deploy``-stage transform: the encoder's backend, precision, then compile."""
     for transform in transforms_at("deploy"):
         model = transform.function()(model, config)
     return model
@@ -180,7 +315,13 @@ def decoder_options(config: TrialConfig, lm_path: Optional[str] = None, lm=None)
 
 
 def apply_threads(config: TrialConfig) -> None:
-    """Intra-op threads for the timed run."""
+    """Intra-op threads for the timed run: torch's (OpenMP, MKL, oneDNN) to ``config.threads``.
+
+    An ONNX Runtime encoder got the same count when its session was made (:func:`apply_backend`).
+    OpenMP's wait policy cannot change once torch is loaded: importing ``dse`` first sets
+    ``OMP_WAIT_POLICY=PASSIVE`` unless the environment says otherwise, and
+    :func:`dse.core.measure.threading_settings` records what a run used.
+    """
     torch.set_num_threads(config.threads)
 
 
@@ -195,19 +336,45 @@ def assemble(deployed: torch.nn.Module, logmel, tokenizer, config: TrialConfig, 
                                autocast_dtype=AUTOCAST.get(config.precision), **options)
 
 
+@contextlib.contextmanager
+def _quiet_compile():
+    """Compile's expected warnings (the graph breaks at torchaudio's ``.item()`` calls, no CUDA) kept
+    off the console; errors still raise."""
+    loggers = [logging.getLogger(n) for n in ("torch._dynamo", "torch._inductor", "torch.utils.cpp_extension")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def warm_compile(recognizer: StreamingRecognizer, config: TrialConfig, sample_rate: int,
-                 warmup_audio: Optional[torch.Tensor] = None) -> Optional[float]:
-    """For a compiled configuration, stream one warm-up utterance (``warmup_audio`` or 2 s
-    of silence) so that compilation happens here; returns its seconds (``None`` when not compiled)."""
+                 warmup_audio: Optional[torch.Tensor] = None) -> tuple[Optional[float], Optional[int]]:
+    """For a compiled configuration, stream one warm-up utterance so that compilation happens
+    here: ``warmup_audio`` when it reaches the steady state (:class:`SteadyStateCompiled`), else
+    silence long enough to (at least 2 s). Returns ``(seconds, graphs compiled)``, ``(None, None)``
+    when not compiled."""
     if config.compile == "off":
-        return None
+        return None, None
+    from dse.core.measure import dynamo_graphs  # here: the runtime, which never warms, does not load measure
+
+    infer = recognizer.model.transcriber.infer
+    chunks = getattr(infer, "chunks_to_steady", 1) + 1
+    needed = recognizer.logmel.config.samples_for_frames(chunks * recognizer.advance_frames + recognizer.chunk_frames)
+    needed = max(needed, 2 * sample_rate)
+    audio = warmup_audio if warmup_audio is not None and warmup_audio.numel() >= needed else torch.zeros(needed)
+    graphs = dynamo_graphs()
     t1 = time.perf_counter()
     try:
-        recognizer.transcribe(warmup_audio if warmup_audio is not None else torch.zeros(2 * sample_rate))
+        with _quiet_compile():
+            recognizer.transcribe(audio)
     except Exception as exc:
         raise TrialFailed(f"torch.compile(mode={config.compile}) failed: {type(exc).__name__}: "
                           f"{str(exc)[:500]}") from exc
-    return time.perf_counter() - t1
+    return time.perf_counter() - t1, dynamo_graphs() - graphs
 
 
 def build_recognizer(loaded: LoadedModel, config: TrialConfig,
@@ -215,9 +382,10 @@ def build_recognizer(loaded: LoadedModel, config: TrialConfig,
                      warmup_audio: Optional[torch.Tensor] = None) -> Built:
     """Apply every transform of ``config`` to ``loaded``; ``adapt_fn`` supplies adapted weights.
 
-    With ``compile`` on, one warm-up utterance (``warmup_audio`` or 2 s of silence) is
-    streamed here so that the compile time is measured as ``compile_s``, apart from
-    the timed run.
+    With ``compile`` on, one warm-up utterance (``warmup_audio`` or silence, :func:`warm_compile`)
+    is streamed here so that the compile time is measured as ``compile_s``, apart from
+    the timed run. With ``backend=onnxruntime`` the encoder's export (or export-cache hit) is
+    timed as ``export_s``, apart from ``build_s``.
     """
     t0 = time.perf_counter()
     edited = edit_architecture(loaded, config)
@@ -225,7 +393,10 @@ def build_recognizer(loaded: LoadedModel, config: TrialConfig,
     edited, adapt_info = apply_adaptation(edited, cfg, adapt_fn)
     deployed = deploy(edited.model, cfg)
     rec = assemble(deployed, edited.logmel(), edited.tokenizer, cfg, lm_path=edited.lm_path)
-    build_s = time.perf_counter() - t0
-    compile_s = warm_compile(rec, cfg, edited.features.sample_rate, warmup_audio)
-    return Built(rec, edited, cfg, sum(p.numel() for p in edited.model.parameters()), weight_mib(deployed),
-                 build_s, compile_s, adapt_info)
+    export_info = dict(getattr(deployed.transcriber, "export_info", None) or {})
+    export_s = export_info.get("export_s", 0.0) + export_info.get("quantize_s", 0.0) if export_info else None
+    build_s = time.perf_counter() - t0 - (export_s or 0.0)
+    compile_s, graphs = warm_compile(rec, cfg, edited.features.sample_rate, warmup_audio)
+    mib = weight_mib(deployed) + export_info.get("bytes", 0) / 2**20  # an ONNX encoder's weights are in its file
+    return Built(rec, edited, cfg, sum(p.numel() for p in edited.model.parameters()), mib,
+                 build_s, compile_s, adapt_info, export_s=export_s, export_info=export_info, compile_graphs=graphs)

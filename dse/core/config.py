@@ -10,10 +10,16 @@ import json
 from typing import Any, Optional
 
 from dse.core.errors import ConfigError
-from dse.core.knobs import (COMPILE_MODES, DEFAULT_LM_WEIGHT, DEFAULT_TEMPERATURE, KNOBS, PRECISIONS,  # noqa: F401  (re-exported)
-                            accuracy_knobs, default_lm_weight, weight_knobs)
+from dse.core.knobs import (BACKENDS, COMPILE_MODES, DEFAULT_LM_WEIGHT, DEFAULT_TEMPERATURE, KNOBS,  # noqa: F401
+                            ONNXRUNTIME_PRECISIONS, PRECISIONS, accuracy_knobs, default_lm_weight,  # (re-exported)
+                            weight_knobs)
 
-CONFIG_VERSION = 2  # 2: the decoder temperature (version-1 configs decoded at 1.0)
+# 2: the decoder temperature (version-1 configs decoded at 1.0); 3: the encoder backend
+# (version-2 configs ran torch, the default).
+CONFIG_VERSION = 3
+# Content keys (TrialConfig.key) are those of version 2 for every configuration version 2 could
+# express: a knob added later (Knob.since > KEY_BASE_VERSION) is left out while at its default.
+KEY_BASE_VERSION = 2
 
 
 def fill_defaults(values: dict, has_lm: bool) -> dict:
@@ -99,6 +105,13 @@ class TrialConfig:
                               "(frames would skip audio)")
         if self.precision.startswith("amp") and self.compile != "off":
             raise ConfigError(f"precision={self.precision} (autocast) cannot be combined with compile={self.compile}")
+        if self.backend == "onnxruntime":
+            if self.precision not in ONNXRUNTIME_PRECISIONS:
+                raise ConfigError(f"precision {self.precision} is not available with backend onnxruntime; "
+                                  f"use {' or '.join(ONNXRUNTIME_PRECISIONS)}")
+            if self.compile != "off":
+                raise ConfigError(f"compile {self.compile} is not available with backend onnxruntime (torch.compile "
+                                  "compiles torch's encoder; ONNX Runtime optimises its own graph); use compile off")
 
     def validate_for(self, arch: dict) -> None:
         """Checks that depend on the model: stride multiples and the expert hidden dim."""
@@ -139,10 +152,28 @@ class TrialConfig:
     def from_json(cls, text: str) -> "TrialConfig":
         return cls.from_dict(json.loads(text))
 
+    def key_values(self) -> dict:
+        """What the content keys hash: the values with every knob introduced after config version
+        :data:`KEY_BASE_VERSION` left out while it is at its default (``Knob.since``), and as
+        ``version`` the oldest configuration version that expresses them. A configuration that
+        version 2 could express therefore keeps the key it had then (``TrialConfig().key()``
+        included), so studies' reuse keys and the adaptation and export caches stay valid."""
+        out, version = {}, KEY_BASE_VERSION
+        for name, value in self._values.items():
+            spec = KNOBS[name]
+            if spec.since > KEY_BASE_VERSION:
+                if value == spec.default:
+                    continue
+                version = max(version, spec.since)
+            out[name] = value
+        out["version"] = version
+        return out
+
     def key(self, fields=None) -> str:
-        """Content hash of ``fields`` (all by default): names results determined by them."""
-        d = self.to_dict()
-        picked = {k: d[k] for k in (fields or sorted(d))}
+        """Content hash of ``fields`` (all by default): names results determined by them
+        (see :meth:`key_values` for which values take part)."""
+        d = self.key_values()
+        picked = {k: d[k] for k in (fields or sorted(d)) if k in d}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
     def accuracy_key(self) -> str:

@@ -12,8 +12,8 @@ registry stays light), at one :data:`STAGES` stage of :func:`dse.core.build.buil
 * ``architecture``: ``apply(loaded: LoadedModel, config) -> LoadedModel``, fp32 edits before
   the weights are adapted (right context, segment, MoE, mel frame);
 * ``weights``: adaptation (``adapt_steps``; the build calls the study's adaptation function);
-* ``deploy``: ``apply(model: nn.Module, config) -> nn.Module`` after adaptation (precision,
-  then ``torch.compile``);
+* ``deploy``: ``apply(model: nn.Module, config) -> nn.Module`` after adaptation (the encoder's
+  backend, on the fp32 weights it exports from; precision; then ``torch.compile``);
 * ``decoder``: ``apply(config, loaded) -> dict`` of keyword arguments of the
   :class:`~dse.core.stream.StreamingRecognizer` (beam width, LM weight, temperature);
 * ``runtime``: ``apply(config) -> None`` before the timed pass (threads).
@@ -32,6 +32,8 @@ STAGES = ("architecture", "weights", "deploy", "decoder", "runtime")
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "amp-bf16", "amp-fp16")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+BACKENDS = ("torch", "onnxruntime")
+ONNXRUNTIME_PRECISIONS = ("fp32", "int8")  # what dse.core.onnx_encoder exports (int8: ORT dynamic quantisation)
 
 # The beam search's temperature: the embedded default's beam search finds better
 # transcripts on a flattened distribution (chosen on the adapt split; MODEL_CARD.md).
@@ -57,6 +59,10 @@ class Knob:
     ``fill``: for a knob whose default depends on the model and the other knobs,
     ``fill(values: dict, has_lm: bool) -> value`` (called when the value is unset or ``None``).
     ``fmt``: how a value is shown to people (``str`` when not given).
+    ``since``: the configuration version (:data:`dse.core.config.CONFIG_VERSION`) that
+    introduced the knob. A knob added after version 2 is left out of the configuration's
+    content keys while it is at its default, so the keys of every configuration that could be
+    written before it existed (studies' reuse keys, adaptation and export caches) stay valid.
     """
     name: str
     kind: str
@@ -70,6 +76,7 @@ class Knob:
     flag: Optional[str] = None
     fill: Optional[Callable[[dict, bool], Any]] = None
     fmt: Optional[Callable[[Any], str]] = None
+    since: int = 1
     transform: str = ""
 
     @property
@@ -171,6 +178,15 @@ TRANSFORMS: list[Transform] = [
         Knob("adapt_steps", "int", 0, "fine-tuning steps on the adapt split after architecture edits",
              range=(0, 100000), weights=True),
     ), doc="fine-tuning of edited weights on the adapt split (dse.search.adapt)"),
+    # Listed last, so the older knobs keep their places in CLI help and tables; applied first
+    # in the deploy stage (order 5): the exporter takes the fp32 weights (ONNX Runtime
+    # quantises int8 itself), then the precision transform casts or quantises what torch runs.
+    Transform("backend", "deploy", "dse.core.build:apply_backend", order=5, knobs=(
+        Knob("backend", "str", "torch", "what runs the encoder: torch, or onnxruntime (the encoder exported to "
+             "ONNX once per weights and geometry, fp32 or int8 by --precision; its intra-op threads follow "
+             "--threads); the predictor, joiner and search stay in torch", choices=BACKENDS, since=3),
+    ), doc="the encoder's inference engine: torch, or ONNX Runtime (dse.core.onnx_encoder); int8 ONNX Runtime "
+           "quantises differently from torch's int8, so it is part of the accuracy key"),
 ]
 
 KNOBS: dict[str, Knob] = {}

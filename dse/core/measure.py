@@ -22,6 +22,14 @@ Definitions (units in the names):
   counted in ``ttft_missing``.
 * ``peak_rss_mib``: the process's peak resident set size during the timed pass (sampled
   every 20 ms); ``rss_delta_mib``: its growth over the resident size before the pass.
+* ``other_cpu_load``: cores other processes kept busy during the timed pass (the system's
+  busy CPU time minus this process's own, over the pass's wall time); above
+  :data:`LOAD_WARN_CORES` the pass comes with a ``load_warning``: on a 2-core machine one
+  busy neighbour can make a chunk 30x slower, not 30 % (spinning OpenMP threads wait for
+  a core that is not there).
+* ``recompiles``: graphs ``torch.compile`` compiled during the timed pass (0: the compiled
+  encoder reused its warm-up graphs; more means compile time inside the timings).
+* ``threading``: the threads and wait policies the pass ran with (:func:`threading_settings`).
 * ``wer``/``cer``: jiwer over the whole eval set; ``None`` ("not measured") when the
   weights are random. ``wer_ci95`` is a bootstrap 95 % interval over utterances
   (resampling whole utterances, errors and reference words together; ``None`` for a
@@ -38,6 +46,8 @@ import os
 import platform
 import random
 import statistics
+import sys
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -45,6 +55,9 @@ import torch
 from dse.core.errors import DSEError
 
 SPREAD_WARN_RATIO = 0.25
+LOAD_WARN_CORES = 0.25  # other processes' CPU use during a timed pass, in cores, above which it is flagged
+# libgomp's behaviour when OMP_WAIT_POLICY is unset (what torch's threads do then)
+OMP_DEFAULT_POLICY = "unset (libgomp default: spin ~300,000 iterations, then sleep)"
 
 
 def percentile(values: Sequence[float], q: float) -> Optional[float]:
@@ -94,7 +107,66 @@ def machine_fingerprint() -> dict:
         pass
     return {"cpu_model": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "torchaudio": torchaudio.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+            "python": platform.python_version(), "platform": platform.platform(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or OMP_DEFAULT_POLICY}
+
+
+def threading_settings(recognizer=None) -> dict:
+    """The threads and wait policies a timed pass runs with.
+
+    ``torch_threads``: ``torch.get_num_threads()``; ``omp_wait_policy``: ``OMP_WAIT_POLICY`` as
+    the process has it (libgomp reads it once, when torch loads: importing ``dse`` before
+    torch sets ``PASSIVE`` unless it is set); ``ort_threads`` and ``ort_spinning``: the intra-op
+    threads and spinning of an ONNX Runtime encoder (``None`` for a torch encoder).
+    """
+    transcriber = getattr(getattr(recognizer, "model", None), "transcriber", None)
+    ort = hasattr(transcriber, "session")
+    return {"torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or OMP_DEFAULT_POLICY,
+            "ort_threads": transcriber.threads if ort else None,
+            "ort_spinning": transcriber.spinning if ort else None}
+
+
+class OtherCpuLoad:
+    """Cores that other processes kept busy while in a ``with`` block (psutil).
+
+    ``other_cores`` = (the system's busy CPU seconds - this process's CPU seconds) / wall seconds;
+    busy is user + nice + system + irq + softirq + steal (a hypervisor's stolen time is a
+    neighbour too). The counters tick every 10 ms, so a block of under a second reads to a
+    few hundredths of a core.
+    """
+
+    def __init__(self):
+        import psutil
+
+        self._psutil = psutil
+        self._process = psutil.Process()
+        self.other_cores = 0.0
+        self.wall_s = 0.0
+
+    def _busy_s(self) -> float:
+        t = self._psutil.cpu_times()
+        return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+    def _own_s(self) -> float:
+        t = self._process.cpu_times()
+        return t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
+
+    def __enter__(self) -> "OtherCpuLoad":
+        self._busy0, self._own0, self._t0 = self._busy_s(), self._own_s(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall_s = time.perf_counter() - self._t0
+        other = (self._busy_s() - self._busy0) - (self._own_s() - self._own0)
+        self.other_cores = max(0.0, other) / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def warning(self) -> Optional[str]:
+        if self.other_cores <= LOAD_WARN_CORES:
+            return None
+        return (f"the machine was busy: another process used {self.other_cores:.2f} cores during the timed pass; "
+                "time again on a quiet machine")
 
 
 class RssSampler:
@@ -246,6 +318,15 @@ def paired_wer_difference(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, i
     return diff(triples), lo, hi
 
 
+def dynamo_graphs() -> int:
+    """Graphs torch.compile has compiled in this process (0 before dynamo is loaded)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def measure(recognizer, audio: EvalAudio, accuracy: bool = True, warmup: bool = True,
             progress: bool = False) -> dict:
     """Time ``recognizer`` on every utterance of ``audio``; score its transcripts when ``accuracy``."""
@@ -256,9 +337,11 @@ def measure(recognizer, audio: EvalAudio, accuracy: bool = True, warmup: bool = 
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc="streaming", unit="utt", leave=False)
-    with RssSampler() as rss:
+    graphs = dynamo_graphs()
+    with RssSampler() as rss, OtherCpuLoad() as load:
         for i in it:
             timings.append(stream_utterance(recognizer, audio.waveforms[i], audio.ids[i]))
+    recompiles = dynamo_graphs() - graphs
     rtfs = [t.rtf for t in timings]
     chunks_ms = [c * 1000 for t in timings for c in t.chunk_compute_s]
     ttfts = [t.ttft_s for t in timings if t.ttft_s is not None]
@@ -274,6 +357,8 @@ def measure(recognizer, audio: EvalAudio, accuracy: bool = True, warmup: bool = 
         "ttft_missing": len(timings) - len(ttfts),
         "peak_rss_mib": rss.peak_mib, "rss_delta_mib": rss.delta_mib, "skipped": audio.skipped,
         "wer": None, "cer": None, "wer_ci95": None, "wer_by_slice": {},
+        "other_cpu_load": load.other_cores, "load_warning": load.warning, "recompiles": recompiles,
+        "threading": threading_settings(recognizer),
     }
     result["spread_warning"] = (
         f"RTF 95% interval [{rtf_ci[0]:.4f}, {rtf_ci[1]:.4f}] is wider than {SPREAD_WARN_RATIO:.0%} of the mean "

@@ -272,7 +272,13 @@ class OrtTranscriber(torch.nn.Module):
 
     A subclass of ``torch.nn.Module`` only so that it can sit in an RNNT model's
     ``transcriber`` slot; it has no parameters and only supports streaming ``infer``.
+    ``copy.deepcopy`` shares it (the session holds no stream state: that goes in and comes
+    out of :meth:`infer`), so the precision transform can copy a model that holds one.
+    ``export_info``: what the build recorded about the export (:func:`dse.core.build.apply_backend`).
     """
+
+    export_info: Optional[dict] = None
+    _carried = None  # (the state last returned, slot by slot; its stacked arrays)
 
     def __init__(self, path, threads: int = 1, spinning: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -308,6 +314,9 @@ class OrtTranscriber(torch.nn.Module):
         self.left_context = left
         self.memory_size = inputs["memory"].shape[1] if self.use_memory else 0
 
+    def __deepcopy__(self, memo) -> "OrtTranscriber":
+        return self
+
     def initial_state(self) -> List[List[torch.Tensor]]:
         """The zero state, as ``_EmformerLayer._init_state`` makes it (batch 1), from the graph's shapes."""
         def layer():
@@ -338,17 +347,27 @@ class OrtTranscriber(torch.nn.Module):
         feeds = {
             "input": input.detach().to(torch.float32).cpu().numpy(),
             "lengths": lengths.detach().to(torch.int64).cpu().numpy().reshape(1),
-            "lc_key": np.stack([s[1].detach().float().cpu().numpy() for s in states]),
-            "lc_val": np.stack([s[2].detach().float().cpu().numpy() for s in states]),
-            "past_length": np.stack([s[3].detach().to(torch.int32).cpu().numpy() for s in states]),
         }
-        if self.use_memory:
-            feeds["memory"] = np.stack([s[0].detach().float().cpu().numpy() for s in states])
+        carried = self._carried  # one read: another stream may replace it
+        if carried is not None and _same_slots(states, carried[0]):
+            feeds.update(carried[1])  # the state this session returned last: its stacked arrays, not copies
+        else:
+            feeds.update({
+                "lc_key": np.stack([s[1].detach().float().cpu().numpy() for s in states]),
+                "lc_val": np.stack([s[2].detach().float().cpu().numpy() for s in states]),
+                "past_length": np.stack([s[3].detach().to(torch.int32).cpu().numpy() for s in states]),
+            })
+            if self.use_memory:
+                feeds["memory"] = np.stack([s[0].detach().float().cpu().numpy() for s in states])
         outs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
         key, val, past = (torch.from_numpy(outs[n]) for n in ("next_lc_key", "next_lc_val", "next_past_length"))
         mem = torch.from_numpy(outs["next_memory"]) if self.use_memory else None
         empty = torch.zeros(0, 1, self.dim)
         new_states = [[mem[i] if mem is not None else empty, key[i], val[i], past[i]] for i in range(self.num_layers)]
+        stacked = {"lc_key": outs["next_lc_key"], "lc_val": outs["next_lc_val"], "past_length": outs["next_past_length"]}
+        if self.use_memory:
+            stacked["memory"] = outs["next_memory"]
+        self._carried = ([list(layer) for layer in new_states], stacked)
         output = torch.from_numpy(outs["output"])
         if output.dtype != self.dtype:
             output = output.to(self.dtype)
@@ -356,6 +375,13 @@ class OrtTranscriber(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"path={str(self.path)!r}, threads={self.threads}, spinning={self.spinning}"
+
+
+def _same_slots(states: List[List[torch.Tensor]], previous: List[List[torch.Tensor]]) -> bool:
+    """Whether ``states`` holds exactly the tensor objects of ``previous`` (a state handed back unchanged:
+    its tensors are views of the arrays the session returned, so those arrays are its stacked form)."""
+    return len(states) == len(previous) and all(
+        len(a) == len(b) and all(x is y for x, y in zip(a, b)) for a, b in zip(states, previous))
 
 
 def use_onnx_encoder(model, session_path, threads: int, spinning: bool = False):

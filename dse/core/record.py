@@ -48,6 +48,8 @@ METRICS: dict[str, Metric] = {
     "weight_mib": Metric("weights", "mib", "weights in their deployed form"),
     "params": Metric("parameters", "count", "parameter count"),
     "compile_s": Metric("compile time", "s", "torch.compile time before the first chunk", missing="not compiled"),
+    "export_s": Metric("export time", "s", "ONNX export (and int8 quantisation) of the encoder for backend "
+                       "onnxruntime, in this trial's build; 0 when the export cache held it", missing="not exported"),
     "flops_per_chunk": Metric("FLOPs per chunk", "flops", "analytic count per streaming chunk"),
 }
 
@@ -65,7 +67,7 @@ class TrialRecord:
     ``speedup``: the same-run ratio against the baseline, ``{"speedup", "speedup_ci95",
     "samples"}``; ``utterance_errors``: per eval utterance ``[word errors, reference
     words]``, so two trials on one eval set compare utterance by utterance;
-    ``phases_s``: wall seconds of each phase (build, adapt, compile, measure, baseline).
+    ``phases_s``: wall seconds of each phase (build, adapt, export, compile, measure, baseline).
     """
     config: dict
     metrics: dict[str, Optional[float]]

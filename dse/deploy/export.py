@@ -41,6 +41,7 @@ import torch
 
 from dse.deploy import runtime
 from dse.core.errors import DSEError, cli_error, redact
+from dse.core.precision import apply_precision
 
 __all__ = ["bundle_path", "export_bundle", "not_a_bundle", "parse_pick", "select_trial", "main"]
 
@@ -130,16 +131,12 @@ def select_trial(study, trial: Optional[int] = None, pick: Optional[str] = None,
                        f"({len(complete)} complete; {'; '.join(best)}); loosen --pick")
     ordered = sorted(ranked, key=lambda t: (t.user_attrs["metrics"][minimize], t.number))
     base = _baseline(complete)
-    if base is None:  # a study from before baselines were trials
+    if base is None or base not in matches:  # no baseline trial, or one the conditions rule out
         return ordered[0]
     for t in ordered:  # never a trial the baseline dominates: it must beat the baseline beyond noise
         if t.number == base.number or _beats(study, t, base):
             return t
-    if base in matches:
-        return base
-    raise DSEError(f"no COMPLETE trial of study {study.study_name!r} that satisfies {','.join(map(str, conditions))} "
-                   f"beats the baseline (trial {base.number}) beyond the timing noise, and the baseline itself does "
-                   "not satisfy it; loosen --pick")
+    return base
 
 
 def _baseline(trials):
@@ -310,6 +307,22 @@ class _Infer(torch.nn.Module):
         return self.transcriber.infer(x, lengths, states)
 
 
+ONNX_FILE = "encoder.onnx"
+
+
+def _write_onnx_encoder(directory: Path, transcriber, precision: str) -> dict:
+    """Copy the ONNX encoder the trial ran (``backend=onnxruntime``) into the bundle; its SHA-256 goes
+    in config.json and, as every file's, in MANIFEST.sha256."""
+    path = directory / ONNX_FILE
+    shutil.copyfile(transcriber.path, path)
+    return {"file": ONNX_FILE, "kind": "onnx", "backend": "onnxruntime", "precision": precision,
+            "sha256": runtime.sha256_file(path), "bytes": path.stat().st_size,
+            "call": "onnxruntime.InferenceSession(file) with inputs input (1, frames, n_mels) float32, lengths (1,) "
+                    "int64, lc_key and lc_val (layers, left context, 1, dim) float32, past_length (layers, 1, 1) int32 "
+                    "-> output, output_lengths, next_lc_key, next_lc_val, next_past_length "
+                    "(dse.core.onnx_encoder.OrtTranscriber runs it); this is what the runtime streams"}
+
+
 def _write_encoder_artifact(directory: Path, recognizer) -> tuple[Optional[dict], Optional[str]]:
     """Try TorchScript, then ``torch.export``, of the encoder; keep one only if it reproduces eager outputs.
 
@@ -431,7 +444,13 @@ def _write_readme(directory: Path, config: dict, metrics: dict) -> None:
         "",
     ]
     art = config.get("encoder_artifact")
-    if art:
+    if art and art["kind"] == "onnx":
+        lines.append(f"Encoder: `{art['file']}` ({art['precision']} ONNX, sha256 {art['sha256'][:16]}...), run with "
+                     "ONNX Runtime as the study measured it (`pip install onnxruntime`); the predictor, joiner, features "
+                     "and search run in torch, so the runtime needs torch, torchaudio, onnxruntime, numpy and soundfile. "
+                     f"`weights.pt` also holds the torch encoder, which `python -m dse.verify` uses for its fp32 "
+                     f"reference. The ONNX file alone: {art['call']}.")
+    elif art:
         lines.append(f"Encoder artifact: `{art['file']}` ({art['kind']}), the streaming encoder alone: {art['call']}.")
     else:
         lines.append(f"No encoder artifact: {config['encoder_artifact_error']}")
@@ -452,7 +471,12 @@ def _write_bundle(directory: Path, study, trial, storage_url: str, built, adapta
     deployed = built.recognizer.model
     # built without compile (eager weights are what a bundle holds); record the mode the study timed
     trial_config = built.config.replace(compile=trial.user_attrs["config"].get("compile", "off"))
-    torch.save(deployed.state_dict(), directory / runtime.WEIGHTS_FILE)
+    onnx = built.config.backend == "onnxruntime"
+    # An ONNX Runtime bundle's weights.pt still holds the whole torch model in the trial's precision:
+    # the predictor and joiner the runtime runs, and the encoder verify's fp32 reference rebuilds.
+    torch_weights = deployed if not onnx else (
+        loaded.model if built.config.precision == "fp32" else apply_precision(loaded.model, built.config.precision))
+    torch.save(torch_weights.state_dict(), directory / runtime.WEIGHTS_FILE)
     _write_json(directory / runtime.FEATURES_FILE, {"config": loaded.features.to_dict(),
                                                      "mean": loaded.mean.tolist(), "invstd": loaded.invstd.tolist()})
     vocab = loaded.tokenizer.to_dict()
@@ -460,7 +484,10 @@ def _write_bundle(directory: Path, study, trial, storage_url: str, built, adapta
         shutil.copyfile(vocab.pop("model_path"), directory / "vocabulary.model")
         vocab["model_file"] = "vocabulary.model"
     _write_json(directory / runtime.VOCABULARY_FILE, vocab)
-    artifact, artifact_error = _write_encoder_artifact(directory, built.recognizer)
+    if onnx:
+        artifact, artifact_error = _write_onnx_encoder(directory, deployed.transcriber, built.config.precision), None
+    else:
+        artifact, artifact_error = _write_encoder_artifact(directory, built.recognizer)
     cfg = built.config
     language_model = None
     if cfg.lm_weight > 0:

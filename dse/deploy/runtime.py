@@ -11,12 +11,15 @@ A bundle (written by ``python -m dse.export``) is a directory::
                       utterance's word errors (utterance_errors: [errors, reference words])
     encoder.ts        optional: the streaming encoder alone, as TorchScript (or encoder.pt2 from
                       torch.export); config.json "encoder_artifact" says which, or why neither
+    encoder.onnx      for a trial with backend onnxruntime: the encoder it ran (fp32, or int8 from
+                      ONNX Runtime's dynamic quantisation), which the runtime streams with ONNX
+                      Runtime; its SHA-256 is in config.json "encoder_artifact" and the manifest
     README.md
     MANIFEST.sha256   ``sha256sum`` lines for every other file
 
 This module is the deployment side: it imports torch, torchaudio and the few dse
-modules that build and stream a model, never the study machinery (Optuna, jiwer,
-the dashboard). :func:`load` checks the manifest first, so a missing or altered file
+modules that build and stream a model (and onnxruntime, for an ONNX encoder), never the
+study machinery (Optuna, jiwer, the dashboard). :func:`load` checks the manifest first, so a missing or altered file
 is refused by name before anything is unpickled.
 """
 from __future__ import annotations
@@ -191,23 +194,24 @@ def _load_model(directory: Path, config: dict, trial: TrialConfig, fp32_referenc
 
 def load(directory: str | os.PathLike, *, compile: Optional[bool] = None,
          fp32_reference: bool = False, lm_weight: Optional[float] = None,
-         temperature: Optional[float] = None) -> StreamingRecognizer:
+         temperature: Optional[float] = None, threads: Optional[int] = None) -> StreamingRecognizer:
     """Rebuild the bundle's streaming recognizer.
 
     ``compile``: wrap the encoder's per-chunk ``infer`` in ``torch.compile`` with the
     trial's mode (``None``: as the trial was measured; the first chunks then pay the
-    compile time). ``fp32_reference``: the same architecture and decoder with the
-    weights in fp32 (int8 weights dequantised), a same-run timing reference.
-    ``lm_weight``: the language-model fusion weight (``None``: the trial's; 0: no LM).
-    ``temperature``: the decoder temperature (``None``: the trial's; 1.0 for bundles
-    exported before the knob existed, which is what they were measured with).
-    Threads are not set here: call ``torch.set_num_threads`` (the trial's value is
-    ``read_config(directory)["trial_config"]["threads"]``).
+    compile time; a torch encoder only). ``fp32_reference``: the same architecture and
+    decoder with the weights in fp32 (int8 weights dequantised) and a torch encoder, a
+    same-run timing reference. ``lm_weight``: the language-model fusion weight (``None``:
+    the trial's; 0: no LM). ``temperature``: the decoder temperature (``None``: the trial's;
+    1.0 for bundles exported before the knob existed, which is what they were measured with).
+    ``threads``: intra-op threads of an ONNX Runtime encoder (``None``: the trial's), set
+    when its session is made. torch's threads are not set here: call ``torch.set_num_threads``
+    (the trial's value is ``read_config(directory)["trial_config"]["threads"]``).
     """
     directory = Path(directory)
     config = read_config(directory)
     try:
-        return _recognizer(directory, config, compile, fp32_reference, lm_weight, temperature)
+        return _recognizer(directory, config, compile, fp32_reference, lm_weight, temperature, threads)
     except (KeyError, TypeError) as exc:
         raise BundleError(f"{directory}: config.json, features.json or vocabulary.json lacks or mistypes a "
                           f"field ({type(exc).__name__}: {exc}); export the bundle again") from exc
@@ -237,8 +241,33 @@ def trial_config(directory: Path, config: dict) -> TrialConfig:
     return trial.replace(right_context_frames=arch["right_context_length"], segment_frames=arch["segment_length"])
 
 
+def _onnx_encoder(directory: Path, config: dict, model: torch.nn.Module, threads: int) -> torch.nn.Module:
+    """``model`` with the bundle's ONNX encoder in ONNX Runtime, after checking that the manifest lists
+    the file and that its SHA-256 is the one config.json records."""
+    art = config.get("encoder_artifact") or {}
+    if art.get("kind") != "onnx" or not art.get("file") or not art.get("sha256"):
+        raise BundleError(f"{directory / CONFIG_FILE}: the trial ran its encoder with onnxruntime but "
+                          "encoder_artifact names no ONNX file with its sha256; export the bundle again")
+    listed = {line.partition("  ")[2] for line in (directory / MANIFEST_FILE).read_text().splitlines() if line.strip()}
+    path = directory / art["file"]
+    if art["file"] not in listed or "/" in art["file"]:
+        raise BundleError(f"{directory / MANIFEST_FILE}: does not list {art['file']}; the bundle is incomplete, "
+                          "export it again")
+    actual = sha256_file(path)
+    if actual != art["sha256"]:
+        raise BundleError(f"{path}: sha256 {actual[:16]}... does not match config.json ({art['sha256'][:16]}...); "
+                          "the file was altered or replaced, export again")
+    from dse.core import onnx_encoder
+
+    try:
+        return onnx_encoder.use_onnx_encoder(model, path, threads=threads, spinning=False)
+    except onnx_encoder.BackendError as exc:
+        raise BundleError(f"{directory}: this bundle runs its encoder with ONNX Runtime: {exc}") from None
+
+
 def _recognizer(directory: Path, config: dict, compile: Optional[bool], fp32_reference: bool,
-                lm_weight: Optional[float] = None, temperature: Optional[float] = None) -> StreamingRecognizer:
+                lm_weight: Optional[float] = None, temperature: Optional[float] = None,
+                threads: Optional[int] = None) -> StreamingRecognizer:
     feats = read_json(directory, FEATURES_FILE)
     vocab = read_json(directory, VOCABULARY_FILE)
     tokenizer = _tokenizer(directory, vocab)
@@ -250,8 +279,13 @@ def _recognizer(directory: Path, config: dict, compile: Optional[bool], fp32_ref
     model = _load_model(directory, config, trial, fp32_reference)
     changes = {}
     if fp32_reference:
-        changes["precision"] = "fp32"
-    if compile is not None:
+        changes.update(precision="fp32", backend="torch")
+    elif trial.backend == "onnxruntime":
+        if compile:
+            raise BundleError(f"{directory}: the encoder of this bundle runs in ONNX Runtime; compile applies to a "
+                              "torch encoder only (load it with compile=None or False)")
+        model = _onnx_encoder(directory, config, model, threads or trial.threads)
+    if compile is not None and changes.get("backend", trial.backend) == "torch":
         changes["compile"] = (trial.compile if trial.compile != "off" else "default") if compile else "off"
     if lm_weight is not None:
         changes["lm_weight"] = float(lm_weight)

@@ -11,8 +11,8 @@ Checks, in order:
    utterances than the study), the WER of those N is compared with the errors the study
    recorded for the same N utterances, never with the whole set's WER.
 3. Speed: the same-run speedup (:func:`dse.core.measure.interleaved_speedup`) of the bundle
-   over an fp32 rebuild of its own architecture (int8 weights dequantised, the study
-   baseline's beam width), beside the speedup the study recorded against its
+   over an fp32 rebuild of its own architecture (int8 weights dequantised, a torch encoder
+   also for a bundle that runs ONNX Runtime, the study baseline's beam width), beside the speedup the study recorded against its
    baseline. It is flagged when it falls outside the recorded 95 % interval; timing
    depends on the machine and its load, so a flag is a warning, not a failure.
 
@@ -206,7 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-set", metavar="MANIFEST", help="JSONL manifest or LibriSpeech directory (default: the eval set recorded "
                                       "in the bundle's config.json)")
     p.add_argument("--limit", type=int, metavar="N", help="first N utterances only (default: the limit the study used)")
-    p.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: the value the trial was measured with)")
+    p.add_argument("--threads", type=int, metavar="N", help="intra-op threads of torch and of an ONNX Runtime encoder "
+                                                           "(default: the value the trial was measured with)")
     p.add_argument("--no-speedup", action="store_true", help="skip the speedup measurement (accuracy only)")
     p.add_argument("--speedup-utterances", type=int, default=SPEEDUP_UTTERANCES, metavar="N",
                    help=f"utterances timed for the speedup ratio (default {SPEEDUP_UTTERANCES}, as a study)")
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
         for flag, value in (("--threads", args.threads), ("--speedup-utterances", args.speedup_utterances)):
             if value is not None and value < 1:
                 raise DSEError(f"{flag} {value} must be at least 1")
-        recognizer = runtime.load(bundle)
+        recognizer = runtime.load(bundle, threads=args.threads)  # an ONNX Runtime encoder's threads
         config = runtime.read_json(bundle, runtime.CONFIG_FILE)  # checked by load
         record = runtime.read_json(bundle, runtime.METRICS_FILE)
         torch.set_num_threads(args.threads or config["trial_config"]["threads"])

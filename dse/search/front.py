@@ -214,9 +214,11 @@ def recommend(front: Front, baseline: int, pair_speedups: Optional[dict] = None)
         if t == baseline or not p.limits_ok:
             continue
         c = compare(p, base, pair_speedups)
-        if compare(base, p, pair_speedups).dominates or c.speed != BETTER:
-            continue
+        if base.limits_ok and (compare(base, p, pair_speedups).dominates or c.speed != BETTER):
+            continue  # (a baseline outside the limits cannot be shipped: it rules nothing out)
         return Recommendation(t, False, c, "recommended: " + describe_against_baseline(c, f"trial {t} ({p.description})"))
+    if not base.limits_ok:
+        return Recommendation(baseline, True, None, "no trial meets the limits (the baseline does not either)")
     return Recommendation(baseline, True, None,
                           f"no configuration beats the baseline within the limits: recommended is the baseline "
                           f"(trial {baseline}, {base.description})")
