@@ -311,6 +311,10 @@ def show_plot(rows: pd.DataFrame, counts: logic.TrialCounts, x: str, y: str, col
     if counts.failed or counts.pruned:
         notes.append(f"{counts.failed} failed and {counts.pruned} pruned trials are not plotted "
                      "(see the Failed & pruned tab).")
+    busy = [int(n) for n, a in zip(rows["trial"], rows["attrs"]) if a.get("load_warning")]
+    if busy:
+        notes.append(f"⚠ The machine was busy while trial(s) {', '.join(map(str, busy))} were timed: another process "
+                     "used the CPU, so their speeds may be far off. Stop other work and measure them again.")
     if not_plotted:
         notes.append(f"{not_plotted} completed trial(s) without a measured {logic.METRICS[x].label} or "
                      f"{logic.METRICS[y].label} are not plotted.")
@@ -368,6 +372,8 @@ def show_trial_detail(rows: pd.DataFrame, trial: int, baseline_config: Optional[
     attrs = row["attrs"]
     if attrs.get("spread_warning"):
         st.warning(f"Timing spread: {attrs['spread_warning']}")
+    if attrs.get("load_warning"):
+        st.warning(f"Machine not quiet: {attrs['load_warning']}")
     if attrs.get("reused_wer_from") is not None:
         st.caption(f"WER and CER reused from trial {attrs['reused_wer_from']} (same accuracy-relevant knobs); "
                    "this trial streamed only its timing utterances.")

@@ -253,3 +253,19 @@ def test_stopped_adaptation_resumes_from_its_cache(tmp_path, manifest):
     assert info5["resumed_from"] == 5 and info5["steps"] == 5
     snap = torch.load(adapter.progress_dir(cfg) / "step-5.pt", weights_only=False)["state_dict"]
     assert all(torch.equal(state5[k], snap[k]) for k in snap)
+
+
+def test_a_trial_timed_on_a_busy_machine_is_flagged_in_the_table_and_summary(dominated_study):
+    storage, study = dominated_study
+    from rich.console import Console
+
+    from dse.search.study import pareto_table
+    busy = attrs(TrialConfig(beam_width=1, precision="int8").to_dict(), 0.21, 1.3, 0.02)
+    busy["load_warning"] = "the machine was busy: another process used 1.00 cores during the timed pass"
+    study.add_trial(create_trial(state=TrialState.COMPLETE, values=[0.21, 0.1 / 1.3], user_attrs=busy))
+    space = parse_space(SPACE, Path("s.yaml"), name="s")
+    lines = study_summary(study, space)
+    assert lines[-1].startswith("warning: the machine was busy while trial(s) 3 were timed")
+    console = Console(record=True, width=250)
+    console.print(pareto_table(study, space))
+    assert "machine busy" in console.export_text()

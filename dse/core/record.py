@@ -51,6 +51,8 @@ METRICS: dict[str, Metric] = {
     "export_s": Metric("export time", "s", "ONNX export (and int8 quantisation) of the encoder for backend "
                        "onnxruntime, in this trial's build; 0 when the export cache held it", missing="not exported"),
     "flops_per_chunk": Metric("FLOPs per chunk", "flops", "analytic count per streaming chunk"),
+    "other_cpu_load": Metric("other processes' load", "count", "cores other processes kept busy during the timed "
+                             "pass (above 0.25 the timing is flagged)", searchable=False),
 }
 
 # What a search space may name (objectives and constraints), with its description.
@@ -80,6 +82,8 @@ class TrialRecord:
     utterances_timed: int = 0
     audio_s: float = 0.0
     spread_warning: Optional[str] = None
+    load_warning: Optional[str] = None    # another process used the CPU during the timed pass
+    threading: Optional[dict] = None      # threads and wait policies the pass ran with
     skipped: list = dataclasses.field(default_factory=list)
     transcripts: list = dataclasses.field(default_factory=list)
     adapt: dict = dataclasses.field(default_factory=dict)

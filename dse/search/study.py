@@ -149,6 +149,9 @@ def run_trial(ctx: TrialContext, config: TrialConfig, reuse: Optional[dict] = No
         if built.compile_s is not None:
             phases.seconds["compile"] = built.compile_s
             phases.seconds["build"] -= built.compile_s
+        if built.export_s:  # the encoder's ONNX export (backend onnxruntime), its own phase
+            phases.seconds["export"] = built.export_s
+            phases.seconds["build"] -= built.export_s
         audio = ctx.timing_audio if reuse else ctx.audio
         accuracy = ctx.loaded.trained and not reuse
         with phases("measure"):
@@ -167,10 +170,10 @@ def run_trial(ctx: TrialContext, config: TrialConfig, reuse: Optional[dict] = No
 
     metrics = {k: result.get(k) for k in (
         "wer", "cer", "rtf_mean", "rtf_p50", "rtf_p95", "chunk_latency_p50_ms", "chunk_latency_p95_ms",
-        "chunk_latency_p99_ms", "ttft_s", "ttft_p95_s", "peak_rss_mib", "rss_delta_mib")}
+        "chunk_latency_p99_ms", "ttft_s", "ttft_p95_s", "peak_rss_mib", "rss_delta_mib", "other_cpu_load")}
     metrics.update({
         "weight_mib": built.weight_mib, "params": built.params, "speedup": ratio["speedup"],
-        "compile_s": built.compile_s,
+        "compile_s": built.compile_s, "export_s": built.export_s,
         "flops_per_chunk": flops_per_chunk(built.loaded.arch, built.config, built.loaded.tokenizer.num_symbols)["total"],
     })
     metrics["rtf_normalised"] = ctx.baseline_rtf() / ratio["speedup"]
@@ -182,6 +185,7 @@ def run_trial(ctx: TrialContext, config: TrialConfig, reuse: Optional[dict] = No
         [[t["errors"], t["words"]] for t in result.get("transcripts") or []],
         utterances_timed=result["utterances"], audio_s=result["audio_s"],
         spread_warning=result.get("spread_warning"), skipped=result.get("skipped", []),
+        load_warning=result.get("load_warning"), threading=result.get("threading"),
         transcripts=(result.get("transcripts") or [])[:12], adapt=built.adapt_info,
         machine=machine_fingerprint(), profile=profile)
 
@@ -685,6 +689,8 @@ def pareto_table(study, space):
             notes.append("undecided")
         if not p.limits_ok:
             notes.append("outside limits")
+        if t.user_attrs.get("load_warning"):
+            notes.append("machine busy")
         table.add_row(str(number), p.description, *[f(v) for v in (t.values or [])], f(m.get("wer"), ".3f"), diff,
                       f"{p.speedup:.2f} [{p.speedup_ci95[0]:.2f}, {p.speedup_ci95[1]:.2f}]",
                       f(m.get("rtf_p95"), ".4f"), f(m.get("ttft_s"), ".3f"), f(m.get("weight_mib"), ".1f"),
@@ -699,7 +705,13 @@ def study_summary(study, space) -> list[str]:
     front, base_number, points = study_front(study, space)
     if base_number is None:
         return ["the baseline has not been measured yet: no recommendation"] if points else []
-    return summary(front, base_number, points, study.user_attrs.get("pair_speedups"))
+    lines = summary(front, base_number, points, study.user_attrs.get("pair_speedups"))
+    busy = [p.trial for p in points if study.trials[p.trial].user_attrs.get("load_warning")]
+    if busy:
+        lines.append(f"warning: the machine was busy while trial(s) {', '.join(map(str, busy))} were timed (another "
+                     "process used the CPU); their speeds may be wrong by far more than their intervals say: stop "
+                     "other work and run the study again with a new --study-name")
+    return lines
 
 
 def eval_set_of(args) -> str:
