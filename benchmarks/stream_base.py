@@ -18,8 +18,8 @@ inputs, so the ratios compare like with like on a noisy machine:
 
 RTF: compute seconds per audio second over all timed utterances (a 160 ms chunk of the base
 model is 16 frames). Ratios: medians over chunks or utterances with bootstrap 95 % intervals.
-OpenMP's wait policy is PASSIVE (set by importing dse) and ONNX Runtime does not spin: what
-a deployment on a shared machine gets. WER is not measured: the weights are random.
+OpenMP's wait policy is what the environment sets (recorded in the output) and ONNX Runtime
+does not spin. WER is not measured: the weights are random.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ import argparse
 import statistics
 import time
 
-import dse  # noqa: F401  (before torch: sets OMP_WAIT_POLICY, which OpenMP reads once)
 import torch
 
 from dse.core.build import build_recognizer

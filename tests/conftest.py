@@ -21,15 +21,20 @@ def tiny():
     return models.random_model("tiny", seed=0)
 
 
-@pytest.fixture
-def manifest(tmp_path) -> Path:
-    """A three-utterance JSONL manifest with relative paths."""
-    audio_dir = tmp_path / "audio"
-    audio_dir.mkdir()
+def write_tones(root: Path) -> Path:
+    """Three tone utterances under ``root/audio`` and their JSONL manifest (relative paths) in ``root``."""
+    audio_dir = root / "audio"
+    audio_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, secs in enumerate([1.3, 0.9, 2.1]):
         soundfile.write(audio_dir / f"u{i}.wav", tone(secs, freq=200 + 50 * i, seed=i), 16000)
         rows.append({"path": f"audio/u{i}.wav", "duration": secs, "text": f"hello world {i}"})
-    path = tmp_path / "manifest.jsonl"
+    path = root / "manifest.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture
+def manifest(tmp_path) -> Path:
+    """A three-utterance JSONL manifest with relative paths."""
+    return write_tones(tmp_path)

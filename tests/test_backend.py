@@ -12,13 +12,12 @@ import types
 
 import optuna
 import pytest
-import soundfile
 import torch
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from conftest import tone  # noqa: E402
+from conftest import tone, write_tones  # noqa: E402
 from dse import run  # noqa: E402
 from dse.core import measure, models  # noqa: E402
 from dse.core.build import TrialFailed, build_recognizer  # noqa: E402
@@ -55,13 +54,7 @@ def tiny_model():
 @pytest.fixture(scope="module")
 def audio(tmp_path_factory):
     """Three short utterances (tones) as the eval set."""
-    root = tmp_path_factory.mktemp("audio")
-    rows = []
-    for i, secs in enumerate([1.3, 0.9, 2.1]):
-        soundfile.write(root / f"u{i}.wav", tone(secs, freq=200 + 50 * i, seed=i), 16000)
-        rows.append({"path": f"u{i}.wav", "duration": secs, "text": f"hello world {i}"})
-    manifest = root / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = write_tones(tmp_path_factory.mktemp("audio"))
     return types.SimpleNamespace(manifest=manifest, eval=measure.load_eval_audio(manifest))
 
 

@@ -115,8 +115,8 @@ def threading_settings(recognizer=None) -> dict:
     """The threads and wait policies a timed pass runs with.
 
     ``torch_threads``: ``torch.get_num_threads()``; ``omp_wait_policy``: ``OMP_WAIT_POLICY`` as
-    the process has it (libgomp reads it once, when torch loads: importing ``dse`` before
-    torch sets ``PASSIVE`` unless it is set); ``ort_threads`` and ``ort_spinning``: the intra-op
+    the process has it (libgomp reads it once, when torch loads; dse leaves it as the
+    environment sets it); ``ort_threads`` and ``ort_spinning``: the intra-op
     threads and spinning of an ONNX Runtime encoder (``None`` for a torch encoder).
     """
     transcriber = getattr(getattr(recognizer, "model", None), "transcriber", None)
