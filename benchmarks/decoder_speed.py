@@ -1,0 +1,63 @@
+"""The vectorised RNN-T search against torchaudio's on the embedded default, same run, interleaved.
+
+    python benchmarks/decoder_speed.py [--utterances 40] [--threads 2]
+
+The default configuration (fp32, beam 4, decoder temperature 2, the shipped LM fused at 0.15)
+and greedy search, each built twice: ``search="torchaudio"`` (``RNNTBeamSearch`` with the
+project's fused beam search) and the default vectorised search (:mod:`dse.core.decoder`).
+Each utterance is streamed by both, in alternating order (:func:`dse.core.measure.interleaved_speedup`);
+printed: the median per-utterance speedup with its bootstrap 95 % interval, each side's RTF,
+whether the transcripts are identical, and the other processes' load during the run.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from dse.core.build import assemble, deploy, edit_architecture
+from dse.core.config import TrialConfig, fill_defaults
+from dse.core.measure import OtherCpuLoad, interleaved_speedup, load_eval_audio, machine_fingerprint, measure
+from dse.core.models import DEFAULT_EVAL, load_model
+
+
+def recognizer(loaded, config: TrialConfig, search: str):
+    edited = edit_architecture(loaded, config)
+    cfg = config.resolved(loaded.arch)
+    rec = assemble(deploy(edited.model, cfg), edited.logmel(), edited.tokenizer, cfg, lm_path=edited.lm_path)
+    if search == "torchaudio":  # the same recognizer with torchaudio's search
+        from dse.core.stream import StreamingRecognizer
+        rec = StreamingRecognizer(rec.model, rec.logmel, rec.tokenizer, cfg.segment_frames, cfg.right_context_frames,
+                                  beam_width=cfg.beam_width, lm=rec.decoder.lm, lm_weight=cfg.lm_weight,
+                                  temperature=cfg.temperature, search="torchaudio")
+    return rec
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--utterances", type=int, default=40)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = load_model()
+    audio = load_eval_audio(DEFAULT_EVAL, args.utterances)
+    m = machine_fingerprint()
+    print(f"{m['cpu_model']}, {args.threads} threads, OMP_WAIT_POLICY {m['omp_wait_policy']}, "
+          f"{len(audio.waveforms)} eval utterances")
+    has_lm = loaded.lm_path is not None
+    for label, values in (("default (beam 4, T 2, LM 0.15)", {}), ("greedy", {"beam_width": 1})):
+        config = TrialConfig(**fill_defaults(dict(values, threads=args.threads), has_lm))
+        fast, ref = recognizer(loaded, config, "vectorised"), recognizer(loaded, config, "torchaudio")
+        with OtherCpuLoad() as load:
+            ratio = interleaved_speedup(fast, ref, audio)
+        a = measure(fast, audio, accuracy=True)
+        b = measure(ref, audio, accuracy=True)
+        same = sum(x["hyp"] == y["hyp"] for x, y in zip(a["transcripts"], b["transcripts"]))
+        ci = ratio["speedup_ci95"]
+        print(f"  {label}: vectorised {ratio['speedup']:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}] torchaudio's speed; "
+              f"RTF {a['rtf_mean']:.4f} against {b['rtf_mean']:.4f}; identical transcripts {same}/{len(audio.waveforms)}; "
+              f"WER {a['wer']:.3f} / {b['wer']:.3f}; other processes' load {load.other_cores:.2f} cores")
+
+
+if __name__ == "__main__":
+    main()
