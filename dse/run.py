@@ -16,6 +16,7 @@ lock file, so run one timing worker per machine (adaptation may overlap).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -57,6 +58,9 @@ def main(argv=None) -> int:
 
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)  # a terminated worker stops like Ctrl-C
+    # An interrupt that lands inside a storage query makes SQLAlchemy log "Error closing cursor"
+    # with a traceback; the interruption itself is reported in one line below.
+    logging.getLogger("sqlalchemy").setLevel(logging.CRITICAL)
     try:
         return _run(args, console)
     except DSEError as exc:
