@@ -54,7 +54,7 @@ def measure_grid(space_name: str, utterances: int, cache_dir: str, out: Path) ->
 
     from dse.core.measure import machine_fingerprint
     from dse.search.space import load_space
-    from dse.search.study import DevReference, Pruned, _dev_errors_key, load_context, run_trial
+    from dse.search.study import DevReference, _dev_errors_key, load_context, run_trial
 
     space = load_space(space_name)
     ctx = load_context(space, _args(cache_dir, utterances))
@@ -76,8 +76,6 @@ def measure_grid(space_name: str, utterances: int, cache_dir: str, out: Path) ->
         try:
             record = run_trial(ctx, cfg, on_adapt_progress=lambda s, w, e=None: checks.append([s, w, e]),
                                on_speed_probe=probe.update)
-        except Pruned:
-            raise
         except Exception as exc:  # recorded as a failed configuration, as the study would
             table["configurations"][key] = {"config": cfg.to_dict(), "failed": f"{type(exc).__name__}: {exc}"}
             print(f"  [{i + 1}/{len(configs)}] failed: {exc}", flush=True)

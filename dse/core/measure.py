@@ -21,7 +21,8 @@ Definitions (units in the names):
   compute, queueing included. Utterances that never emit a token have no TTFT and are
   counted in ``ttft_missing``.
 * ``peak_rss_mib``: the process's peak resident set size during the timed pass (sampled
-  every 20 ms); ``rss_delta_mib``: its growth over the resident size before the pass.
+  every 100 ms, so the sampling thread seldom competes with the timed one);
+  ``rss_delta_mib``: its growth over the resident size before the pass.
 * ``other_cpu_load``: cores other processes kept busy during the timed pass (the system's
   busy CPU time minus this process's own, over the pass's wall time); above
   :data:`LOAD_WARN_CORES` the pass comes with a ``load_warning``: on a 2-core machine one
@@ -174,7 +175,7 @@ class RssSampler:
     ``with`` block: ``peak_mib`` is the highest sample (the memory this pass needed, not the
     process's high-water mark since it started), ``delta_mib`` the growth over the RSS at entry."""
 
-    def __init__(self, interval_s: float = 0.02):
+    def __init__(self, interval_s: float = 0.1):
         import psutil
 
         self._process = psutil.Process()

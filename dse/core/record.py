@@ -95,9 +95,6 @@ class TrialRecord:
     reused_wer_from: Optional[int] = None
     constraint_violations: Optional[list] = None
 
-    def metric(self, name: str) -> Optional[float]:
-        return self.metrics.get(name)
-
     def to_user_attrs(self) -> dict[str, Any]:
         """The Optuna ``user_attrs`` of this record (JSON values; ``None`` fields left out)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}

@@ -33,6 +33,7 @@ import torch
 from dse.core.config import TrialConfig
 from dse.core.errors import DSEError
 from dse.core.record import TrialRecord
+from dse.search.storage import STALE_REASON
 from dse.core.measure import EvalAudio, interleaved_speedup, machine_fingerprint, measure
 from dse.core.models import LoadedModel
 from dse.search.space import Space
@@ -285,7 +286,9 @@ def baseline_trial(study):
     return None
 
 
-RETRIED_FAILURES = ("interrupted", "worker stopped responding")
+INTERRUPTED = "interrupted by the user (Ctrl-C or SIGTERM)"
+# failures of the worker, not of the configuration: such a trial is tried again
+RETRIED_FAILURES = (INTERRUPTED, STALE_REASON)
 
 
 def claimed_keys(study, exclude: Optional[int] = None) -> dict[str, int]:
@@ -465,13 +468,6 @@ def front_points(study, space) -> list:
     return out
 
 
-def pareto_trials(study):
-    try:
-        return study.best_trials
-    except Exception:
-        return []
-
-
 def find_reuse(study, accuracy_key: str) -> Optional[dict]:
     """WER of a completed trial with the same accuracy key (see :mod:`dse.search.study`), if any."""
     from optuna.trial import TrialState
@@ -556,7 +552,7 @@ def make_objective(ctx, console, seed: Optional[int] = None):
             console.print(f"  trial {trial.number}: [yellow]pruned[/yellow]: {exc}")
             raise optuna.TrialPruned(str(exc)) from None
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted by the user (Ctrl-C or SIGTERM)")
+            trial.set_user_attr("fail_reason", INTERRUPTED)
             raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
