@@ -200,6 +200,39 @@ def test_a_space_smaller_than_n_ends_exhausted(cheap_trials, tmp_path):
     assert set(claimed_keys(study)) == set(cheap_trials)
 
 
+
+def test_two_trials_claiming_one_configuration_at_once_measure_it_once():
+    from dse.search.study import repeat_of
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    key = TrialConfig(beam_width=2).key()
+    first, second = study.ask(), study.ask()  # both RUNNING, both recorded the key before looking
+    for t in (second, first):
+        t.set_user_attr("config_key", key)
+    assert repeat_of(study, first.number, key) is None  # the lower number keeps it ...
+    assert repeat_of(study, second.number, key) == first.number  # ... the higher steps aside
+
+
+def test_a_repeat_recorded_after_the_entry_check_is_still_caught(monkeypatch, tmp_path):
+    """A worker drew the configuration first (lower trial number) but recorded it only after this
+    trial had looked: this trial steps aside before its result is recorded."""
+    from rich.console import Console
+    from dse.core.record import TrialRecord
+    from dse.search import study as study_mod
+    space = parse_space(dict(SPACE, anchors=[]), Path("s.yaml"), name="s")
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s",
+                                directions=["minimize", "minimize"], sampler=Stuck())
+    slow = study.ask()  # the other worker's trial: created first, key not yet recorded
+
+    def fake_run_trial(ctx, config, **kwargs):
+        slow.set_user_attr("config_key", config.key())  # the other worker records it now
+        return TrialRecord(config=config.to_dict(), metrics={"wer": 0.2, "rtf_normalised": 0.1, "speedup": 1.0},
+                           speedup={"speedup": 1.0, "speedup_ci95": [0.98, 1.02], "samples": 2})
+    monkeypatch.setattr(study_mod, "run_trial", fake_run_trial)
+    study.optimize(make_objective(FakeCtx(space), Console(quiet=True), seed=1), n_trials=1)
+    mine = study.trials[slow.number + 1]
+    assert mine.state == TrialState.PRUNED and mine.user_attrs["duplicate_of"] == slow.number
+    assert any(t.state == TrialState.WAITING for t in study.trials)  # an unmeasured one queued instead
+
 # -- early stopping: like for like, and resumable ------------------------------------------------
 def test_prune_rule_compares_the_same_dev_measurement(tmp_path):
     space = parse_space(dict(SPACE, prune={"front_margin": 0.05}), Path("s.yaml"), name="s")

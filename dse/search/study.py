@@ -294,7 +294,9 @@ RETRIED_FAILURES = (INTERRUPTED, STALE_REASON)
 def claimed_keys(study, exclude: Optional[int] = None) -> dict[str, int]:
     """Configuration key -> trial number of every configuration measured, being measured or
     queued (COMPLETE, PRUNED by the early stop, RUNNING, WAITING), or that failed for a reason
-    of its own (a failure is not retried; an interrupted or abandoned trial is), duplicates left out."""
+    of its own (a failure is not retried; an interrupted or abandoned trial is), duplicates left out.
+    Where several trials hold one key, the lowest-numbered holds it: two workers that draw the same
+    configuration at once agree on which of them measures it (see :func:`repeat_of`)."""
     from optuna.trial import TrialState
     out: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
@@ -305,9 +307,19 @@ def claimed_keys(study, exclude: Optional[int] = None) -> dict[str, int]:
                                            or t.user_attrs["fail_reason"].startswith(RETRIED_FAILURES)):
             continue
         key = t.user_attrs.get("config_key") or (t.user_attrs.get("dse_config") or {}).get("_key")
-        if key and key not in out:
+        if key and (key not in out or t.number < out[key]):
             out[key] = t.number
     return out
+
+
+def repeat_of(study, trial_number: int, key: str) -> Optional[int]:
+    """The trial that already holds configuration ``key``, if it is not trial ``trial_number`` itself.
+
+    Only a lower-numbered trial counts. A trial records its key before it looks, so of two trials
+    that claim one key at the same moment, each sees the other, and only the higher-numbered one
+    steps aside: the configuration is measured exactly once, never zero times."""
+    twin = claimed_keys(study, exclude=trial_number).get(key)
+    return twin if twin is not None and twin < trial_number else None
 
 
 def enqueue_configuration(study, space, config, levels: bool, anchor: Optional[str] = None) -> None:
@@ -490,6 +502,26 @@ def make_objective(ctx, console, seed: Optional[int] = None):
     rng = random.Random(seed)
     reference = DevReference(ctx)
 
+    def step_aside_if_repeat(trial, config, levels: bool) -> None:
+        """Prune ``trial`` as a repeat if a lower-numbered trial holds its configuration, and queue
+        an unmeasured one in its place. Checked on entry, at each phase and before the result is
+        recorded: a worker that drew the configuration a moment before this one, but recorded it a
+        moment after this one looked, is still seen, and the configuration is recorded once."""
+        twin = repeat_of(trial.study, trial.number, config.key())
+        if twin is None:
+            return
+        trial.set_user_attr("duplicate_of", twin)
+        nxt = enqueue_unmeasured(trial.study, space, levels, rng)
+        if nxt is None:
+            trial.study.set_user_attr("exhausted", True)
+            trial.study.stop()
+            console.print(f"  trial {trial.number}: {describe(config)} repeats trial {twin}; the space is "
+                          f"exhausted (every configuration of {space.name} has been measured)")
+        else:
+            console.print(f"  trial {trial.number}: repeats trial {twin} ({describe(config)}); queued an "
+                          f"unmeasured configuration instead: {describe(nxt)}")
+        raise optuna.TrialPruned(f"duplicate of trial {twin}")
+
     def objective(trial):
         from dse.core.config import TrialConfig
 
@@ -508,23 +540,12 @@ def make_objective(ctx, console, seed: Optional[int] = None):
             trial.set_user_attr("config_key", config.key())
             trial.set_user_attr("accuracy_key", config.accuracy_key())
             trial.set_user_attr("model", model_identity(ctx.loaded))
-            twin = claimed_keys(trial.study, exclude=trial.number).get(config.key())
-            if twin is not None:
-                trial.set_user_attr("duplicate_of", twin)
-                nxt = enqueue_unmeasured(trial.study, space, levels, rng)
-                if nxt is None:
-                    trial.study.set_user_attr("exhausted", True)
-                    trial.study.stop()
-                    console.print(f"  trial {trial.number}: {describe(config)} repeats trial {twin}; the space is "
-                                  f"exhausted (every configuration of {space.name} has been measured)")
-                else:
-                    console.print(f"  trial {trial.number}: repeats trial {twin} ({describe(config)}); queued an "
-                                  f"unmeasured configuration instead: {describe(nxt)}")
-                raise optuna.TrialPruned(f"duplicate of trial {twin}")
+            step_aside_if_repeat(trial, config, levels)
             reuse = find_reuse(trial.study, config.accuracy_key()) if ctx.loaded.trained else None
             probe: dict = {}
 
             def on_phase(name):
+                step_aside_if_repeat(trial, config, levels)
                 console.print(f"  trial {trial.number}: {name}")
 
             def on_speed(ratio):
@@ -545,6 +566,7 @@ def make_objective(ctx, console, seed: Optional[int] = None):
                                on_speed_probe=on_speed)
             record.accuracy_key = config.accuracy_key()
             record.model = model_identity(ctx.loaded)
+            step_aside_if_repeat(trial, config, levels)
         except optuna.TrialPruned:
             raise
         except Pruned as exc:
