@@ -9,7 +9,8 @@ inputs, so the ratios compare like with like on a noisy machine:
    torch fp32, torch int8 (``quantize_dynamic``), ONNX Runtime fp32 and int8 (its dynamic
    quantisation), each as :func:`dse.core.build.build_recognizer` builds it;
 2. the whole stream (features + encoder + search, timed as :mod:`dse.core.measure` times it, one
-   warm-up utterance each): torch fp32 with torchaudio's search (the baseline before the
+   warm-up utterance each, with the milliseconds per chunk in the encoder, the search and the
+   rest: features and bookkeeping): torch fp32 with torchaudio's search (the baseline before the
    vectorised search and the ONNX backend), torch int8 with torchaudio's search, torch int8
    with the vectorised search, ONNX Runtime fp32 and int8 with the vectorised search;
 3. ``torch.compile`` (mode default) of the torch fp32 encoder: compile time, graphs compiled,
@@ -70,6 +71,36 @@ def with_search(recognizer: StreamingRecognizer, search: str, temperature: float
     r = recognizer
     return StreamingRecognizer(r.model, r.logmel, r.tokenizer, r.segment_length, r.right_context_length,
                                beam_width=1, dtype=r.dtype, temperature=temperature, search=search)
+
+
+class Breakdown:
+    """Seconds a recognizer's decoder spends in ``infer`` (encoder + search) and in ``_search``,
+    accumulated while attached: the encoder is the difference, the rest of a chunk the front end
+    (features) and bookkeeping. Wraps the decoder object only (recognizers here share models);
+    works for torchaudio's ``RNNTBeamSearch`` and the vectorised search alike."""
+
+    def __init__(self, recognizer: StreamingRecognizer):
+        self._seconds = {"infer": 0.0, "search": 0.0}
+        self.decoder = recognizer.decoder
+        for name in ("infer", "_search"):
+            setattr(self.decoder, name, self._timed(getattr(self.decoder, name), name.strip("_")))
+
+    def _timed(self, fn, part: str):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._seconds[part] += time.perf_counter() - t0
+        return call
+
+    @property
+    def seconds(self) -> dict:
+        return {"encoder": self._seconds["infer"] - self._seconds["search"], "search": self._seconds["search"]}
+
+    def detach(self) -> None:
+        for name in ("infer", "_search"):
+            self.decoder.__dict__.pop(name, None)
 
 
 def profile_chunks(infer, chunk_frames: int, n_mels: int, n: int = 8, top: int = 6) -> tuple[list[tuple[str, float]], float]:
@@ -153,18 +184,28 @@ def main() -> None:
     for rec in streams.values():
         stream_utterance(rec, audio.waveforms[0])  # warm-up, not counted
     per_utt: dict[str, list[float]] = {n: [] for n in names}
+    parts = {n: Breakdown(streams[n]) for n in names}
+    chunks = dict.fromkeys(names, 0)
     with OtherCpuLoad() as load:
         for i, w in enumerate(audio.waveforms):
             for name in names[i % len(names):] + names[:i % len(names)]:
-                per_utt[name].append(sum(stream_utterance(streams[name], w).chunk_compute_s))
+                run = stream_utterance(streams[name], w)
+                per_utt[name].append(sum(run.chunk_compute_s))
+                chunks[name] += len(run.chunk_compute_s)
+    for b in parts.values():
+        b.detach()
     base, int8_ta = per_utt[names[0]], per_utt[names[1]]
     print(f"\n2. whole stream (features + encoder + search), {len(audio.waveforms)} utterances, interleaved; "
           f"other processes' load {load.other_cores:.2f} cores" + (" (BUSY: absolute times are inflated)"
                                                                   if load.warning else ""))
-    print(f"   {'config':<32} {'RTF':>6}   {'speedup vs baseline':>22}   {'vs torch int8 + torchaudio':>26}")
+    print(f"   {'config':<32} {'RTF':>6}   {'speedup vs baseline':>22}   {'vs torch int8 + torchaudio':>26}   "
+          f"ms/chunk: {'encoder':>7} {'search':>6} {'rest':>5}")
     for name in names:
         rtf = sum(per_utt[name]) / audio_s
-        print(f"   {name:<32} {rtf:6.3f}   {ratio(base, per_utt[name]):>22}   {ratio(int8_ta, per_utt[name]):>26}")
+        enc_ms, search_ms = (parts[name].seconds[k] * 1000 / chunks[name] for k in ("encoder", "search"))
+        rest_ms = sum(per_utt[name]) * 1000 / chunks[name] - enc_ms - search_ms
+        print(f"   {name:<32} {rtf:6.3f}   {ratio(base, per_utt[name]):>22}   {ratio(int8_ta, per_utt[name]):>26}   "
+              f"          {enc_ms:7.2f} {search_ms:6.2f} {rest_ms:5.2f}")
     best = min(names, key=lambda n: sum(per_utt[n]))
     best_rtf = sum(per_utt[best]) / audio_s
     best_x = statistics.median([a / b for a, b in zip(int8_ta, per_utt[best])])
