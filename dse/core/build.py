@@ -17,8 +17,9 @@ here; they run stage by stage:
    from its fp32 weights, once per weights and geometry, int8 by ONNX Runtime's dynamic
    quantisation, and run in ONNX Runtime), :func:`apply_precision_knob` (bf16/fp16 weights,
    int8 dynamic quantisation of every Linear layer torch still runs, or ``amp-*`` autocast),
-   then :func:`apply_compile` (``torch.compile`` of the transcriber's per-chunk ``infer`` in
-   its steady state: compiled once, see :class:`SteadyStateCompiled`).
+   then :func:`apply_compile` (``torch.compile`` of the transcriber's per-chunk step: the
+   static-shape step of :mod:`dse.core.static_step` where it applies, else torchaudio's
+   ``infer`` in its steady state, :class:`SteadyStateCompiled`; compiled once either way).
 4. ``decoder``: :func:`decoder_options` (beam width, LM fusion weight, temperature).
 5. ``runtime``: :func:`apply_threads` before anything is timed.
 """
@@ -285,10 +286,27 @@ class SteadyStateCompiled:
 
 
 def apply_compile(model: torch.nn.Module, config: TrialConfig) -> torch.nn.Module:
-    """``torch.compile`` of the transcriber's per-chunk ``infer`` (in place), for ``config.compile != "off"``:
-    compiled once for the steady state (:class:`SteadyStateCompiled`)."""
-    if config.compile != "off":
-        model.transcriber.infer = SteadyStateCompiled(model.transcriber, config.compile)
+    """``torch.compile`` of the transcriber's per-chunk ``infer`` (in place), for ``config.compile != "off"``.
+
+    A float32 encoder without memory compiles its static-shape step
+    (:class:`dse.core.static_step.StaticTranscriberStep`: the same computation with no
+    value-dependent shapes, so one graph without breaks serves every chunk, and one more the
+    first chunk, which starts from no state); any other (int8, bf16, memory) compiles
+    torchaudio's ``infer`` once for the steady state (:class:`SteadyStateCompiled`)."""
+    if config.compile == "off":
+        return model
+    from dse.core.static_step import StaticInfer, StaticTranscriberStep
+
+    transcriber = model.transcriber
+    if isinstance(transcriber, torch.nn.Module) and hasattr(transcriber, "transformer") \
+            and StaticInfer.supports(transcriber):
+        kwargs = {} if config.compile == "default" else {"mode": config.compile}
+        compiled = torch.compile(StaticTranscriberStep(transcriber).eval(), dynamic=False, **kwargs)
+        # a plain function, not the compiled Module: nn.Module would register it as a submodule
+        # named "infer", which the class's own ``infer`` method shadows
+        model.transcriber.infer = lambda input, lengths, states=None: compiled(input, lengths, states)
+    else:
+        model.transcriber.infer = SteadyStateCompiled(transcriber, config.compile)
     return model
 
 

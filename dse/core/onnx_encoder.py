@@ -51,9 +51,10 @@ import numpy as np
 import torch
 
 from dse.core.errors import DSEError
+from dse.core.static_step import StaticInfer
 
 STATE_SLOTS = ("memory", "lc_key", "lc_val", "past_length")  # torchaudio's per-layer order
-FORMAT_VERSION = 2  # 2: the static-shape graph (_StaticInfer)
+FORMAT_VERSION = 2  # 2: the static-shape graph (StaticInfer)
 PRECISIONS = ("fp32", "int8")
 
 
@@ -119,85 +120,6 @@ class _FlatInfer(torch.nn.Module):
         return outs
 
 
-class _StaticInfer(torch.nn.Module):
-    """The same computation as ``transcriber.infer`` at batch 1, written with static shapes.
-
-    torchaudio's ``infer`` slices the left context to ``min(left_context, past_length)``
-    rows in every layer, a shape that depends on a value: the exported graph then carries
-    that arithmetic (Shape, Gather, Min, Slice, Concat: about 2,000 nodes for the base
-    model, more time than its matrix products at int8). Here every layer attends to all
-    ``Lc`` left-context rows, and the rows not yet filled get the layer's ``negative_inf``
-    before the softmax, one mask computed per chunk from ``past_length``: masked rows get
-    probability exactly 0, so the result is torchaudio's up to the order of floating-point
-    sums (``tests/test_onnx_encoder.py`` compares them over 40 chunks from a zero state).
-    The query and key/value projections are one matrix product. State rows that are not yet
-    valid (the first ``Lc - past_length``) may hold other values than torchaudio's; neither
-    graph ever reads them. Models with memory (``max_memory_size > 0``) or no left context
-    are exported through torchaudio's own ``infer`` (:class:`_FlatInfer`).
-    """
-
-    def __init__(self, transcriber):
-        super().__init__()
-        emformer = transcriber.transformer
-        self.input_linear = transcriber.input_linear
-        self.output_linear = transcriber.output_linear
-        self.layer_norm = transcriber.layer_norm
-        self.stride = transcriber.time_reduction.stride
-        self.layers = emformer.emformer_layers
-        self.right = emformer.right_context_length
-        self.segment = emformer.segment_length
-        self.left = emformer.left_context_length
-        first = self.layers[0].attention
-        self.heads, self.dim = first.num_heads, first.input_dim
-        self.neg_inf = float(first.negative_inf)
-        # [query; key; value] weights of each layer, stacked once (the exporter bakes them in)
-        self.qkv_weight = torch.nn.ParameterList([torch.nn.Parameter(torch.cat(
-            [l.attention.emb_to_query.weight, l.attention.emb_to_key_value.weight]).detach(), requires_grad=False)
-            for l in self.layers])
-        self.qkv_bias = torch.nn.ParameterList([torch.nn.Parameter(torch.cat(
-            [l.attention.emb_to_query.bias, l.attention.emb_to_key_value.bias]).detach(), requires_grad=False)
-            for l in self.layers])
-
-    @staticmethod
-    def supports(transcriber) -> bool:
-        emformer = transcriber.transformer
-        return emformer.max_memory_size == 0 and emformer.left_context_length > 0
-
-    def forward(self, input, lengths, lc_key, lc_val, past_length):
-        D, H, Rc, S, Lc = self.dim, self.heads, self.right, self.segment, self.left
-        x = self.input_linear(input[0])                        # (F, 128)
-        x = x.reshape(Rc + S, D)                              # time reduction: stride frames per row
-        x = torch.cat([x[S:], x[:S]]).unsqueeze(1)            # [right context; utterance], (Rc + S, 1, D)
-        # rows of the left context not yet filled: the first Lc - min(Lc, past_length)
-        filled = torch.arange(Lc, device=input.device) + past_length[0, 0, 0] >= Lc
-        bias = torch.cat([torch.where(filled, 0.0, self.neg_inf), input.new_zeros(Rc + S)])
-        scaling = (D // H) ** -0.5
-        keys_in, vals_in = lc_key[:, :, 0], lc_val[:, :, 0]     # (L, Lc, D)
-        new_keys, new_vals = [], []
-        for i, layer in enumerate(self.layers):
-            ln = layer.layer_norm_input(x)
-            qkv = torch.nn.functional.linear(ln[:, 0], self.qkv_weight[i], self.qkv_bias[i])
-            q, k, v = qkv.split(D, dim=1)
-            keys = torch.cat([keys_in[i], k])                  # (Lc + Rc + S, D)
-            vals = torch.cat([vals_in[i], v])
-            qh = (q * scaling).reshape(Rc + S, H, D // H).transpose(0, 1)
-            kh = keys.reshape(Lc + Rc + S, H, D // H).permute(1, 2, 0)
-            vh = vals.reshape(Lc + Rc + S, H, D // H).transpose(0, 1)
-            probs = torch.softmax(torch.matmul(qh, kh) + bias, dim=-1)
-            out = torch.matmul(probs, vh).transpose(0, 1).reshape(Rc + S, 1, D)
-            x = layer.attention.out_proj(out) + x
-            x = layer.pos_ff(x) + x
-            x = layer.layer_norm_output(x)
-            new_keys.append(k[Rc:])
-            new_vals.append(v[Rc:])
-        # the next left context: the last Lc rows of [left context; this segment's keys], all layers at once
-        next_key = torch.cat([keys_in, torch.stack(new_keys)], dim=1)[:, -Lc:].unsqueeze(2)
-        next_val = torch.cat([vals_in, torch.stack(new_vals)], dim=1)[:, -Lc:].unsqueeze(2)
-        out = self.layer_norm(self.output_linear(x[Rc:, 0])).unsqueeze(0)   # (1, S, E)
-        out_lengths = torch.clamp(torch.div(lengths, self.stride, rounding_mode="trunc") - Rc, min=0)
-        return out, out_lengths, next_key, next_val, past_length + S
-
-
 def _flatten(states: List[List[torch.Tensor]], use_memory: bool) -> tuple:
     """torchaudio's per-layer state -> ``(lc_key, lc_val, past_length[, memory])`` stacked over layers."""
     flat = (torch.stack([s[1] for s in states]), torch.stack([s[2] for s in states]),
@@ -255,7 +177,7 @@ def export_encoder(model, chunk_frames: int, path) -> dict:
     The model must be float32 (export a bf16/fp16 model's float32 original instead) and
     is put in eval mode for the export. Returns ``{"export_s", "bytes", "opset",
     "inputs", "outputs", "chunk_frames", "layers", "left_context", "memory", "dim",
-    "n_mels", "graph", "nodes"}`` (``graph``: ``"static"`` for :class:`_StaticInfer`, else
+    "n_mels", "graph", "nodes"}`` (``graph``: ``"static"`` for :class:`StaticInfer`, else
     ``"torchaudio"``; ``nodes``: top-level nodes of the exported graph). Raises :class:`BackendError` with the exporter's reason when the model
     cannot be exported (e.g. an operator or data-dependent control flow it cannot trace).
     """
@@ -269,7 +191,7 @@ def export_encoder(model, chunk_frames: int, path) -> dict:
     if dtype != torch.float32:
         raise BackendError(f"the ONNX encoder is exported from a float32 model; this one is {dtype}")
     use_memory = geo["memory"] > 0
-    graph = "static" if _StaticInfer.supports(transcriber) else "torchaudio"
+    graph = "static" if StaticInfer.supports(transcriber) else "torchaudio"
     in_names = ["input", "lengths", "lc_key", "lc_val", "past_length"] + (["memory"] if use_memory else [])
     out_names = ["output", "output_lengths", "next_lc_key", "next_lc_val", "next_past_length"] + (
         ["next_memory"] if use_memory else [])
@@ -283,7 +205,7 @@ def export_encoder(model, chunk_frames: int, path) -> dict:
     start = time.perf_counter()
     try:
         with torch.no_grad(), _quiet():
-            module = _StaticInfer(transcriber) if graph == "static" else _FlatInfer(transcriber, use_memory)
+            module = StaticInfer(transcriber) if graph == "static" else _FlatInfer(transcriber, use_memory)
             program = torch.onnx.export(module, example, dynamo=True,
                                         input_names=in_names, output_names=out_names, external_data=False)
             program.save(str(path), external_data=False)

@@ -1,0 +1,125 @@
+"""The Emformer's streaming step with static shapes: one graph for every chunk of a stream.
+
+torchaudio's ``Emformer.infer`` reads ``past_length`` with ``.item()`` and slices by it, so
+the shapes inside a chunk depend on a value: an ONNX export carries that arithmetic as
+thousands of small nodes, and ``torch.compile`` breaks its graph there. :class:`StaticInfer`
+computes the same with fixed shapes (a mask instead of a slice); it is what the ONNX
+backend exports (:mod:`dse.core.onnx_encoder`) and what ``compile`` compiles
+(:class:`StaticTranscriberStep`, torchaudio's state layout in and out).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+
+class StaticInfer(torch.nn.Module):
+    """The same computation as ``transcriber.infer`` at batch 1, written with static shapes.
+
+    torchaudio's ``infer`` slices the left context to ``min(left_context, past_length)``
+    rows in every layer, a shape that depends on a value: the exported graph then carries
+    that arithmetic (Shape, Gather, Min, Slice, Concat: about 2,000 nodes for the base
+    model, more time than its matrix products at int8). Here every layer attends to all
+    ``Lc`` left-context rows, and the rows not yet filled get the layer's ``negative_inf``
+    before the softmax, one mask computed per chunk from ``past_length``: masked rows get
+    probability exactly 0, so the result is torchaudio's up to the order of floating-point
+    sums (``tests/test_onnx_encoder.py`` compares them over 40 chunks from a zero state).
+    The query and key/value projections are one matrix product. State rows that are not yet
+    valid (the first ``Lc - past_length``) may hold other values than torchaudio's; neither
+    graph ever reads them. Float models only (the stacked projection reads ``.weight``). Models with memory (``max_memory_size > 0``) or no left context
+    are not supported (:meth:`supports`); the ONNX export then goes through torchaudio's own
+    ``infer`` (:class:`dse.core.onnx_encoder._FlatInfer`).
+    """
+
+    def __init__(self, transcriber):
+        super().__init__()
+        emformer = transcriber.transformer
+        self.input_linear = transcriber.input_linear
+        self.output_linear = transcriber.output_linear
+        self.layer_norm = transcriber.layer_norm
+        self.stride = transcriber.time_reduction.stride
+        self.layers = emformer.emformer_layers
+        self.right = emformer.right_context_length
+        self.segment = emformer.segment_length
+        self.left = emformer.left_context_length
+        first = self.layers[0].attention
+        self.heads, self.dim = first.num_heads, first.input_dim
+        self.neg_inf = float(first.negative_inf)
+        # [query; key; value] weights of each layer, stacked once (the exporter bakes them in)
+        self.qkv_weight = torch.nn.ParameterList([torch.nn.Parameter(torch.cat(
+            [l.attention.emb_to_query.weight, l.attention.emb_to_key_value.weight]).detach(), requires_grad=False)
+            for l in self.layers])
+        self.qkv_bias = torch.nn.ParameterList([torch.nn.Parameter(torch.cat(
+            [l.attention.emb_to_query.bias, l.attention.emb_to_key_value.bias]).detach(), requires_grad=False)
+            for l in self.layers])
+
+    @staticmethod
+    def supports(transcriber) -> bool:
+        """No memory, a left context, float32 ``Linear`` projections (not quantised)."""
+        emformer = transcriber.transformer
+        query = emformer.emformer_layers[0].attention.emb_to_query
+        return (emformer.max_memory_size == 0 and emformer.left_context_length > 0
+                and isinstance(getattr(query, "weight", None), torch.Tensor) and query.weight.dtype == torch.float32)
+
+    def forward(self, input, lengths, lc_key, lc_val, past_length):
+        D, H, Rc, S, Lc = self.dim, self.heads, self.right, self.segment, self.left
+        x = self.input_linear(input[0])                        # (F, 128)
+        x = x.reshape(Rc + S, D)                              # time reduction: stride frames per row
+        x = torch.cat([x[S:], x[:S]]).unsqueeze(1)            # [right context; utterance], (Rc + S, 1, D)
+        # rows of the left context not yet filled: the first Lc - min(Lc, past_length)
+        filled = torch.arange(Lc, device=input.device) + past_length[0, 0, 0] >= Lc
+        bias = torch.cat([torch.where(filled, 0.0, self.neg_inf), input.new_zeros(Rc + S)])
+        scaling = (D // H) ** -0.5
+        keys_in, vals_in = lc_key[:, :, 0], lc_val[:, :, 0]     # (L, Lc, D)
+        new_keys, new_vals = [], []
+        for i, layer in enumerate(self.layers):
+            ln = layer.layer_norm_input(x)
+            qkv = torch.nn.functional.linear(ln[:, 0], self.qkv_weight[i], self.qkv_bias[i])
+            q, k, v = qkv.split(D, dim=1)
+            keys = torch.cat([keys_in[i], k])                  # (Lc + Rc + S, D)
+            vals = torch.cat([vals_in[i], v])
+            qh = (q * scaling).reshape(Rc + S, H, D // H).transpose(0, 1)
+            kh = keys.reshape(Lc + Rc + S, H, D // H).permute(1, 2, 0)
+            vh = vals.reshape(Lc + Rc + S, H, D // H).transpose(0, 1)
+            probs = torch.softmax(torch.matmul(qh, kh) + bias, dim=-1)
+            out = torch.matmul(probs, vh).transpose(0, 1).reshape(Rc + S, 1, D)
+            x = layer.attention.out_proj(out) + x
+            x = layer.pos_ff(x) + x
+            x = layer.layer_norm_output(x)
+            new_keys.append(k[Rc:])
+            new_vals.append(v[Rc:])
+        # the next left context: the last Lc rows of [left context; this segment's keys], all layers at once
+        next_key = torch.cat([keys_in, torch.stack(new_keys)], dim=1)[:, -Lc:].unsqueeze(2)
+        next_val = torch.cat([vals_in, torch.stack(new_vals)], dim=1)[:, -Lc:].unsqueeze(2)
+        out = self.layer_norm(self.output_linear(x[Rc:, 0])).unsqueeze(0)   # (1, S, E)
+        out_lengths = torch.clamp(torch.div(lengths, self.stride, rounding_mode="trunc") - Rc, min=0)
+        return out, out_lengths, next_key, next_val, past_length + S
+
+
+class StaticTranscriberStep(torch.nn.Module):
+    """``transcriber.infer(input, lengths, states)`` through :class:`StaticInfer`, with
+    torchaudio's per-layer state ``[memory, lc_key, lc_val, past_length]`` in and out, so it can
+    stand in for the transcriber's ``infer`` (``None`` starts a stream from the zero state).
+    Full chunks only (``lengths`` equal to the chunk's frames), as a streaming recognizer sends."""
+
+    def __init__(self, transcriber):
+        super().__init__()
+        self.step = StaticInfer(transcriber)
+        emformer = transcriber.transformer
+        self.layers = len(emformer.emformer_layers)
+        self.left, self.dim = emformer.left_context_length, self.step.dim
+
+    def forward(self, input: torch.Tensor, lengths: torch.Tensor,
+                states: Optional[List[List[torch.Tensor]]] = None):
+        if states is None:
+            key = input.new_zeros(self.layers, self.left, 1, self.dim)
+            val = input.new_zeros(self.layers, self.left, 1, self.dim)
+            past = torch.zeros(self.layers, 1, 1, dtype=torch.int32, device=input.device)
+        else:
+            key = torch.stack([s[1] for s in states])
+            val = torch.stack([s[2] for s in states])
+            past = torch.stack([s[3] for s in states])
+        out, out_lengths, key, val, past = self.step(input, lengths, key, val, past)
+        empty = input.new_zeros(0, 1, self.dim)
+        return out, out_lengths, [[empty, key[i], val[i], past[i]] for i in range(self.layers)]
