@@ -35,6 +35,7 @@ import streamlit as st  # noqa: E402
 
 from dashboard import figures, logic  # noqa: E402
 from dse.core.errors import DSEError, redact  # noqa: E402
+from dse.core.record import TrialRecord  # noqa: E402
 from dse.search.storage import DEFAULT_STORAGE  # noqa: E402
 
 REFRESH_S = 10  # while trials run, the page checks the storage for finished trials this often (s)
@@ -311,7 +312,7 @@ def show_plot(rows: pd.DataFrame, counts: logic.TrialCounts, x: str, y: str, col
     if counts.failed or counts.pruned:
         notes.append(f"{counts.failed} failed and {counts.pruned} pruned trials are not plotted "
                      "(see the Failed & pruned tab).")
-    busy = [int(n) for n, a in zip(rows["trial"], rows["attrs"]) if a.get("load_warning")]
+    busy = [int(n) for n, a in zip(rows["trial"], rows["attrs"]) if TrialRecord.from_user_attrs(a).load_warning]
     if busy:
         notes.append(f"⚠ The machine was busy while trial(s) {', '.join(map(str, busy))} were timed: another process "
                      "used the CPU, so their speeds may be far off. Stop other work and measure them again.")
@@ -369,13 +370,13 @@ def share_table(records: list[dict], share_label: str) -> None:
 def show_trial_detail(rows: pd.DataFrame, trial: int, baseline_config: Optional[dict]) -> None:
     """Configuration, metrics with units, phases, machine, operators, slices and transcripts of one trial."""
     row = rows.set_index("trial").loc[trial]
-    attrs = row["attrs"]
-    if attrs.get("spread_warning"):
-        st.warning(f"Timing spread: {attrs['spread_warning']}")
-    if attrs.get("load_warning"):
-        st.warning(f"Machine not quiet: {attrs['load_warning']}")
-    if attrs.get("reused_wer_from") is not None:
-        st.caption(f"WER and CER reused from trial {attrs['reused_wer_from']} (same accuracy-relevant knobs); "
+    record = TrialRecord.from_user_attrs(row["attrs"])
+    if record.spread_warning:
+        st.warning(f"Timing spread: {record.spread_warning}")
+    if record.load_warning:
+        st.warning(f"Machine not quiet: {record.load_warning}")
+    if record.reused_wer_from is not None:
+        st.caption(f"WER and CER reused from trial {record.reused_wer_from} (same accuracy-relevant knobs); "
                    "this trial streamed only its timing utterances.")
     config_column, metric_column = st.columns([5, 7])
     with config_column:
@@ -384,10 +385,10 @@ def show_trial_detail(rows: pd.DataFrame, trial: int, baseline_config: Optional[
                      height="content")
     with metric_column:
         st.markdown("**Metrics**")
-        st.dataframe(logic.metric_table(attrs.get("metrics") or {}), hide_index=True, width="stretch",
+        st.dataframe(logic.metric_table(record.metrics or {}), hide_index=True, width="stretch",
                      height="content")
-        ci = attrs.get("rtf_mean_ci95")
-        speedup = attrs.get("speedup") or {}
+        ci = record.rtf_mean_ci95
+        speedup = record.speedup or {}
         notes = []
         if ci:
             notes.append(f"RTF mean 95 % interval [{ci[0]:.4f}, {ci[1]:.4f}]")
@@ -400,7 +401,7 @@ def show_trial_detail(rows: pd.DataFrame, trial: int, baseline_config: Optional[
     phase_column, machine_column = st.columns(2)
     with phase_column:
         st.markdown("**Phase durations**")
-        phases = attrs.get("phases_s") or {}
+        phases = record.phases_s or {}
         total_s = sum(phases.values()) or 1.0
         if phases:
             share_table([{"phase": name, "seconds": round(s, 2), "share": s / total_s} for name, s in phases.items()],
@@ -409,19 +410,19 @@ def show_trial_detail(rows: pd.DataFrame, trial: int, baseline_config: Optional[
             st.caption("No phase durations recorded.")
     with machine_column:
         st.markdown("**Machine**")
-        machine = attrs.get("machine") or {}
+        machine = record.machine or {}
         st.dataframe(pd.DataFrame({"": list(machine), "value": [str(v) for v in machine.values()]}),
                      hide_index=True, width="stretch")
 
     st.markdown("**Operator breakdown**")
-    profile = attrs.get("profile")
+    profile = record.profile
     if profile:
         share_table([{"operator": p["op"], "self CPU (ms)": round(p["self_cpu_ms"], 2), "calls": p["calls"],
                       "share": p["share"]} for p in profile], "share of self CPU time")
     else:
         st.caption("Not profiled. Run the study with `--profile` to record the operators that take the time.")
 
-    by_slice = attrs.get("wer_by_slice") or {}
+    by_slice = record.wer_by_slice or {}
     if by_slice:
         st.markdown("**WER by slice**")
         st.dataframe(pd.DataFrame({"slice": list(by_slice),
@@ -429,15 +430,15 @@ def show_trial_detail(rows: pd.DataFrame, trial: int, baseline_config: Optional[
                      hide_index=True, width="content")
 
     st.markdown("**Transcripts**")
-    transcripts = logic.transcript_table(attrs.get("transcripts") or [])
+    transcripts = logic.transcript_table(record.transcripts or [])
     if transcripts.empty:
         st.caption("No transcripts stored (WER not measured, or reused from another trial).")
     else:
         st.dataframe(transcripts, hide_index=True, width="stretch", height="content",
                      column_config={"WER": st.column_config.NumberColumn("WER", format="percent")})
-    if attrs.get("adapt"):
+    if record.adapt:
         with st.expander("Adaptation"):
-            st.json(attrs["adapt"])
+            st.json(record.adapt)
 
 
 def show_compare_trials(rows: pd.DataFrame, preselected: list[int]) -> None:

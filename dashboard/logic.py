@@ -24,7 +24,7 @@ from typing import Any, Iterable, Optional, Sequence
 import pandas as pd
 
 from dse.core.knobs import KNOBS
-from dse.core.record import METRICS
+from dse.core.record import METRICS, TrialRecord
 
 
 SPEED_AXES: tuple[str, ...] = ("rtf_p95", "rtf_p50", "rtf_normalised", "inverse_speedup", "chunk_latency_p95_ms",
@@ -104,8 +104,9 @@ def trial_rows(trials: Iterable, study_name: str = "") -> pd.DataFrame:
         if t.state != TrialState.COMPLETE:
             continue
         attrs = dict(t.user_attrs)
-        config = dict(attrs.get("config") or {})
-        metrics = attrs.get("metrics") or {}
+        result = TrialRecord.from_user_attrs(attrs)
+        config = dict(result.config or {})
+        metrics = result.metrics or {}
         record: dict[str, Any] = {"trial": t.number, "study": study_name}
         record.update({k: config.get(k) for k in KNOBS})
         record.update({name: _float(metrics.get(name)) for name in METRICS})
@@ -214,10 +215,15 @@ def recommend(rows: pd.DataFrame, speed: str, limits: Limits, baselines: Sequenc
     return base
 
 
-def _points(rows: pd.DataFrame, baseline: Optional[int]) -> dict:
-    from dse.search.front import point_from_attrs
+def _records(rows: pd.DataFrame) -> list[TrialRecord]:
+    """The :class:`TrialRecord` of each row, in row order."""
+    return [TrialRecord.from_user_attrs(a) for a in rows["attrs"]]
 
-    return {int(n): point_from_attrs(int(n), a, baseline) for n, a in zip(rows["trial"], rows["attrs"])}
+
+def _points(rows: pd.DataFrame, baseline: Optional[int]) -> dict:
+    from dse.search.front import point_from_record
+
+    return {int(n): point_from_record(int(n), r, baseline) for n, r in zip(rows["trial"], _records(rows))}
 
 
 def beats_baseline(rows: pd.DataFrame, trial: int, baseline: int, pair_speedups: Optional[dict] = None) -> bool:
@@ -239,12 +245,13 @@ def against_baseline(rows: pd.DataFrame, trial: int, baseline: int, pair_speedup
 
 def undecided_trials(rows: pd.DataFrame, baseline: Optional[int], pair_speedups: Optional[dict] = None) -> list[int]:
     """Trials another trial nominally dominates but not beyond the noise (:func:`dse.search.front.noisy_front`)."""
-    from dse.search.front import noisy_front
+    from dse.search.front import noisy_front, point_from_record
 
-    measured = rows[rows["attrs"].map(lambda a: bool((a.get("speedup") or {}).get("speedup")))]
-    if measured.empty:
+    points = {int(n): point_from_record(int(n), r, baseline) for n, r in zip(rows["trial"], _records(rows))
+              if (r.speedup or {}).get("speedup")}
+    if not points:
         return []
-    front = noisy_front(list(_points(measured, baseline).values()), pair_speedups)
+    front = noisy_front(list(points.values()), pair_speedups)
     return sorted({b for _, b in front.undecided})
 
 
@@ -260,15 +267,15 @@ def error_bar(rows: pd.DataFrame, metric: str) -> Optional[tuple[list, list]]:
             plus.append(max(0.0, ci[1] - v) if ok else 0.0)
         return minus, plus
 
-    attrs = list(rows["attrs"])
+    records = _records(rows)
     if metric == "wer":
-        return spans(rows["wer"], [a.get("wer_ci95") for a in attrs])
+        return spans(rows["wer"], [r.wer_ci95 for r in records])
     if metric == "rtf_mean":
-        return spans(rows["rtf_mean"], [a.get("rtf_mean_ci95") for a in attrs])
+        return spans(rows["rtf_mean"], [r.rtf_mean_ci95 for r in records])
     if metric in ("rtf_normalised", "inverse_speedup"):
         out = []
-        for v, a in zip(rows[metric], attrs):
-            ratio = a.get("speedup") or {}
+        for v, r in zip(rows[metric], records):
+            ratio = r.speedup or {}
             ci, sp = ratio.get("speedup_ci95"), ratio.get("speedup")
             out.append(None if not ci or not sp or is_missing(v) else (v * sp / ci[1], v * sp / ci[0]))
         return spans(rows[metric], out)
@@ -321,7 +328,8 @@ def unfinished_rows(trials: Iterable, baseline_config: Optional[dict] = None) ->
             reason = "in progress" if t.state in (TrialState.RUNNING, TrialState.WAITING) else "no reason recorded"
         started = f"{t.datetime_start:%Y-%m-%d %H:%M:%S}" if t.datetime_start else ""
         records.append({"trial": t.number, "state": t.state.name, "started": started, "reason": str(reason),
-                        "configuration": describe_changes(t.user_attrs.get("config") or t.params, baseline_config)})
+                        "configuration": describe_changes(TrialRecord.of_trial(t).config or t.params,
+                                                          baseline_config)})
     return pd.DataFrame(records, columns=["trial", "state", "started", "reason", "configuration"])
 
 
@@ -416,7 +424,7 @@ def wer_difference(rows: pd.DataFrame, a: int, b: int) -> Optional[str]:
     from dse.core.measure import paired_wer_difference
 
     picked = rows.set_index("trial")
-    ea, eb = (picked.at[n, "attrs"].get("utterance_errors") or [] for n in (a, b))
+    ea, eb = (TrialRecord.from_user_attrs(picked.at[n, "attrs"]).utterance_errors or [] for n in (a, b))
     if not ea or not eb:
         return None
     try:

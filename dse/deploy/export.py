@@ -42,6 +42,7 @@ import torch
 from dse.deploy import runtime
 from dse.core.errors import DSEError, cli_error, redact
 from dse.core.precision import apply_precision
+from dse.core.record import TrialRecord
 
 __all__ = ["bundle_path", "export_bundle", "not_a_bundle", "parse_pick", "select_trial", "main"]
 
@@ -108,18 +109,19 @@ def select_trial(study, trial: Optional[int] = None, pick: Optional[str] = None,
     complete = _complete_trials(study)
     if not complete:
         raise DSEError(f"study {study.study_name!r} has no COMPLETE trial; run python -m dse.run first")
-    known = sorted({k for t in complete for k in t.user_attrs.get("metrics", {})})
+    metrics = {t.number: TrialRecord.of_trial(t).metrics for t in complete}
+    known = sorted({k for m in metrics.values() for k in m})
     for name in [c.metric for c in conditions] + [minimize]:
         if name not in known:
             raise DSEError(f"metric {name!r} is not recorded by the trials of study {study.study_name!r}; "
                            f"recorded metrics: {', '.join(known)}")
-    matches = [t for t in complete if all(c.holds(t.user_attrs.get("metrics", {})) for c in conditions)]
-    ranked = [t for t in matches if isinstance(t.user_attrs["metrics"].get(minimize), (int, float))]
+    matches = [t for t in complete if all(c.holds(metrics[t.number]) for c in conditions)]
+    ranked = [t for t in matches if isinstance(metrics[t.number].get(minimize), (int, float))]
     if not ranked:
         best = []
         for c in conditions:
-            values = [(t.user_attrs["metrics"][c.metric], t.number) for t in complete
-                      if isinstance(t.user_attrs.get("metrics", {}).get(c.metric), (int, float))]
+            values = [(metrics[t.number][c.metric], t.number) for t in complete
+                      if isinstance(metrics[t.number].get(c.metric), (int, float))]
             if values:
                 lo, hi = min(values), max(values)
                 best.append(f"{c.metric} ranges from {lo[0]:.4g} (trial {lo[1]}) to {hi[0]:.4g} (trial {hi[1]})")
@@ -129,7 +131,7 @@ def select_trial(study, trial: Optional[int] = None, pick: Optional[str] = None,
         extra = f" with {minimize} measured" if matches else ""
         raise DSEError(f"no COMPLETE trial of study {study.study_name!r} satisfies {what}{extra} "
                        f"({len(complete)} complete; {'; '.join(best)}); loosen --pick")
-    ordered = sorted(ranked, key=lambda t: (t.user_attrs["metrics"][minimize], t.number))
+    ordered = sorted(ranked, key=lambda t: (metrics[t.number][minimize], t.number))
     base = _baseline(complete)
     if base is None or base not in matches:  # no baseline trial, or one the conditions rule out
         return ordered[0]
@@ -147,8 +149,8 @@ def _comparison(study, t, base):
     from dse.search.front import compare, point_of
 
     pairs = study.user_attrs.get("pair_speedups")
-    return compare(point_of(t, base.number), point_of(base, base.number), pairs), \
-        compare(point_of(base, base.number), point_of(t, base.number), pairs)
+    ours, theirs = point_of(t, base.number), point_of(base, base.number)
+    return compare(ours, theirs, pairs), compare(theirs, ours, pairs)
 
 
 def _beats(study, t, base) -> bool:
@@ -234,11 +236,14 @@ def _rebuild(study, trial, cache_dir: Optional[str], log: Callable[[str], None])
     from dse.core.config import TrialConfig
     from dse.core.build import build_recognizer
 
-    model_attr = trial.user_attrs.get("model") or study.user_attrs.get("model")
+    record = TrialRecord.of_trial(trial)
+    model_attr = record.model or study.user_attrs.get("model")
     if not model_attr:
         raise DSEError(f"trial {trial.number} records no model; it was not written by python -m dse.run")
+    if not record.config:
+        raise DSEError(f"trial {trial.number} records no configuration; it was not written by python -m dse.run")
     loaded = _load_base(model_attr["weights"], model_attr["name"])
-    config = TrialConfig.from_dict(trial.user_attrs["config"])
+    config = TrialConfig.from_dict(record.config)
     if config.lm_weight > 0:
         loaded = _attach_lm(loaded, model_attr, trial.number)
     resolved = config.resolved(loaded.arch)
@@ -262,7 +267,7 @@ def _rebuild(study, trial, cache_dir: Optional[str], log: Callable[[str], None])
         adapt_fn = adapter
     log(f"building trial {trial.number} ({model_attr['name']}, {config.precision})")
     built = build_recognizer(loaded, config.replace(compile="off"), adapt_fn=adapt_fn)
-    recorded = trial.user_attrs.get("metrics", {}).get("params")
+    recorded = record.metrics.get("params")
     if recorded is not None and recorded != built.params:
         raise DSEError(f"the rebuilt model has {built.params} parameters, trial {trial.number} recorded {recorded}; "
                        f"the base weights {model_attr['weights']} changed since the study")
@@ -470,7 +475,8 @@ def _write_bundle(directory: Path, study, trial, storage_url: str, built, adapta
     loaded = built.loaded
     deployed = built.recognizer.model
     # built without compile (eager weights are what a bundle holds); record the mode the study timed
-    trial_config = built.config.replace(compile=trial.user_attrs["config"].get("compile", "off"))
+    record = TrialRecord.of_trial(trial)
+    trial_config = built.config.replace(compile=record.config.get("compile", "off"))
     onnx = built.config.backend == "onnxruntime"
     # An ONNX Runtime bundle's weights.pt still holds the whole torch model in the trial's precision:
     # the predictor and joiner the runtime runs, and the encoder verify's fp32 reference rebuilds.
@@ -500,17 +506,17 @@ def _write_bundle(directory: Path, study, trial, storage_url: str, built, adapta
         moe = {"experts": cfg.moe_experts, "top_k": cfg.moe_top_k, "every": cfg.moe_every,
                "hidden": cfg.moe_hidden or loaded.arch["transformer_ffn_dim"], "layers": loaded.info["moe_layers"]}
     eval_info = {"set": study.user_attrs.get("eval_set"), "limit": study.user_attrs.get("eval_limit")}
-    metrics = dict(trial.user_attrs.get("metrics", {}))
-    speedup = trial.user_attrs.get("speedup") or {}
+    metrics = dict(record.metrics)
+    speedup = record.speedup or {}
     metrics["speedup_ci95"] = speedup.get("speedup_ci95")
     metrics_doc = {
         "study": study.study_name, "trial": trial.number, "metrics": metrics, "speedup": speedup,
-        "machine": trial.user_attrs.get("machine"), "wer_by_slice": trial.user_attrs.get("wer_by_slice", {}),
-        "rtf_mean_ci95": trial.user_attrs.get("rtf_mean_ci95"), "transcripts": trial.user_attrs.get("transcripts", []),
-        "utterance_errors": trial.user_attrs.get("utterance_errors", []),
-        "reused_wer_from": trial.user_attrs.get("reused_wer_from"), "phases_s": trial.user_attrs.get("phases_s"),
-        "spread_warning": trial.user_attrs.get("spread_warning"), "eval": eval_info,
-        "adapt": trial.user_attrs.get("adapt") or {}, "adapted_again": adaptation["source"] == "re-adapted",
+        "machine": record.machine, "wer_by_slice": record.wer_by_slice,
+        "rtf_mean_ci95": record.rtf_mean_ci95, "transcripts": record.transcripts,
+        "utterance_errors": record.utterance_errors,
+        "reused_wer_from": record.reused_wer_from, "phases_s": record.phases_s,
+        "spread_warning": record.spread_warning, "eval": eval_info,
+        "adapt": record.adapt or {}, "adapted_again": adaptation["source"] == "re-adapted",
     }
     _write_json(directory / runtime.METRICS_FILE, metrics_doc)
     from dse import __version__
@@ -633,7 +639,7 @@ def export_bundle(storage_url: str, study_name: str, out_dir, trial: Optional[in
     study = load_study(storage_url, study_name)
     chosen = select_trial(study, trial, pick, minimize)
     if pick is not None:
-        log(f"{pick_note(study, chosen)} ({minimize}={chosen.user_attrs['metrics'][minimize]:.4g})")
+        log(f"{pick_note(study, chosen)} ({minimize}={TrialRecord.of_trial(chosen).metrics[minimize]:.4g})")
     built, adaptation = _rebuild(study, chosen, cache_dir, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

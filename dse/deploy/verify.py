@@ -31,6 +31,7 @@ from dse.deploy import runtime
 from dse.core.config import TrialConfig
 from dse.core.errors import DSEError, cli_error
 from dse.core.knobs import KNOBS
+from dse.core.record import TrialRecord
 
 SPEEDUP_UTTERANCES = 8
 
@@ -78,12 +79,13 @@ def recorded_utterances(record: dict, ids: list[str]) -> Optional[list[tuple[int
     recorded transcripts (the first dozen, by id). Raises :class:`DSEError` when the recorded
     utterances are visibly others (other ids or reference word counts).
     """
-    transcripts = record.get("transcripts") or []
+    stored = TrialRecord.from_user_attrs(record)
+    transcripts = stored.transcripts or []
     for i, t in enumerate(transcripts[:len(ids)]):
         if t.get("id") != ids[i]:
             raise DSEError(f"utterance {i + 1} of this eval set is {ids[i]!r}, the study measured {t.get('id')!r} "
                            "there: not the same eval set (pass --eval-set with the one the study used)")
-    errors = record.get("utterance_errors") or []
+    errors = stored.utterance_errors or []
     if len(errors) >= len(ids):
         return [tuple(e) for e in errors[:len(ids)]]
     by_id = {t["id"]: t for t in transcripts if "errors" in t and "words" in t}
@@ -110,7 +112,8 @@ def check_accuracy(recognizer, record: dict, audio, eval_set, limit: Optional[in
     from dse.core.measure import measure, score
 
     result = measure(recognizer, audio, accuracy=True)
-    recorded = record["metrics"]
+    stored = TrialRecord.from_user_attrs(record)
+    recorded = stored.metrics
     lines = [f"eval set    {eval_set} ({result['utterances']} utterances"
              + (f", limit {limit}" if limit else "") + (f", {len(audio.skipped)} skipped" if audio.skipped else "") + ")"]
     problems = []
@@ -126,10 +129,10 @@ def check_accuracy(recognizer, record: dict, audio, eval_set, limit: Optional[in
         if [w for _, w in pairs] != [w for _, w in measured_errors]:
             raise DSEError(f"the first {len(pairs)} utterances of {eval_set} have other reference texts than "
                            "the ones the study measured: not the same eval set")
-        total = len(record.get("utterance_errors") or []) or "all"
+        total = len(stored.utterance_errors or []) or "all"
         where = f" on these {len(pairs)} of {total} utterances"
         compared["wer"] = _pooled(pairs)
-        by_id = {t["id"]: t for t in record.get("transcripts") or []}
+        by_id = {t["id"]: t for t in stored.transcripts or []}
         if all(i in by_id for i in audio.ids):
             compared["cer"] = score([by_id[i]["ref"] for i in audio.ids], [by_id[i]["hyp"] for i in audio.ids])["cer"]
         else:
@@ -148,7 +151,7 @@ def check_accuracy(recognizer, record: dict, audio, eval_set, limit: Optional[in
                      f"{'identical' if same else 'DIFFERENT'}")
         if not same:
             problems.append(f"{key.upper()} mismatch: recorded {_fmt(rec)}{where}, measured {_fmt(now)}")
-    same, diffs, absent = _compare_transcripts(record.get("transcripts") or [], result.get("transcripts") or [])
+    same, diffs, absent = _compare_transcripts(stored.transcripts or [], result.get("transcripts") or [])
     total = same + len(diffs)
     if total:
         lines.append(f"transcripts {same} of {total} recorded transcripts identical"
@@ -179,8 +182,9 @@ def check_speedup(bundle: Path, recognizer, config: dict, record: dict, audio, u
     lm = f", LM weight {reference.lm_weight:g}" if reference.lm_weight else ", no LM"
     lines = [f"speedup     {ratio['speedup']:.3f} {interval} over an fp32 rebuild with beam width "
              f"{reference.beam_width}{lm} ({ratio['samples']} utterances, {torch.get_num_threads()} thread(s))"]
-    recorded = record["metrics"].get("speedup")
-    ci = record["metrics"].get("speedup_ci95")
+    stored = TrialRecord.from_user_attrs(record)
+    recorded = stored.metrics.get("speedup")
+    ci = stored.metrics.get("speedup_ci95")
     if recorded is None:
         lines.append("            recorded: not measured")
         return lines
@@ -192,7 +196,7 @@ def check_speedup(bundle: Path, recognizer, config: dict, record: dict, audio, u
                      + "; ".join(differences) + ", so the two ratios are not strictly comparable")
     if ci and not ci[0] <= ratio["speedup"] <= ci[1]:
         here = machine_fingerprint()["cpu_model"]
-        then = (record.get("machine") or {}).get("cpu_model", "unknown")
+        then = (stored.machine or {}).get("cpu_model", "unknown")
         lines.append(f"FLAG        speedup {ratio['speedup']:.3f} is outside the recorded interval "
                      f"[{ci[0]:.3f}, {ci[1]:.3f}]; measured on {here!r}, recorded on {then!r}: re-run on an idle "
                      "machine, with more --speedup-utterances, before trusting either figure")
@@ -220,6 +224,7 @@ def main(argv=None) -> int:
         recognizer = runtime.load(bundle, threads=args.threads)  # an ONNX Runtime encoder's threads
         config = runtime.read_json(bundle, runtime.CONFIG_FILE)  # checked by load
         record = runtime.read_json(bundle, runtime.METRICS_FILE)
+        stored = TrialRecord.from_user_attrs(record)
         torch.set_num_threads(args.threads or config["trial_config"]["threads"])
         eval_set = args.eval_set or config["eval"]["set"]
         if not eval_set:
@@ -230,7 +235,7 @@ def main(argv=None) -> int:
         limit = args.limit if args.limit is not None else recorded_limit
         if limit is not None and recorded_limit is not None and limit > recorded_limit:
             limit = recorded_limit  # the study measured no more than these
-        recorded_count = len(record.get("utterance_errors") or [])
+        recorded_count = len(stored.utterance_errors or [])
         print(f"bundle      {bundle} (study {config['study']['name']!r}, trial {config['study']['trial']}, "
               f"{config['trial_config']['precision']}): every file matches MANIFEST.sha256")
         from dse.core.measure import load_eval_audio
@@ -238,7 +243,7 @@ def main(argv=None) -> int:
         audio = load_eval_audio(eval_set, limit)
         # fewer utterances than the study measured: compare with the record of those same ones
         subset = limit is not None and (limit < recorded_count if recorded_count else limit != recorded_limit)
-        if subset and record["metrics"].get("wer") is not None and recorded_utterances(record, audio.ids) is None:
+        if subset and stored.metrics.get("wer") is not None and recorded_utterances(record, audio.ids) is None:
             raise DSEError(f"--limit {args.limit}: this bundle records the WER of its whole eval set but not the "
                            f"errors of each utterance, so a subset's WER has nothing to be compared with; "
                            "run without --limit, or export the bundle again with this dse")

@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
+from dse.core.record import TrialRecord
+
 BETTER, WORSE, TIED, OPEN = "better", "worse", "tied", "open"
 
 
@@ -76,19 +78,19 @@ class Comparison:
 
 def point_of(trial, baseline_number: Optional[int] = None, limits_ok: bool = True, description: str = "") -> Point:
     """The :class:`Point` of an Optuna ``FrozenTrial`` written by the study."""
-    return point_from_attrs(trial.number, trial.user_attrs, baseline_number, limits_ok, description)
+    return point_from_record(trial.number, TrialRecord.of_trial(trial), baseline_number, limits_ok, description)
 
 
-def point_from_attrs(number: int, attrs: dict, baseline_number: Optional[int] = None, limits_ok: bool = True,
-                     description: str = "") -> Point:
-    """The :class:`Point` of trial ``number`` from the ``user_attrs`` the study wrote."""
-    ratio = attrs.get("speedup") or {}
+def point_from_record(number: int, record: TrialRecord, baseline_number: Optional[int] = None,
+                      limits_ok: bool = True, description: str = "") -> Point:
+    """The :class:`Point` of trial ``number`` from the record the study wrote."""
+    ratio = record.speedup or {}
     speedup = float(ratio.get("speedup", float("nan")))
     lo, hi = ratio.get("speedup_ci95") or (speedup, speedup)
     if number == baseline_number:  # the reference: its speed relative to itself is 1 by definition
         speedup, lo, hi = 1.0, 1.0, 1.0
-    return Point(number, speedup, (float(lo), float(hi)), (attrs.get("metrics") or {}).get("wer"),
-                 tuple(tuple(e) for e in attrs.get("utterance_errors") or ()), description,
+    return Point(number, speedup, (float(lo), float(hi)), (record.metrics or {}).get("wer"),
+                 tuple(tuple(e) for e in record.utterance_errors or ()), description,
                  number == baseline_number, limits_ok)
 
 

@@ -449,7 +449,7 @@ def prune_reason(space, study, step: int, dev_wer: float, dev_errors: Optional[l
         if p.speedup < cand_lo:
             continue
         member = study.trials[number]
-        ref = reference.errors(study, TrialConfig.from_dict(member.user_attrs["config"]))
+        ref = reference.errors(study, TrialConfig.from_dict(TrialRecord.of_trial(member).config))
         if not ref or len(ref) != len(dev_errors):
             continue
         diff, lo, hi = paired_wer_difference([tuple(e) for e in dev_errors], [tuple(e) for e in ref])
@@ -467,16 +467,19 @@ def front_points(study, space) -> list:
     from optuna.trial import TrialState
 
     from dse.core.config import TrialConfig
-    from dse.search.front import point_of
+    from dse.search.front import point_from_record
 
     base = baseline_trial(study)
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if is_duplicate(t) or not (t.user_attrs.get("speedup") or {}).get("speedup"):
+        if is_duplicate(t):
             continue
-        ok = all(v <= 0 for v in t.user_attrs.get("constraint_violations") or [])
-        out.append(point_of(t, base.number if base else None, ok,
-                            describe(TrialConfig.from_dict(t.user_attrs["config"]))))
+        record = TrialRecord.of_trial(t)
+        if not (record.speedup or {}).get("speedup"):
+            continue
+        ok = all(v <= 0 for v in record.constraint_violations or [])
+        out.append(point_from_record(t.number, record, base.number if base else None, ok,
+                                     describe(TrialConfig.from_dict(record.config))))
     return out
 
 
@@ -484,11 +487,11 @@ def find_reuse(study, accuracy_key: str) -> Optional[dict]:
     """WER of a completed trial with the same accuracy key (see :mod:`dse.search.study`), if any."""
     from optuna.trial import TrialState
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.user_attrs.get("accuracy_key") == accuracy_key and t.user_attrs.get("metrics", {}).get("wer") is not None:
-            m = t.user_attrs["metrics"]
-            return {"wer": m["wer"], "cer": m.get("cer"), "wer_by_slice": t.user_attrs.get("wer_by_slice", {}),
-                    "wer_ci95": t.user_attrs.get("wer_ci95"),
-                    "utterance_errors": t.user_attrs.get("utterance_errors", []), "trial": t.number}
+        record = TrialRecord.of_trial(t)
+        if record.accuracy_key == accuracy_key and record.metrics.get("wer") is not None:
+            m = record.metrics
+            return {"wer": m["wer"], "cer": m.get("cer"), "wer_by_slice": record.wer_by_slice,
+                    "wer_ci95": record.wer_ci95, "utterance_errors": record.utterance_errors, "trial": t.number}
     return None
 
 
@@ -645,7 +648,7 @@ def resolve_front(study, ctx, console) -> None:
         console.print(f"re-measuring trials {a} and {b} against each other (the noise leaves their order open)")
         built = {}
         for n in (a, b):
-            cfg = TrialConfig.from_dict(study.trials[n].user_attrs["config"])
+            cfg = TrialConfig.from_dict(TrialRecord.of_trial(study.trials[n]).config)
             built[n] = build_recognizer(ctx.loaded, cfg, adapt_fn=ctx.adapt_fn)
         torch.set_num_threads(built[a].config.threads)
         with timing_lock(ctx.lock_dir):
@@ -687,8 +690,9 @@ def pareto_table(study, space):
         shown.append(base_number)
     for number in shown:
         t = study.trials[number]
+        record = TrialRecord.of_trial(t)
         p = front.points[number]
-        m = t.user_attrs.get("metrics", {})
+        m = record.metrics
 
         def f(v, spec=".4g"):
             return "not measured" if v is None else format(v, spec)
@@ -707,7 +711,7 @@ def pareto_table(study, space):
             notes.append("undecided")
         if not p.limits_ok:
             notes.append("outside limits")
-        if t.user_attrs.get("load_warning"):
+        if record.load_warning:
             notes.append("machine busy")
         table.add_row(str(number), p.description, *[f(v) for v in (t.values or [])], f(m.get("wer"), ".3f"), diff,
                       f"{p.speedup:.2f} [{p.speedup_ci95[0]:.2f}, {p.speedup_ci95[1]:.2f}]",
@@ -724,7 +728,7 @@ def study_summary(study, space) -> list[str]:
     if base_number is None:
         return ["the baseline has not been measured yet: no recommendation"] if points else []
     lines = summary(front, base_number, points, study.user_attrs.get("pair_speedups"))
-    busy = [p.trial for p in points if study.trials[p.trial].user_attrs.get("load_warning")]
+    busy = [p.trial for p in points if TrialRecord.of_trial(study.trials[p.trial]).load_warning]
     if busy:
         lines.append(f"warning: the machine was busy while trial(s) {', '.join(map(str, busy))} were timed (another "
                      "process used the CPU); their speeds may be wrong by far more than their intervals say: stop "
