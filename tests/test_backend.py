@@ -5,6 +5,7 @@ Tiny architecture throughout; every ONNX export of this module goes to one cache
 """
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -111,7 +112,8 @@ def test_onnxruntime_trial_streams_the_transcripts_of_torch_fp32(tiny_model, aud
     assert [t["hyp"] for t in a["transcripts"]] == [t["hyp"] for t in b["transcripts"]]
     assert any(t["hyp"] for t in a["transcripts"])  # something was decoded
     assert a["wer"] == b["wer"]
-    assert a["threading"]["ort_threads"] == 1 and a["threading"]["ort_spinning"] is False
+    assert a["threading"]["ort_threads"] == 1
+    assert a["threading"]["ort_spinning"] is (os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE")
     assert b["threading"]["ort_threads"] is None and a["threading"]["omp_wait_policy"]
 
 
@@ -243,7 +245,8 @@ def test_onnx_bundle_holds_the_encoder_the_trial_ran(ort_bundle):
     assert listed[art["file"]] == art["sha256"] == runtime.sha256_file(onnx)
     recognizer = runtime.load(ort_bundle.path)
     assert type(recognizer.model.transcriber).__name__ == "OrtTranscriber"
-    assert recognizer.model.transcriber.path == onnx and recognizer.model.transcriber.spinning is False
+    assert recognizer.model.transcriber.path == onnx
+    assert recognizer.model.transcriber.spinning is (os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE")
     assert "ONNX Runtime" in (ort_bundle.path / "README.md").read_text()
 
 

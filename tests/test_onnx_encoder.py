@@ -262,3 +262,12 @@ def test_moe_export_fails_with_the_reason(tmp_path):
         oe.export_encoder(moe_model, CHUNK, tmp_path / "moe.onnx")
     assert "\n" not in str(err.value) and len(str(err.value)) < 500
     assert not (tmp_path / "moe.onnx").exists()
+
+
+@pytest.mark.parametrize("policy, spins", [(None, True), ("ACTIVE", True), ("PASSIVE", False), ("passive", False)])
+def test_ort_spins_exactly_when_openmp_does(monkeypatch, policy, spins):
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    assert oe.default_spinning() is spins

@@ -198,8 +198,9 @@ def apply_backend(model: torch.nn.Module, config: TrialConfig, cache_dir=None) -
     The encoder is exported from ``model``'s fp32 weights (int8: ONNX Runtime's dynamic
     quantisation of that export) through :func:`dse.core.onnx_encoder.encoder_onnx`, cached by
     :func:`encoder_cache_key` under ``cache_dir`` (default ``$DSE_ONNX_CACHE`` or
-    ``~/.cache/dse/onnx``). The session's intra-op threads are ``config.threads``; spinning
-    is off (see :class:`~dse.core.onnx_encoder.OrtTranscriber`). What the export cost is on
+    ``~/.cache/dse/onnx``). The session's intra-op threads are ``config.threads``; they spin
+    unless ``OMP_WAIT_POLICY=PASSIVE`` (:func:`~dse.core.onnx_encoder.default_spinning`), as
+    torch's OpenMP threads do. What the export cost is on
     the transcriber's ``export_info``. A model the exporter refuses (a mixture of experts)
     raises :class:`TrialFailed` with the exporter's reason: never a silent fall-back to torch.
     """
@@ -211,7 +212,8 @@ def apply_backend(model: torch.nn.Module, config: TrialConfig, cache_dir=None) -
     key = encoder_cache_key(model, config)
     try:
         path, info = onnx_encoder.encoder_onnx(model, chunk_frames, config.precision, cache_dir=cache_dir, key=key)
-        deployed = onnx_encoder.use_onnx_encoder(model, path, threads=config.threads, spinning=False)
+        deployed = onnx_encoder.use_onnx_encoder(model, path, threads=config.threads,
+                                                 spinning=onnx_encoder.default_spinning())
     except onnx_encoder.BackendError as exc:
         raise TrialFailed(f"backend onnxruntime cannot run this configuration: {exc}") from exc
     deployed.transcriber.export_info = dict(info, path=str(path), key=key)

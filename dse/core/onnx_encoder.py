@@ -268,12 +268,12 @@ class OrtTranscriber(torch.nn.Module):
     """An exported encoder in an ONNX Runtime session, with ``_Transcriber.infer``'s signature.
 
     ``threads``: ``intra_op_num_threads`` (inter-op is 1: the graph is one chain).
-    ``spinning``: ``session.intra_op.allow_spinning``. Off by default: a spinning worker
-    busy-waits for the next op instead of sleeping, which on a shared or oversubscribed
-    machine steals the core another thread (or process) needs and can make a chunk ~30x
-    slower (the OpenMP finding in DESIGN.md). A deployment that pins the encoder to
-    dedicated, otherwise idle cores should pass ``spinning=True`` to save the wake-up
-    latency between ops.
+    ``spinning``: ``session.intra_op.allow_spinning``. A spinning worker busy-waits for the
+    next op instead of sleeping: on a quiet machine that saves a wake-up per op (1.37x on the
+    base encoder at 2 threads), on a shared or oversubscribed one it steals the core another
+    thread (or process) needs and can make a chunk ~30x slower (the OpenMP finding in
+    DESIGN.md). The builds pass :func:`default_spinning` (off under ``OMP_WAIT_POLICY=PASSIVE``);
+    the constructor's default is off.
 
     A subclass of ``torch.nn.Module`` only so that it can sit in an RNNT model's
     ``transcriber`` slot; it has no parameters and only supports streaming ``infer``.
@@ -387,6 +387,19 @@ def _same_slots(states: List[List[torch.Tensor]], previous: List[List[torch.Tens
     its tensors are views of the arrays the session returned, so those arrays are its stacked form)."""
     return len(states) == len(previous) and all(
         len(a) == len(b) and all(x is y for x, y in zip(a, b)) for a, b in zip(states, previous))
+
+
+def default_spinning() -> bool:
+    """Whether ONNX Runtime's intra-op threads should spin: as torch's OpenMP threads do.
+
+    ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep between operators) turns spinning off, anything
+    else leaves it on, so one setting governs both runtimes of a configuration. On a quiet
+    machine spinning is what makes a second thread pay: the base encoder at int8 and 2
+    threads ran 1.37x faster spinning than not, and without spinning 2 threads were no faster
+    than 1 (``benchmarks/stream_base.py`` prints the threads and spinning it ran with). On
+    shared cores a spinning thread holds the core another one needs; set PASSIVE there.
+    """
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
 
 
 def use_onnx_encoder(model, session_path, threads: int, spinning: bool = False):

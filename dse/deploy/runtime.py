@@ -260,7 +260,7 @@ def _onnx_encoder(directory: Path, config: dict, model: torch.nn.Module, threads
     from dse.core import onnx_encoder
 
     try:
-        return onnx_encoder.use_onnx_encoder(model, path, threads=threads, spinning=False)
+        return onnx_encoder.use_onnx_encoder(model, path, threads=threads, spinning=onnx_encoder.default_spinning())
     except onnx_encoder.BackendError as exc:
         raise BundleError(f"{directory}: this bundle runs its encoder with ONNX Runtime: {exc}") from None
 
