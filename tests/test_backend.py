@@ -280,3 +280,21 @@ def test_onnx_bundle_with_a_tampered_encoder_is_refused(ort_bundle, tmp_path):
 def test_onnx_bundle_refuses_compile(ort_bundle):
     with pytest.raises(runtime.BundleError, match="runs in ONNX Runtime; compile applies to a torch encoder"):
         runtime.load(ort_bundle.path, compile=True)
+
+
+def test_each_recognizer_runs_with_its_own_torch_threads(tiny_model, audio):
+    """torch's thread count is per process: recognizers timed side by side (a 1-thread
+    candidate against a 2-thread baseline) each set their own when they decode, and beside an
+    ONNX Runtime encoder torch keeps 1 (its own pool has the configured threads)."""
+    one = build_recognizer(tiny_model, TrialConfig(beam_width=1, threads=1)).recognizer
+    two = build_recognizer(tiny_model, TrialConfig(beam_width=1, threads=2)).recognizer
+    ort = build_recognizer(tiny_model, TrialConfig(**dict(ORT, threads=2))).recognizer
+    assert (one.threads, two.threads, ort.threads, ort.model.transcriber.threads) == (1, 2, 1, 2)
+    before = torch.get_num_threads()
+    try:
+        wave = audio.eval.waveforms[0]
+        for rec, want in ((one, 1), (two, 2), (ort, 1), (two, 2)):
+            rec.transcribe(wave)
+            assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)

@@ -334,15 +334,27 @@ def decoder_options(config: TrialConfig, lm_path: Optional[str] = None, lm=None)
             "lm_weight": config.lm_weight, "temperature": config.temperature}
 
 
-def apply_threads(config: TrialConfig) -> None:
-    """Intra-op threads for the timed run: torch's (OpenMP, MKL, oneDNN) to ``config.threads``.
+def torch_threads(config: TrialConfig) -> int:
+    """torch's intra-op threads (OpenMP, MKL, oneDNN) for a recognizer of ``config``.
 
-    An ONNX Runtime encoder got the same count when its session was made (:func:`apply_backend`).
-    OpenMP's wait policy cannot change once torch is loaded: importing ``dse`` first sets
-    ``OMP_WAIT_POLICY=PASSIVE`` unless the environment says otherwise, and
-    :func:`dse.core.measure.threading_settings` records what a run used.
+    ``config.threads``, except with an ONNX Runtime encoder: its session has ``config.threads``
+    threads of its own (:func:`apply_backend`), and torch, left with the features and the
+    search (matrices of a few rows), gets 1. A second OpenMP thread would spin beside ONNX
+    Runtime's pool after every torch operator and take the core the encoder needs: on the
+    base model at int8 and 2 threads the encoder's chunk took 12.0 ms with torch at 2
+    threads and 7.0 ms at 1, and the search was no slower (``benchmarks/stream_base.py``).
     """
-    torch.set_num_threads(config.threads)
+    return 1 if config.backend == "onnxruntime" else config.threads
+
+
+def apply_threads(config: TrialConfig) -> None:
+    """torch's intra-op threads for the timed run (:func:`torch_threads`); the recognizer sets
+    them again whenever it decodes, so interleaved recognizers each run with their own.
+
+    OpenMP's wait policy cannot change once torch is loaded; it is left as the environment
+    sets it, and :func:`dse.core.measure.threading_settings` records what a run used.
+    """
+    torch.set_num_threads(torch_threads(config))
 
 
 def assemble(deployed: torch.nn.Module, logmel, tokenizer, config: TrialConfig, lm_path: Optional[str] = None,
@@ -353,7 +365,8 @@ def assemble(deployed: torch.nn.Module, logmel, tokenizer, config: TrialConfig, 
         options.update(transform.function()(config, lm_path=lm_path, lm=lm))
     return StreamingRecognizer(deployed, logmel, tokenizer, config.segment_frames, config.right_context_frames,
                                dtype=DTYPES.get(config.precision, torch.float32),
-                               autocast_dtype=AUTOCAST.get(config.precision), **options)
+                               autocast_dtype=AUTOCAST.get(config.precision), threads=torch_threads(config),
+                               **options)
 
 
 @contextlib.contextmanager

@@ -300,6 +300,8 @@ class OrtTranscriber(torch.nn.Module):
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        # spin between the operators of a chunk, not after it: torch's threads run the search next
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
         opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])

@@ -79,12 +79,16 @@ class StreamingRecognizer:
     one joiner call; the same transcripts as torchaudio's search on the whole shipped eval
     split, greedy, beam 4 and beam 4 with the LM) or ``"torchaudio"`` (its ``RNNTBeamSearch``,
     with :class:`dse.core.lm.FusedBeamSearch` for LM fusion; kept as the reference).
+    ``threads``: torch's intra-op threads, set whenever audio arrives if the process runs with
+    another count (torch's setting is per process; recognizers timed side by side each get
+    their own); ``None`` leaves them alone.
     """
 
     def __init__(self, model, logmel, tokenizer, segment_length: int, right_context_length: int,
                  beam_width: int = 4, dtype: torch.dtype = torch.float32,
                  autocast_dtype: Optional[torch.dtype] = None, clock: Callable[[], int] = time.perf_counter_ns,
-                 lm=None, lm_weight: float = 0.0, temperature: float = 1.0, search: str = "vectorised"):
+                 lm=None, lm_weight: float = 0.0, temperature: float = 1.0, search: str = "vectorised",
+                 threads: Optional[int] = None):
         if beam_width < 1:
             raise ValueError(f"beam_width={beam_width} must be at least 1")
         if not temperature > 0:
@@ -99,6 +103,7 @@ class StreamingRecognizer:
         self.dtype = dtype
         self.autocast_dtype = autocast_dtype
         self.clock = clock
+        self.threads = threads
         self.lm_weight = float(lm_weight) if lm is not None else 0.0
         if search == "vectorised":
             from dse.core.decoder import FastRNNTSearch
@@ -177,6 +182,8 @@ class StreamingRecognizer:
     def accept_audio(self, samples: torch.Tensor) -> list[ChunkEvent]:
         """Feed ``samples`` ``(n,)`` float audio at the feature rate; decode every completed chunk."""
         start = self.clock()
+        if self.threads is not None and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         self.samples_in += samples.numel()
         frames = self.features.push(samples)
         if frames.numel():

@@ -204,9 +204,9 @@ def load(directory: str | os.PathLike, *, compile: Optional[bool] = None,
     same-run timing reference. ``lm_weight``: the language-model fusion weight (``None``:
     the trial's; 0: no LM). ``temperature``: the decoder temperature (``None``: the trial's;
     1.0 for bundles exported before the knob existed, which is what they were measured with).
-    ``threads``: intra-op threads of an ONNX Runtime encoder (``None``: the trial's), set
-    when its session is made. torch's threads are not set here: call ``torch.set_num_threads``
-    (the trial's value is ``read_config(directory)["trial_config"]["threads"]``).
+    ``threads``: intra-op threads (``None``: the trial's): an ONNX Runtime encoder's session
+    gets them when it is made, and the recognizer sets torch's whenever it decodes (1 beside
+    an ONNX Runtime encoder, :func:`dse.core.build.torch_threads`).
     """
     directory = Path(directory)
     config = read_config(directory)
@@ -287,6 +287,8 @@ def _recognizer(directory: Path, config: dict, compile: Optional[bool], fp32_ref
         model = _onnx_encoder(directory, config, model, threads or trial.threads)
     if compile is not None and changes.get("backend", trial.backend) == "torch":
         changes["compile"] = (trial.compile if trial.compile != "off" else "default") if compile else "off"
+    if threads is not None:
+        changes["threads"] = int(threads)
     if lm_weight is not None:
         changes["lm_weight"] = float(lm_weight)
     if temperature is not None:

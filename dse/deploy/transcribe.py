@@ -99,9 +99,8 @@ def main(argv=None) -> int:
             raise DSEError("'-' (standard input) can be given only once")
         if args.threads is not None and args.threads < 1:
             raise DSEError(f"--threads {args.threads} must be at least 1")
-        recognizer = runtime.load(args.bundle, compile=False if args.no_compile else None)
-        config = runtime.read_json(args.bundle, runtime.CONFIG_FILE)  # checked by load
-        torch.set_num_threads(args.threads or config["trial_config"]["threads"])
+        # the recognizer sets torch's threads when it decodes (1 beside an ONNX Runtime encoder)
+        recognizer = runtime.load(args.bundle, compile=False if args.no_compile else None, threads=args.threads)
         rate = recognizer.logmel.config.sample_rate
         failed = 0
         for item in args.inputs:

@@ -221,11 +221,10 @@ def main(argv=None) -> int:
         for flag, value in (("--threads", args.threads), ("--speedup-utterances", args.speedup_utterances)):
             if value is not None and value < 1:
                 raise DSEError(f"{flag} {value} must be at least 1")
-        recognizer = runtime.load(bundle, threads=args.threads)  # an ONNX Runtime encoder's threads
+        recognizer = runtime.load(bundle, threads=args.threads)  # it sets torch's threads when it decodes
         config = runtime.read_json(bundle, runtime.CONFIG_FILE)  # checked by load
         record = runtime.read_json(bundle, runtime.METRICS_FILE)
         stored = TrialRecord.from_user_attrs(record)
-        torch.set_num_threads(args.threads or config["trial_config"]["threads"])
         eval_set = args.eval_set or config["eval"]["set"]
         if not eval_set:
             raise DSEError(f"{bundle}: no eval set recorded; pass --eval-set MANIFEST")
