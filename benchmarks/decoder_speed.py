@@ -7,7 +7,8 @@ and greedy search, each built twice: ``search="torchaudio"`` (``RNNTBeamSearch``
 project's fused beam search) and the default vectorised search (:mod:`dse.core.decoder`).
 Each utterance is streamed by both, in alternating order (:func:`dse.core.measure.interleaved_speedup`);
 printed: the median per-utterance speedup with its bootstrap 95 % interval, each side's RTF,
-whether the transcripts are identical, and the other processes' load during the run.
+whether the transcripts are identical, and the other processes' load during the run; then the
+milliseconds per chunk each spends in the search and in the encoder (from the accuracy passes).
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ from dse.core.build import assemble, deploy, edit_architecture
 from dse.core.config import TrialConfig, fill_defaults
 from dse.core.measure import OtherCpuLoad, interleaved_speedup, load_eval_audio, machine_fingerprint, measure
 from dse.core.models import DEFAULT_EVAL, load_model
+from stream_base import Breakdown  # benchmarks/ is this script's directory
+
+
+def n_chunks(result: dict) -> int:
+    return result["chunks"]
 
 
 def recognizer(loaded, config: TrialConfig, search: str):
@@ -50,13 +56,21 @@ def main() -> None:
         fast, ref = recognizer(loaded, config, "vectorised"), recognizer(loaded, config, "torchaudio")
         with OtherCpuLoad() as load:
             ratio = interleaved_speedup(fast, ref, audio)
+        parts = {"vectorised": Breakdown(fast), "torchaudio": Breakdown(ref)}
         a = measure(fast, audio, accuracy=True)
         b = measure(ref, audio, accuracy=True)
+        ms = {k: {part: v * 1000 / n_chunks(result) for part, v in br.seconds.items()}
+              for (k, br), result in zip(parts.items(), (a, b))}
+        for br in parts.values():
+            br.detach()
         same = sum(x["hyp"] == y["hyp"] for x, y in zip(a["transcripts"], b["transcripts"]))
         ci = ratio["speedup_ci95"]
         print(f"  {label}: vectorised {ratio['speedup']:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}] torchaudio's speed; "
               f"RTF {a['rtf_mean']:.4f} against {b['rtf_mean']:.4f}; identical transcripts {same}/{len(audio.waveforms)}; "
               f"WER {a['wer']:.3f} / {b['wer']:.3f}; other processes' load {load.other_cores:.2f} cores")
+        v, t = ms["vectorised"], ms["torchaudio"]
+        print(f"    ms per chunk (one measure pass each, not interleaved): search {v['search']:.2f} against "
+              f"{t['search']:.2f} ({t['search'] / v['search']:.2f}x), encoder {v['encoder']:.2f} / {t['encoder']:.2f}")
 
 
 if __name__ == "__main__":
