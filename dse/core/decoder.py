@@ -384,7 +384,80 @@ class FastRNNTSearch(torch.nn.Module):
     def _search(self, enc_out: torch.Tensor, hypothesis: Optional[List[Hypothesis]],
                 beam_width: int) -> List[Hypothesis]:
         with torch.inference_mode():
+            if beam_width == 1 and (hypothesis is None or len(hypothesis) == 1):
+                return self._greedy_impl(enc_out, hypothesis)
             return self._search_impl(enc_out, hypothesis, beam_width)
+
+    def _greedy_impl(self, enc_out: torch.Tensor, hypothesis: Optional[List[Hypothesis]]) -> List[Hypothesis]:
+        """:meth:`_search_impl` at beam width 1, with its bookkeeping cut to what one hypothesis needs.
+
+        The operations that decide the search are the same, on tensors of the same shapes and
+        values (the joiner and predictor calls, the float32 score sums, ``topk`` over the
+        non-blank scores, the end-of-frame sort and ``topk`` of length-normalised scores), so the
+        result is bit-identical; what goes is the list machinery. At beam 1 the ``a`` set is one
+        hypothesis, each expansion is a longer token sequence than every ``b`` hypothesis of the
+        frame (so nothing merges), and the threshold, the best ``b`` score, is a running maximum.
+        Predictor rows and states are read as slices of the store instead of gathered.
+        """
+        model = self.model
+        device = enc_out.device
+        blank = self.blank
+        temperature = self.temperature
+        step_max_tokens = self.step_max_tokens
+        cache = self.cache_predictor
+        lm = self._lm
+        one = self._ones(1, device)
+        log_softmax = torch.nn.functional.log_softmax
+
+        store, seeds = self._seed(hypothesis, device)
+        tokens_of, slot_of, lm_row_of = store.tokens_of, store.slot_of, store.lm_row_of
+        best = seeds[0]
+        for t in range(enc_out.shape[1]):
+            enc_t = enc_out[:, t: t + 1]
+            key, slot, score = best
+            b_hypos = []
+            threshold = -float("inf")
+            symbols_current_t = 0
+            while True:
+                joined, _, _ = model.join(enc_t, one, store.pred[slot: slot + 1], one)
+                probs = log_softmax(joined / temperature, dim=3)[:, 0, 0]
+                if lm is not None:
+                    probs = probs.float()
+                    probs[:, :blank] += lm.gather([lm_row_of[key]]).to(probs.device)
+                probs = probs.cpu()
+                hypo_score = torch.tensor([score])
+                if hypo_score.dtype == probs.dtype:
+                    total = hypo_score.unsqueeze(1) + probs
+                    blank_score, nonblank = float(total[0, -1]), total[:, :-1]
+                else:  # as in _search_impl: bf16, fp16 or fp64 models
+                    blank_score = float(torch.tensor([score], dtype=probs.dtype) + probs[0, -1])
+                    nonblank = hypo_score.unsqueeze(1) + probs[:, :-1]
+                b_hypos.append((key, slot, blank_score))
+                threshold = max(threshold, blank_score)
+                if symbols_current_t == step_max_tokens:
+                    break
+                top_score, top_idx = nonblank.reshape(-1).topk(1)
+                top_score = float(top_score)
+                if not top_score > threshold:
+                    break
+                token, parent = int(top_idx), slot
+                key = store.child(key, token)
+                slot = slot_of[key] if cache else -1
+                if slot < 0:
+                    out, _, out_state = model.predict(torch.tensor([[token]], device=device), one,
+                                                      [[buf[parent: parent + 1] for buf in layer]
+                                                       for layer in store.states])
+                    slot = slot_of[key] = store.append(out, out_state)
+                score = top_score
+                symbols_current_t += 1
+            # the frame's best by length-normalised score, over the b set in _search_impl's order
+            order = torch.tensor([h[2] for h in b_hypos]).sort()[1].tolist()
+            b_hypos = [b_hypos[i] for i in order]
+            norm = torch.tensor([h[2] / (len(tokens_of[h[0]]) + 1) for h in b_hypos])
+            best = b_hypos[int(norm.topk(1)[1])]
+        key, slot, score = best
+        return [(list(tokens_of[key]), store.pred[slot: slot + 1][0].clone(),
+                 [[buf[slot: slot + 1].clone() for buf in layer] for layer in store.states], score)]
 
     def _search_impl(self, enc_out: torch.Tensor, hypothesis: Optional[List[Hypothesis]],
                      beam_width: int) -> List[Hypothesis]:
