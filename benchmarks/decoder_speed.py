@@ -9,6 +9,8 @@ Each utterance is streamed by both, in alternating order (:func:`dse.core.measur
 printed: the median per-utterance speedup with its bootstrap 95 % interval, each side's RTF,
 whether the transcripts are identical, and the other processes' load during the run; then the
 milliseconds per chunk each spends in the search and in the encoder (from the accuracy passes).
+Last, backend onnxruntime at fp32: the predictor and joiner in ONNX Runtime against the same
+recognizer with torch's, interleaved, with each one's search time per chunk.
 """
 from __future__ import annotations
 
@@ -57,8 +59,8 @@ def main() -> None:
         with OtherCpuLoad() as load:
             ratio = interleaved_speedup(fast, ref, audio)
         parts = {"vectorised": Breakdown(fast), "torchaudio": Breakdown(ref)}
-        a = measure(fast, audio, accuracy=True)
-        b = measure(ref, audio, accuracy=True)
+        a = measure(fast, audio, accuracy=True, warmup=False)  # warm from the interleaved passes
+        b = measure(ref, audio, accuracy=True, warmup=False)
         ms = {k: {part: v * 1000 / n_chunks(result) for part, v in br.seconds.items()}
               for (k, br), result in zip(parts.items(), (a, b))}
         for br in parts.values():
@@ -71,6 +73,41 @@ def main() -> None:
         v, t = ms["vectorised"], ms["torchaudio"]
         print(f"    ms per chunk (one measure pass each, not interleaved): search {v['search']:.2f} against "
               f"{t['search']:.2f} ({t['search'] / v['search']:.2f}x), encoder {v['encoder']:.2f} / {t['encoder']:.2f}")
+
+    # The predictor and joiner in ONNX Runtime (backend onnxruntime) against the same recognizer
+    # with torch's predictor and joiner: the default configuration with the ONNX encoder, fp32.
+    config = TrialConfig(**fill_defaults({"threads": args.threads, "backend": "onnxruntime"}, has_lm))
+    ort = recognizer(loaded, config, "vectorised")
+    edited = edit_architecture(loaded, config)
+    torch_decoder = torch_predictor_and_joiner(ort, edited.model)
+    with OtherCpuLoad() as load:
+        ratio = interleaved_speedup(ort, torch_decoder, audio)
+    parts = {"ONNX Runtime": Breakdown(ort), "torch": Breakdown(torch_decoder)}
+    a = measure(ort, audio, accuracy=True, warmup=False)  # warm from the interleaved passes
+    b = measure(torch_decoder, audio, accuracy=True, warmup=False)
+    search = {k: br.seconds["search"] * 1000 / n_chunks(r) for (k, br), r in zip(parts.items(), (a, b))}
+    same = sum(x["hyp"] == y["hyp"] for x, y in zip(a["transcripts"], b["transcripts"]))
+    ci = ratio["speedup_ci95"]
+    print(f"  backend onnxruntime, fp32 (beam 4, LM): predictor and joiner in ONNX Runtime {ratio['speedup']:.2f}x "
+          f"[{ci[0]:.2f}, {ci[1]:.2f}] the speed with torch's; search {search['ONNX Runtime']:.2f} against "
+          f"{search['torch']:.2f} ms per chunk; identical transcripts {same}/{len(audio.waveforms)}; "
+          f"WER {a['wer']:.3f} / {b['wer']:.3f}; other processes' load {load.other_cores:.2f} cores")
+
+
+def torch_predictor_and_joiner(rec, model):
+    """The recognizer ``rec`` (ONNX Runtime encoder, predictor and joiner) with ``model``'s torch
+    predictor and joiner instead: everything else (encoder session, features, search) the same."""
+    import copy
+
+    from dse.core.stream import StreamingRecognizer
+
+    hybrid = copy.copy(rec.model)
+    hybrid._modules = dict(rec.model._modules)
+    hybrid.predictor, hybrid.joiner = model.predictor.eval(), model.joiner.eval()
+    d = rec.decoder
+    return StreamingRecognizer(hybrid, rec.logmel, rec.tokenizer, rec.segment_length, rec.right_context_length,
+                               beam_width=rec.beam_width, lm=d.lm, lm_weight=d.lm_weight, temperature=d.temperature,
+                               threads=rec.threads)
 
 
 if __name__ == "__main__":

@@ -131,10 +131,17 @@ def test_second_build_of_a_configuration_hits_the_export_cache(tiny_model):
     assert other_seed.export_info["key"] != first.export_info["key"]
 
 
-def test_int8_onnxruntime_quantises_the_encoder_and_torch_the_rest(tiny_model, audio):
+def test_int8_onnxruntime_quantises_encoder_predictor_and_joiner(tiny_model, audio):
+    from dse.core.onnx_decoder import OrtJoiner, OrtPredictor
     built = build_recognizer(tiny_model, TrialConfig(**dict(ORT, precision="int8")))
+    fp32 = build_recognizer(tiny_model, TrialConfig(**ORT))
     assert built.export_info["precision"] == "int8" and built.export_info["quantized_ops"]
-    assert isinstance(built.recognizer.model.joiner.linear, torch.ao.nn.quantized.dynamic.Linear)
+    decoder, decoder32 = built.export_info["decoder"], fp32.export_info["decoder"]
+    assert decoder["precision"] == "int8" and decoder["bytes"] < decoder32["bytes"] / 2
+    model = built.recognizer.model
+    assert isinstance(model.predictor, OrtPredictor) and isinstance(model.joiner, OrtJoiner)
+    assert "int8" in model.joiner.path.name and "fp32" in fp32.recognizer.model.joiner.path.name
+    assert not list(model.parameters())  # nothing of the network is left in torch
     assert measure.measure(built.recognizer, audio.eval, accuracy=False)["chunks"] > 0
 
 
@@ -246,6 +253,10 @@ def test_onnx_bundle_holds_the_encoder_the_trial_ran(ort_bundle):
     recognizer = runtime.load(ort_bundle.path)
     assert type(recognizer.model.transcriber).__name__ == "OrtTranscriber"
     assert recognizer.model.transcriber.path == onnx
+    for name in ("predictor", "joiner"):  # the predictor and joiner the trial ran, in ONNX Runtime too
+        entry = art["decoder"][name]
+        assert listed[entry["file"]] == entry["sha256"] == runtime.sha256_file(ort_bundle.path / entry["file"])
+        assert getattr(recognizer.model, name).path == ort_bundle.path / entry["file"]
     assert recognizer.model.transcriber.spinning is (os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE")
     assert "ONNX Runtime" in (ort_bundle.path / "README.md").read_text()
 
@@ -257,22 +268,24 @@ def test_onnx_bundle_verifies_exactly(ort_bundle, capsys):
     assert "over an fp32 rebuild" in out
 
 
-def test_onnx_bundle_with_a_tampered_encoder_is_refused(ort_bundle, tmp_path):
+@pytest.mark.parametrize("file", ["encoder.onnx", "predictor.onnx", "joiner.onnx"])
+def test_onnx_bundle_with_a_tampered_network_is_refused(ort_bundle, tmp_path, file):
     import shutil
 
     bundle = shutil.copytree(ort_bundle.path, tmp_path / "tampered")
-    onnx = bundle / "encoder.onnx"
+    onnx = bundle / file
     data = bytearray(onnx.read_bytes())
     data[len(data) // 2] ^= 0xFF
     onnx.write_bytes(bytes(data))
-    with pytest.raises(runtime.BundleError, match=r"encoder\.onnx: sha256 .* does not match MANIFEST\.sha256"):
+    name = file.replace(".", "\\.")
+    with pytest.raises(runtime.BundleError, match=rf"{name}: sha256 .* does not match MANIFEST\.sha256"):
         runtime.load(bundle)
     # the manifest rewritten to match: config.json's record still refuses it
     digest = runtime.sha256_file(onnx)
-    lines = [f"{digest}  encoder.onnx" if line.endswith("  encoder.onnx") else line
+    lines = [f"{digest}  {file}" if line.endswith(f"  {file}") else line
              for line in (bundle / "MANIFEST.sha256").read_text().splitlines()]
     (bundle / "MANIFEST.sha256").write_text("\n".join(lines) + "\n")
-    with pytest.raises(runtime.BundleError, match=r"encoder\.onnx: sha256 .* does not match config\.json"):
+    with pytest.raises(runtime.BundleError, match=rf"{name}: sha256 .* does not match config\.json"):
         runtime.load(bundle)
     assert verify.main([str(bundle), "--no-speedup"]) == 2
 

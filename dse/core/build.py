@@ -193,31 +193,49 @@ def encoder_cache_key(model: torch.nn.Module, config: TrialConfig) -> str:
 
 
 def apply_backend(model: torch.nn.Module, config: TrialConfig, cache_dir=None) -> torch.nn.Module:
-    """For ``backend=onnxruntime``, a shallow copy of ``model`` whose encoder runs in ONNX Runtime.
+    """For ``backend=onnxruntime``, a shallow copy of ``model`` whose encoder, predictor and joiner
+    run in ONNX Runtime (the search stays Python: :mod:`dse.core.onnx_decoder`).
 
     The encoder is exported from ``model``'s fp32 weights (int8: ONNX Runtime's dynamic
     quantisation of that export) through :func:`dse.core.onnx_encoder.encoder_onnx`, cached by
     :func:`encoder_cache_key` under ``cache_dir`` (default ``$DSE_ONNX_CACHE`` or
     ``~/.cache/dse/onnx``). The session's intra-op threads are ``config.threads``; they spin
     unless ``OMP_WAIT_POLICY=PASSIVE`` (:func:`~dse.core.onnx_encoder.default_spinning`), as
-    torch's OpenMP threads do. What the export cost is on
-    the transcriber's ``export_info``. A model the exporter refuses (a mixture of experts)
+    torch's OpenMP threads do. The predictor and joiner are exported and quantised the same way,
+    cached by :func:`decoder_cache_key`, and run on one thread each. What the exports cost is on
+    the transcriber's ``export_info`` (the decoder's under ``"decoder"``). A model the exporter refuses (a mixture of experts)
     raises :class:`TrialFailed` with the exporter's reason: never a silent fall-back to torch.
     """
     if config.backend == "torch":
         return model
-    from dse.core import onnx_encoder
+    from dse.core import onnx_decoder, onnx_encoder
 
     chunk_frames = config.segment_frames + config.right_context_frames
     key = encoder_cache_key(model, config)
+    decoder_key = decoder_cache_key(model, config)
     try:
         path, info = onnx_encoder.encoder_onnx(model, chunk_frames, config.precision, cache_dir=cache_dir, key=key)
+        paths, decoder_info = onnx_decoder.decoder_onnx(model, config.precision, cache_dir=cache_dir, key=decoder_key)
         deployed = onnx_encoder.use_onnx_encoder(model, path, threads=config.threads,
                                                  spinning=onnx_encoder.default_spinning())
+        deployed = onnx_decoder.use_onnx_decoder(deployed, paths["predictor"], paths["joiner"])
     except onnx_encoder.BackendError as exc:
         raise TrialFailed(f"backend onnxruntime cannot run this configuration: {exc}") from exc
-    deployed.transcriber.export_info = dict(info, path=str(path), key=key)
+    deployed.transcriber.export_info = dict(info, path=str(path), key=key, decoder=dict(
+        decoder_info, paths={k: str(v) for k, v in paths.items()}, key=decoder_key))
     return deployed
+
+
+def decoder_cache_key(model: torch.nn.Module, config: TrialConfig) -> str:
+    """The export cache's key for ``model``'s predictor and joiner: the configuration's weights key
+    and the SHA-256 of their weights (the geometry knobs do not change them)."""
+    h = hashlib.sha256(config.weights_key().encode())
+    for part in (model.predictor, model.joiner):
+        for name, tensor in sorted(part.state_dict().items()):
+            t = tensor.detach().contiguous().cpu()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    return f"rnnt-decoder-{h.hexdigest()[:24]}"
 
 
 def apply_precision_knob(model: torch.nn.Module, config: TrialConfig) -> torch.nn.Module:
@@ -427,9 +445,12 @@ def build_recognizer(loaded: LoadedModel, config: TrialConfig,
     deployed = deploy(edited.model, cfg)
     rec = assemble(deployed, edited.logmel(), edited.tokenizer, cfg, lm_path=edited.lm_path)
     export_info = dict(getattr(deployed.transcriber, "export_info", None) or {})
-    export_s = export_info.get("export_s", 0.0) + export_info.get("quantize_s", 0.0) if export_info else None
+    decoder_info = export_info.get("decoder") or {}
+    export_s = (export_info.get("export_s", 0.0) + export_info.get("quantize_s", 0.0)
+                + decoder_info.get("export_s", 0.0) + decoder_info.get("quantize_s", 0.0)) if export_info else None
     build_s = time.perf_counter() - t0 - (export_s or 0.0)
     compile_s, graphs = warm_compile(rec, cfg, edited.features.sample_rate, warmup_audio)
-    mib = weight_mib(deployed) + export_info.get("bytes", 0) / 2**20  # an ONNX encoder's weights are in its file
+    # ONNX networks hold their weights in their files
+    mib = weight_mib(deployed) + (export_info.get("bytes", 0) + decoder_info.get("bytes", 0)) / 2**20
     return Built(rec, edited, cfg, sum(p.numel() for p in edited.model.parameters()), mib,
                  build_s, compile_s, adapt_info, export_s=export_s, export_info=export_info, compile_graphs=graphs)

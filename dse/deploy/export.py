@@ -320,12 +320,24 @@ def _write_onnx_encoder(directory: Path, transcriber, precision: str) -> dict:
     in config.json and, as every file's, in MANIFEST.sha256."""
     path = directory / ONNX_FILE
     shutil.copyfile(transcriber.path, path)
-    return {"file": ONNX_FILE, "kind": "onnx", "backend": "onnxruntime", "precision": precision,
-            "sha256": runtime.sha256_file(path), "bytes": path.stat().st_size,
-            "call": "onnxruntime.InferenceSession(file) with inputs input (1, frames, n_mels) float32, lengths (1,) "
-                    "int64, lc_key and lc_val (layers, left context, 1, dim) float32, past_length (layers, 1, 1) int32 "
-                    "-> output, output_lengths, next_lc_key, next_lc_val, next_past_length "
-                    "(dse.core.onnx_encoder.OrtTranscriber runs it); this is what the runtime streams"}
+    artifact = {"file": ONNX_FILE, "kind": "onnx", "backend": "onnxruntime", "precision": precision,
+                "sha256": runtime.sha256_file(path), "bytes": path.stat().st_size,
+                "call": "onnxruntime.InferenceSession(file) with inputs input (1, frames, n_mels) float32, lengths (1,) "
+                        "int64, lc_key and lc_val (layers, left context, 1, dim) float32, past_length (layers, 1, 1) "
+                        "int32 -> output, output_lengths, next_lc_key, next_lc_val, next_past_length "
+                        "(dse.core.onnx_encoder.OrtTranscriber runs it); this is what the runtime streams"}
+    decoder = (getattr(transcriber, "export_info", None) or {}).get("decoder")
+    if decoder:  # the predictor and joiner the trial ran in ONNX Runtime
+        files = {}
+        for name, source in decoder["paths"].items():
+            target = directory / f"{name}.onnx"
+            shutil.copyfile(source, target)
+            files[name] = {"file": target.name, "sha256": runtime.sha256_file(target), "bytes": target.stat().st_size}
+        artifact["decoder"] = dict(files, call=(
+            "predictor.onnx: tokens (B, 1) int64, h and c (layers, B, hidden) float32 -> output (B, 1, E), "
+            "next_h, next_c; joiner.onnx: source (B, T, E), target (B, U, E) -> logits (B, T, U, V) "
+            "(dse.core.onnx_decoder.OrtPredictor and OrtJoiner run them)"))
+    return artifact
 
 
 def _write_encoder_artifact(directory: Path, recognizer) -> tuple[Optional[dict], Optional[str]]:
@@ -451,8 +463,11 @@ def _write_readme(directory: Path, config: dict, metrics: dict) -> None:
     art = config.get("encoder_artifact")
     if art and art["kind"] == "onnx":
         lines.append(f"Encoder: `{art['file']}` ({art['precision']} ONNX, sha256 {art['sha256'][:16]}...), run with "
-                     "ONNX Runtime as the study measured it (`pip install onnxruntime`); the predictor, joiner, features "
-                     "and search run in torch, so the runtime needs torch, torchaudio, onnxruntime, numpy and soundfile. "
+                     "ONNX Runtime as the study measured it (`pip install onnxruntime`)"
+                     + ("; so are the predictor and joiner (`predictor.onnx`, `joiner.onnx`), and the features and "
+                        "search run in torch" if art.get("decoder") else "; the predictor, joiner, features and search "
+                        "run in torch")
+                     + ", so the runtime needs torch, torchaudio, onnxruntime, numpy and soundfile. "
                      f"`weights.pt` also holds the torch encoder, which `python -m dse.verify` uses for its fp32 "
                      f"reference. The ONNX file alone: {art['call']}.")
     elif art:

@@ -14,6 +14,9 @@ A bundle (written by ``python -m dse.export``) is a directory::
     encoder.onnx      for a trial with backend onnxruntime: the encoder it ran (fp32, or int8 from
                       ONNX Runtime's dynamic quantisation), which the runtime streams with ONNX
                       Runtime; its SHA-256 is in config.json "encoder_artifact" and the manifest
+    predictor.onnx, joiner.onnx
+                      the same for the predictor step and the joiner (encoder_artifact "decoder");
+                      a bundle exported before they ran in ONNX Runtime has none and runs them in torch
     README.md
     MANIFEST.sha256   ``sha256sum`` lines for every other file
 
@@ -249,18 +252,31 @@ def _onnx_encoder(directory: Path, config: dict, model: torch.nn.Module, threads
         raise BundleError(f"{directory / CONFIG_FILE}: the trial ran its encoder with onnxruntime but "
                           "encoder_artifact names no ONNX file with its sha256; export the bundle again")
     listed = {line.partition("  ")[2] for line in (directory / MANIFEST_FILE).read_text().splitlines() if line.strip()}
-    path = directory / art["file"]
-    if art["file"] not in listed or "/" in art["file"]:
-        raise BundleError(f"{directory / MANIFEST_FILE}: does not list {art['file']}; the bundle is incomplete, "
-                          "export it again")
-    actual = sha256_file(path)
-    if actual != art["sha256"]:
-        raise BundleError(f"{path}: sha256 {actual[:16]}... does not match config.json ({art['sha256'][:16]}...); "
-                          "the file was altered or replaced, export again")
-    from dse.core import onnx_encoder
+
+    def checked(entry: dict) -> Path:
+        if not entry.get("file") or not entry.get("sha256"):
+            raise BundleError(f"{directory / CONFIG_FILE}: encoder_artifact names an ONNX file without its sha256; "
+                              "export the bundle again")
+        path = directory / entry["file"]
+        if entry["file"] not in listed or "/" in entry["file"]:
+            raise BundleError(f"{directory / MANIFEST_FILE}: does not list {entry['file']}; the bundle is incomplete, "
+                              "export it again")
+        actual = sha256_file(path)
+        if actual != entry["sha256"]:
+            raise BundleError(f"{path}: sha256 {actual[:16]}... does not match config.json ({entry['sha256'][:16]}...); "
+                              "the file was altered or replaced, export again")
+        return path
+
+    path = checked(art)
+    decoder = art.get("decoder")  # bundles exported before the decoder ran in ONNX Runtime have none
+    decoder_paths = {name: checked(decoder[name]) for name in ("predictor", "joiner")} if decoder else None
+    from dse.core import onnx_decoder, onnx_encoder
 
     try:
-        return onnx_encoder.use_onnx_encoder(model, path, threads=threads, spinning=onnx_encoder.default_spinning())
+        model = onnx_encoder.use_onnx_encoder(model, path, threads=threads, spinning=onnx_encoder.default_spinning())
+        if decoder_paths:
+            model = onnx_decoder.use_onnx_decoder(model, decoder_paths["predictor"], decoder_paths["joiner"])
+        return model
     except onnx_encoder.BackendError as exc:
         raise BundleError(f"{directory}: this bundle runs its encoder with ONNX Runtime: {exc}") from None
 
