@@ -23,13 +23,13 @@ FP32_TOL = 1e-4    # measured: max |ORT - torch| 1.4e-6 on outputs, 1.7e-6 on ca
 INT8_TOL = 0.15    # measured: max |int8 - fp32 torch| 0.054 on layer-normed outputs (std 1)
 
 
-def tiny_model(seed: int = 0):
+def tiny_model(seed: int = 0, memory: int = 0):
     torch.manual_seed(seed)
     return emformer_rnnt_model(
         input_dim=80, encoding_dim=64, num_symbols=30, segment_length=4, right_context_length=4,
         time_reduction_input_dim=32, time_reduction_stride=4, transformer_num_heads=2, transformer_ffn_dim=64,
         transformer_num_layers=2, transformer_dropout=0.0, transformer_activation="gelu",
-        transformer_left_context_length=8, transformer_max_memory_size=0,
+        transformer_left_context_length=8, transformer_max_memory_size=memory,
         transformer_weight_init_scale_strategy="depthwise", transformer_tanh_on_mem=True,
         symbol_embedding_dim=32, num_lstm_layers=1, lstm_layer_norm=True, lstm_layer_norm_epsilon=1e-3,
         lstm_dropout=0.0).eval()
@@ -149,15 +149,7 @@ def test_fp32_matches_torch_over_48_chunks(model, exported, torch_run):
 def test_a_model_with_memory_exports_through_torchaudio_infer(tmp_path):
     """Memory slots are not in the static-shape graph: such a model is exported through
     torchaudio's own ``infer``, and still matches torch over the first chunks and after."""
-    torch.manual_seed(3)
-    mem_model = emformer_rnnt_model(
-        input_dim=80, encoding_dim=64, num_symbols=30, segment_length=4, right_context_length=4,
-        time_reduction_input_dim=32, time_reduction_stride=4, transformer_num_heads=2, transformer_ffn_dim=64,
-        transformer_num_layers=2, transformer_dropout=0.0, transformer_activation="gelu",
-        transformer_left_context_length=8, transformer_max_memory_size=2,
-        transformer_weight_init_scale_strategy="depthwise", transformer_tanh_on_mem=True,
-        symbol_embedding_dim=32, num_lstm_layers=1, lstm_layer_norm=True, lstm_layer_norm_epsilon=1e-3,
-        lstm_dropout=0.0).eval()
+    mem_model = tiny_model(seed=3, memory=2)
     info = oe.export_encoder(mem_model, CHUNK, tmp_path / "mem.onnx")
     assert info["graph"] == "torchaudio" and "memory" in info["inputs"]
     want, want_states = stream(mem_model.transcriber.infer, chunks(12))

@@ -388,6 +388,18 @@ class FastRNNTSearch(torch.nn.Module):
                 return self._greedy_impl(enc_out, hypothesis)
             return self._search_impl(enc_out, hypothesis, beam_width)
 
+    def _log_probs(self, enc_t: torch.Tensor, pred: torch.Tensor, lm_rows: Optional[List[int]]) -> torch.Tensor:
+        """``(n, V)`` scores of the next token for ``n`` hypotheses (predictor outputs ``pred``) at one
+        frame: torchaudio's ``_gen_next_token_probs`` (log-softmax of the joiner's output over the
+        temperature), plus the weighted LM rows as ``FusedBeamSearch`` adds them, on the CPU."""
+        device = enc_t.device
+        joined, _, _ = self.model.join(enc_t, self._ones(1, device), pred, self._ones(pred.shape[0], device))
+        probs = torch.nn.functional.log_softmax(joined / self.temperature, dim=3)[:, 0, 0]
+        if lm_rows is not None:
+            probs = probs.float()
+            probs[:, :self.blank] += self._lm.gather(lm_rows).to(probs.device)
+        return probs.cpu()
+
     def _greedy_impl(self, enc_out: torch.Tensor, hypothesis: Optional[List[Hypothesis]]) -> List[Hypothesis]:
         """:meth:`_search_impl` at beam width 1, with its bookkeeping cut to what one hypothesis needs.
 
@@ -401,13 +413,10 @@ class FastRNNTSearch(torch.nn.Module):
         """
         model = self.model
         device = enc_out.device
-        blank = self.blank
-        temperature = self.temperature
         step_max_tokens = self.step_max_tokens
         cache = self.cache_predictor
         lm = self._lm
         one = self._ones(1, device)
-        log_softmax = torch.nn.functional.log_softmax
 
         store, seeds = self._seed(hypothesis, device)
         tokens_of, slot_of, lm_row_of = store.tokens_of, store.slot_of, store.lm_row_of
@@ -419,12 +428,7 @@ class FastRNNTSearch(torch.nn.Module):
             threshold = -float("inf")
             symbols_current_t = 0
             while True:
-                joined, _, _ = model.join(enc_t, one, store.pred[slot: slot + 1], one)
-                probs = log_softmax(joined / temperature, dim=3)[:, 0, 0]
-                if lm is not None:
-                    probs = probs.float()
-                    probs[:, :blank] += lm.gather([lm_row_of[key]]).to(probs.device)
-                probs = probs.cpu()
+                probs = self._log_probs(enc_t, store.pred[slot: slot + 1], [lm_row_of[key]] if lm is not None else None)
                 hypo_score = torch.tensor([score])
                 if hypo_score.dtype == probs.dtype:
                     total = hypo_score.unsqueeze(1) + probs
@@ -463,13 +467,9 @@ class FastRNNTSearch(torch.nn.Module):
                      beam_width: int) -> List[Hypothesis]:
         model = self.model
         device = enc_out.device
-        blank = self.blank
-        temperature = self.temperature
         step_max_tokens = self.step_max_tokens
         cache = self.cache_predictor
         lm = self._lm
-        one = self._ones(1, device)
-        log_softmax = torch.nn.functional.log_softmax
         minus_inf = -float("inf")
 
         store, b_hypos = self._seed(hypothesis, device)
@@ -483,15 +483,10 @@ class FastRNNTSearch(torch.nn.Module):
             symbols_current_t = 0
 
             while a_hypos:
-                n_a = len(a_hypos)
                 # -- one joiner call over every a hypothesis (torchaudio's _gen_next_token_probs)
                 slots = torch.tensor([h[1] for h in a_hypos], device=device)
-                joined, _, _ = model.join(enc_t, one, store.pred.index_select(0, slots), self._ones(n_a, device))
-                probs = log_softmax(joined / temperature, dim=3)[:, 0, 0]
-                if lm is not None:  # FusedBeamSearch._gen_next_token_probs
-                    probs = probs.float()
-                    probs[:, :blank] += lm.gather([lm_row_of[h[0]] for h in a_hypos]).to(probs.device)
-                probs = probs.cpu()
+                probs = self._log_probs(enc_t, store.pred.index_select(0, slots),
+                                        [lm_row_of[h[0]] for h in a_hypos] if lm is not None else None)
 
                 # -- blank extensions, merged by key (torchaudio's _gen_b_hypos)
                 scores = [h[2] for h in a_hypos]
