@@ -202,7 +202,7 @@ def apply_backend(model: torch.nn.Module, config: TrialConfig, cache_dir=None) -
     ``~/.cache/dse/onnx``). The session's intra-op threads are ``config.threads``; they spin
     unless ``OMP_WAIT_POLICY=PASSIVE`` (:func:`~dse.core.onnx_encoder.default_spinning`), as
     torch's OpenMP threads do. The predictor and joiner are exported and quantised the same way,
-    cached by :func:`decoder_cache_key`, and run on one thread each. What the exports cost is on
+    cached by :func:`decoder_cache_key`, and run with the same threads. What the exports cost is on
     the transcriber's ``export_info`` (the decoder's under ``"decoder"``). A model the exporter refuses (a mixture of experts)
     raises :class:`TrialFailed` with the exporter's reason: never a silent fall-back to torch.
     """
@@ -218,7 +218,8 @@ def apply_backend(model: torch.nn.Module, config: TrialConfig, cache_dir=None) -
         paths, decoder_info = onnx_decoder.decoder_onnx(model, config.precision, cache_dir=cache_dir, key=decoder_key)
         deployed = onnx_encoder.use_onnx_encoder(model, path, threads=config.threads,
                                                  spinning=onnx_encoder.default_spinning())
-        deployed = onnx_decoder.use_onnx_decoder(deployed, paths["predictor"], paths["joiner"])
+        deployed = onnx_decoder.use_onnx_decoder(deployed, paths["predictor"], paths["joiner"], threads=config.threads,
+                                                 spinning=onnx_encoder.default_spinning())
     except onnx_encoder.BackendError as exc:
         raise TrialFailed(f"backend onnxruntime cannot run this configuration: {exc}") from exc
     deployed.transcriber.export_info = dict(info, path=str(path), key=key, decoder=dict(

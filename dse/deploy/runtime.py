@@ -275,7 +275,8 @@ def _onnx_encoder(directory: Path, config: dict, model: torch.nn.Module, threads
     try:
         model = onnx_encoder.use_onnx_encoder(model, path, threads=threads, spinning=onnx_encoder.default_spinning())
         if decoder_paths:
-            model = onnx_decoder.use_onnx_decoder(model, decoder_paths["predictor"], decoder_paths["joiner"])
+            model = onnx_decoder.use_onnx_decoder(model, decoder_paths["predictor"], decoder_paths["joiner"],
+                                                  threads=threads, spinning=onnx_encoder.default_spinning())
         return model
     except onnx_encoder.BackendError as exc:
         raise BundleError(f"{directory}: this bundle runs its encoder with ONNX Runtime: {exc}") from None
