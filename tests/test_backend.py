@@ -311,3 +311,62 @@ def test_each_recognizer_runs_with_its_own_torch_threads(tiny_model, audio):
             assert torch.get_num_threads() == want
     finally:
         torch.set_num_threads(before)
+
+
+# -- the runtime without torch --------------------------------------------------------------------
+def test_lite_runtime_transcribes_like_the_torch_runtime(ort_bundle, audio):
+    from dse.deploy import lite
+    from dse.core.features import FeatureConfig, LogMel
+
+    torch_rec = runtime.load(ort_bundle.path)
+    rec = lite.load(ort_bundle.path)
+    for wave in audio.eval.waveforms:
+        samples = wave.numpy()
+        want = torch_rec.logmel(wave).numpy()
+        got = rec.logmel(samples)
+        assert got.shape == want.shape and abs(got - want).max() < 1e-3  # float64 front end, rounded once
+        assert rec.transcribe(samples) == torch_rec.transcribe(wave)
+    assert any(rec.transcribe(w.numpy()) for w in audio.eval.waveforms)  # something was decoded
+    assert isinstance(torch_rec.logmel, LogMel) and rec.logmel.n_mels == FeatureConfig().n_mels
+
+
+def test_lite_runtime_runs_with_torch_unimportable(ort_bundle, audio, tmp_path):
+    """The process cannot import torch or torchaudio at all: onnxruntime and numpy are enough."""
+    import numpy as np
+
+    np.save(tmp_path / "wave.npy", audio.eval.waveforms[0].numpy())
+    script = ("import sys; sys.modules['torch'] = None; sys.modules['torchaudio'] = None\n"
+              "import numpy as np\n"
+              "from dse.deploy import lite\n"
+              f"print(lite.load({str(ort_bundle.path)!r}).transcribe(np.load({str(tmp_path / 'wave.npy')!r})))\n"
+              "assert 'torch' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == runtime.load(ort_bundle.path).transcribe(audio.eval.waveforms[0])
+
+
+def test_lite_runtime_refuses_what_needs_torch(ort_bundle, tmp_path):
+    import hashlib
+    import shutil
+
+    from dse.deploy import lite
+
+    bundle = shutil.copytree(ort_bundle.path, tmp_path / "beam")
+    config = json.loads((bundle / "config.json").read_text())
+    config["trial_config"].update(beam_width=4, lm_weight=0.3)
+    (bundle / "config.json").write_text(json.dumps(config))
+    with pytest.raises(lite.LiteError, match=r"config\.json: missing, or its sha256 does not match"):
+        lite.load(bundle)
+    digest = hashlib.sha256((bundle / "config.json").read_bytes()).hexdigest()
+    lines = [f"{digest}  config.json" if line.endswith("  config.json") else line
+             for line in (bundle / "MANIFEST.sha256").read_text().splitlines()]
+    (bundle / "MANIFEST.sha256").write_text("\n".join(lines) + "\n")
+    with pytest.raises(lite.LiteError, match=r"needs the torch runtime .*beam width 4.*language-model fusion"):
+        lite.load(bundle)
+
+
+def test_verify_scores_the_lite_runtime_against_the_record(ort_bundle, capsys):
+    assert verify.main([str(ort_bundle.path), "--no-speedup", "--lite"]) == 0
+    out = capsys.readouterr().out
+    assert "lite        torch-free runtime (onnxruntime + numpy): WER" in out
+    assert "recorded" in out and "paired bootstrap" in out and "3 of 3 recorded transcripts identical" in out

@@ -203,6 +203,36 @@ def check_speedup(bundle: Path, recognizer, config: dict, record: dict, audio, u
     return lines
 
 
+def check_lite(bundle: Path, record: dict, audio, threads: Optional[int]) -> list[str]:
+    """Report lines for the torch-free runtime (:mod:`dse.deploy.lite`) on ``audio``: its WER against
+    the recorded errors of the same utterances, paired, and how many transcripts are identical.
+
+    Not an identity check: its numpy front end rounds differently from torch's in near-silent
+    frames, so a transcript can differ; the paired WER difference says whether that matters."""
+    from dse.core.measure import paired_wer_difference, word_errors
+    from dse.deploy import lite
+
+    try:
+        recognizer = lite.load(bundle, threads=threads)
+    except lite.LiteError as exc:
+        raise DSEError(str(exc)) from None
+    hyps = [recognizer.transcribe(w.numpy()) for w in audio.waveforms]
+    errors = word_errors(audio.texts, hyps)
+    recorded = recorded_utterances(record, audio.ids)
+    wer = _pooled(errors)
+    lines = [f"lite        torch-free runtime (onnxruntime + numpy): WER {wer:.4f} over {len(errors)} utterances"
+             if wer is not None else "lite        torch-free runtime: no reference words, WER not measured"]
+    if recorded is not None and wer is not None and len(errors) >= 2 and [w for _, w in recorded] == [w for _, w in errors]:
+        diff, lo, hi = paired_wer_difference(errors, recorded)
+        lines.append(f"            recorded {_pooled(recorded):.4f} on the same utterances: difference {diff * 100:+.1f} pts "
+                     f"[95% {lo * 100:+.1f}, {hi * 100:+.1f}] (paired bootstrap)")
+    stored = {t["id"]: t["hyp"] for t in TrialRecord.from_user_attrs(record).transcripts or []}
+    shared = [(stored[i], h) for i, h in zip(audio.ids, hyps) if i in stored]
+    if shared:
+        lines.append(f"            {sum(a == b for a, b in shared)} of {len(shared)} recorded transcripts identical")
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dse.verify", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -213,6 +243,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, metavar="N", help="intra-op threads of torch and of an ONNX Runtime encoder "
                                                            "(default: the value the trial was measured with)")
     p.add_argument("--no-speedup", action="store_true", help="skip the speedup measurement (accuracy only)")
+    p.add_argument("--lite", action="store_true",
+                   help="also score the torch-free runtime (dse.deploy.lite: onnxruntime + numpy; greedy ONNX "
+                        "bundles) on the same utterances, paired against the recorded errors")
     p.add_argument("--speedup-utterances", type=int, default=SPEEDUP_UTTERANCES, metavar="N",
                    help=f"utterances timed for the speedup ratio (default {SPEEDUP_UTTERANCES}, as a study)")
     args = p.parse_args(argv)
@@ -248,6 +281,8 @@ def main(argv=None) -> int:
                            "run without --limit, or export the bundle again with this dse")
         lines, problems = check_accuracy(recognizer, record, audio, eval_set, limit, subset=subset)
         print("\n".join(lines), flush=True)
+        if args.lite:
+            print("\n".join(check_lite(bundle, record, audio, args.threads)), flush=True)
         if not args.no_speedup:
             print("\n".join(check_speedup(bundle, recognizer, config, record, audio, args.speedup_utterances)))
     except DSEError as exc:

@@ -1,0 +1,285 @@
+"""Stream a bundle with onnxruntime and numpy alone: no torch, no torchaudio.
+
+For a bundle whose trial ran everything in ONNX Runtime (``backend: onnxruntime``, so it
+holds ``encoder.onnx``, ``predictor.onnx`` and ``joiner.onnx``) with greedy search and no
+language model: the configurations a deployment that wants a small runtime ships. This
+module imports numpy, onnxruntime and the standard library only; reading audio files is
+the caller's (``soundfile`` does it without torch)::
+
+    from dse.deploy import lite
+    recognizer = lite.load("deploy/bundle")
+    text = recognizer.transcribe(samples)       # float32 samples at recognizer.sample_rate
+
+What it computes is :class:`dse.core.stream.StreamingRecognizer`'s, in numpy:
+
+* the log-mel front end of :class:`dse.core.features.LogMel` (a periodic Hann window, the
+  power spectrum of a 400-point real FFT, torchaudio's HTK mel filterbank without
+  normalisation, the piecewise-linear log, the bundle's normalisation statistics), frames not
+  centred, so streaming and offline frames agree;
+* the chunking and the end-of-stream padding of the streaming recognizer;
+* torchaudio's ``RNNTBeamSearch`` at beam width 1, as :class:`dse.core.decoder.FastRNNTSearch`
+  runs it: at each frame the blank-extended hypotheses collect, a non-blank expansion is kept
+  while it beats the best of them (at most 100 per frame), and the frame ends on the best by
+  score over (tokens + 1); scores are float32 sums of the log-softmax of the joiner's output
+  over the decoder temperature.
+
+The search is exact: fed torch's features, it gave the torch runtime's transcripts on 60 of
+60 eval utterances (embedded default, int8 ONNX, greedy). The front end is not bit-identical:
+numpy's FFT rounds differently from torch's, which matters only in near-silent frames (power
+around 1e-10, where the fixed gain of the log lifts rounding noise into the features), and an
+int8 model can turn that into another word: 208 of 240 eval transcripts were identical, at WER
+0.397 against the torch runtime's 0.407. ``python -m dse.verify BUNDLE --lite`` scores it
+against the study's record, paired. Beam search and LM fusion need the torch runtime
+(:func:`dse.deploy.runtime.load`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+__all__ = ["LiteError", "LiteRecognizer", "load"]
+
+_GAIN = pow(10, 0.05 * 2 * 20 * math.log10(32767))
+STEP_MAX_TOKENS = 100
+
+
+class LiteError(Exception):
+    """This bundle cannot be streamed without torch, or it is damaged; the message says which and why."""
+
+
+def _hz_to_mel(f):
+    return 2595.0 * np.log10(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
+
+
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
+    """torchaudio's ``melscale_fbanks`` (HTK scale, no normalisation, 0 Hz to Nyquist): ``(n_fft // 2 + 1, n_mels)``."""
+    freqs = np.linspace(0, sample_rate // 2, n_fft // 2 + 1)
+    m_pts = np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2), n_mels + 2)
+    f_pts = 700.0 * (10 ** (m_pts / 2595.0) - 1.0)
+    f_diff = f_pts[1:] - f_pts[:-1]
+    slopes = f_pts[None, :] - freqs[:, None]
+    down = -slopes[:, :-2] / f_diff[:-1]
+    up = slopes[:, 2:] / f_diff[1:]
+    return np.maximum(0.0, np.minimum(down, up))
+
+
+class LogMel:
+    """``LogMel`` of :mod:`dse.core.features` in numpy: samples ``(n,)`` -> features ``(frames, n_mels)``."""
+
+    def __init__(self, config: dict, mean, invstd):
+        self.sample_rate = int(config["sample_rate"])
+        self.window = int(config["window_samples"])
+        self.hop = int(config["hop_samples"])
+        self.n_mels = int(config["n_mels"])
+        n = np.arange(self.window)
+        # periodic, as torch.hann_window; both in float32, where torch computes
+        self.hann = (0.5 - 0.5 * np.cos(2 * math.pi * n / self.window)).astype(np.float32)
+        self.fbank = mel_filterbank(self.sample_rate, self.window, self.n_mels).astype(np.float32)
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.invstd = np.asarray(invstd, dtype=np.float32)
+
+    def num_frames(self, num_samples: int) -> int:
+        return 0 if num_samples < self.window else (num_samples - self.window) // self.hop + 1
+
+    def samples_for_frames(self, num_frames: int) -> int:
+        return 0 if num_frames <= 0 else (num_frames - 1) * self.hop + self.window
+
+    def __call__(self, samples: np.ndarray) -> np.ndarray:
+        n = self.num_frames(samples.shape[0])
+        if n == 0:
+            return np.zeros((0, self.n_mels), np.float32)
+        idx = np.arange(self.window)[None, :] + self.hop * np.arange(n)[:, None]
+        spectrum = np.abs(np.fft.rfft(samples.astype(np.float32)[idx] * self.hann, axis=1)) ** 2  # complex64
+        mel = (spectrum @ self.fbank) * np.float32(_GAIN)
+        log = np.where(mel > math.e, np.log(np.maximum(mel, np.float32(math.e))), mel / np.float32(math.e))
+        return (log.astype(np.float32) - self.mean) * self.invstd
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    return (x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))).astype(np.float32)
+
+
+class LiteRecognizer:
+    """One stream at a time: :meth:`accept_audio` pieces, :meth:`finish`, :attr:`text`; or
+    :meth:`transcribe` a whole utterance. Built by :func:`load`."""
+
+    def __init__(self, directory: Path, config: dict, features: dict, vocabulary: dict, threads: Optional[int] = None):
+        trial = config["trial_config"]
+        art = config["encoder_artifact"]
+        self.threads = int(threads or trial.get("threads", 1))
+        self.logmel = LogMel(features["config"], features["mean"], features["invstd"])
+        self.sample_rate = self.logmel.sample_rate
+        arch = config["architecture"]  # the geometry as built (segment and right context knobs applied)
+        self.segment = int(arch["segment_length"])
+        self.right = int(arch["right_context_length"])
+        self.chunk_frames = self.segment + self.right
+        self.temperature = float(trial.get("temperature", 1.0))
+        self.encoder = _session(directory / art["file"], self.threads)
+        self.predictor = _session(directory / art["decoder"]["predictor"]["file"], self.threads)
+        self.joiner = _session(directory / art["decoder"]["joiner"]["file"], self.threads)
+        inputs = {i.name: i.shape for i in self.encoder.get_inputs()}
+        if "memory" in inputs:
+            raise LiteError(f"{directory}: an encoder with memory slots needs the torch runtime")
+        self.state_shape = inputs["lc_key"]
+        layers, _, hidden = self.predictor.get_inputs()[1].shape
+        self.predictor_state_shape = (layers, 1, hidden)
+        self.symbols = vocabulary.get("symbols")
+        self.blank = len(self.symbols) if self.symbols is not None else int(vocabulary["num_symbols"]) - 1
+        self.reset()
+
+    # -- the stream ------------------------------------------------------------------------
+    def reset(self) -> None:
+        layers, left, _, dim = self.state_shape
+        self._enc = {"lc_key": np.zeros((layers, left, 1, dim), np.float32),
+                     "lc_val": np.zeros((layers, left, 1, dim), np.float32),
+                     "past_length": np.zeros((layers, 1, 1), np.int32)}
+        self._buffer = np.zeros(0, np.float32)
+        self._pending = np.zeros((0, self.logmel.n_mels), np.float32)
+        self.samples_in = 0
+        self.tokens: List[int] = []  # the hypothesis, blank-led, as torchaudio keeps it
+        self._score = 0.0
+        self._pred = None
+
+    def accept_audio(self, samples: np.ndarray) -> None:
+        """Feed float samples ``(n,)``; decode every chunk they complete."""
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        self.samples_in += samples.shape[0]
+        self._buffer = np.concatenate([self._buffer, samples])
+        n = self.logmel.num_frames(self._buffer.shape[0])
+        if n:
+            frames = self.logmel(self._buffer[: self.logmel.samples_for_frames(n)])
+            self._buffer = self._buffer[n * self.logmel.hop:]
+            self._pending = np.concatenate([self._pending, frames])
+        while self._pending.shape[0] >= self.chunk_frames:
+            self._decode_chunk(self._pending[: self.chunk_frames])
+            self._pending = self._pending[self.segment:]
+
+    def finish(self) -> None:
+        """Pad with silence until every frame that holds audio has been decoded in a segment."""
+        real = max(1, math.ceil(self.samples_in / self.logmel.hop))
+        chunks = math.ceil(real / self.segment)
+        pad = self.logmel.samples_for_frames(chunks * self.segment + self.right) - self.samples_in
+        if pad > 0:
+            self.accept_audio(np.zeros(pad, np.float32))
+            self.samples_in -= pad
+
+    def transcribe(self, samples: np.ndarray) -> str:
+        self.reset()
+        piece = self.segment * self.logmel.hop
+        for i in range(0, len(samples), piece):
+            self.accept_audio(samples[i: i + piece])
+        self.finish()
+        return self.text
+
+    @property
+    def text(self) -> str:
+        ids = [t for t in self.tokens[1:] if t != self.blank]
+        if self.symbols is None:
+            return " ".join(f"<{i}>" for i in ids)
+        return " ".join("".join(self.symbols[i] for i in ids).split())
+
+    # -- one chunk -----------------------------------------------------------------------------
+    def _predict(self, token: int, state):
+        out, h, c = self.predictor.run(None, {"tokens": np.array([[token]], np.int64), "h": state[0], "c": state[1]})
+        return out, (h, c)
+
+    def _log_probs(self, enc_t: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        (logits,) = self.joiner.run(None, {"source": enc_t, "target": pred})
+        return _log_softmax(logits[0, 0, 0] / np.float32(self.temperature))
+
+    def _decode_chunk(self, chunk: np.ndarray) -> None:
+        feeds = dict(self._enc, input=chunk[None].astype(np.float32), lengths=np.array([self.chunk_frames], np.int64))
+        out, _, key, val, past = self.encoder.run(None, feeds)
+        self._enc = {"lc_key": key, "lc_val": val, "past_length": past}
+        if self._pred is None:  # a new stream: the blank-led hypothesis
+            zeros = np.zeros(self.predictor_state_shape, np.float32)
+            self.tokens = [self.blank]
+            self._pred = self._predict(self.blank, (zeros, zeros))
+        blank, f32 = self.blank, np.float32
+        for t in range(out.shape[1]):
+            enc_t = out[:, t: t + 1]
+            tokens, score, (pred, state) = self.tokens, self._score, self._pred
+            frame = []  # (tokens, predictor output and state, blank-extended score), in order
+            best_blank = -math.inf
+            for _ in range(STEP_MAX_TOKENS + 1):
+                probs = self._log_probs(enc_t, pred)
+                total = f32(score) + probs  # float32, as torchaudio's tensor sum
+                frame.append((tokens, (pred, state), float(total[blank])))
+                best_blank = max(best_blank, float(total[blank]))
+                if len(frame) > STEP_MAX_TOKENS:
+                    break
+                token = int(np.argmax(total[:blank]))
+                if not float(total[token]) > best_blank:
+                    break
+                tokens, score = tokens + [token], float(total[token])
+                pred, state = self._predict(token, state)
+            # the frame's best by score / (tokens + 1); ties to the earliest of the sorted scores
+            order = sorted(range(len(frame)), key=lambda i: frame[i][2])
+            norm = [f32(frame[i][2] / (len(frame[i][0]) + 1)) for i in order]
+            chosen = frame[order[int(np.argmax(norm))]]
+            self.tokens, self._pred, self._score = chosen[0], chosen[1], chosen[2]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load(directory, threads: Optional[int] = None) -> LiteRecognizer:
+    """The bundle at ``directory`` as a :class:`LiteRecognizer`, after checking every file it reads
+    against ``MANIFEST.sha256``; :class:`LiteError` says why a bundle needs the torch runtime."""
+    directory = Path(directory)
+    try:
+        manifest = dict(reversed(line.split("  ", 1)) for line in
+                        (directory / "MANIFEST.sha256").read_text().splitlines() if line.strip())
+    except (OSError, ValueError) as exc:
+        raise LiteError(f"{directory}: no readable MANIFEST.sha256 ({exc}); not a dse bundle") from None
+
+    def read(name: str) -> Path:
+        path = directory / name
+        if name not in manifest or "/" in name:
+            raise LiteError(f"{directory / 'MANIFEST.sha256'}: does not list {name}; export the bundle again")
+        if not path.is_file() or _sha256(path) != manifest[name]:
+            raise LiteError(f"{path}: missing, or its sha256 does not match MANIFEST.sha256; export the bundle again")
+        return path
+
+    config = json.loads(read("config.json").read_text())
+    trial = config.get("trial_config") or {}
+    art = config.get("encoder_artifact") or {}
+    why = []
+    if trial.get("backend") != "onnxruntime" or art.get("kind") != "onnx" or not art.get("decoder"):
+        why.append("its encoder, predictor and joiner are not all ONNX files (export a trial with backend "
+                   "onnxruntime)")
+    if int(trial.get("beam_width", 4)) != 1:
+        why.append(f"beam width {trial.get('beam_width')} (only greedy search, beam 1, runs without torch)")
+    if float(trial.get("lm_weight", 0.0)) > 0:
+        why.append("language-model fusion")
+    vocabulary = json.loads(read("vocabulary.json").read_text())
+    if vocabulary.get("kind") not in ("chars", "numbered"):
+        why.append(f"a {vocabulary.get('kind')} vocabulary")
+    if why:
+        raise LiteError(f"{directory}: needs the torch runtime (dse.deploy.runtime.load): " + "; ".join(why))
+    for name in (art["file"], art["decoder"]["predictor"]["file"], art["decoder"]["joiner"]["file"]):
+        read(name)
+    features = json.loads(read("features.json").read_text())
+    return LiteRecognizer(directory, config, features, vocabulary, threads=threads)
