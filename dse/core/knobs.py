@@ -182,11 +182,11 @@ TRANSFORMS: list[Transform] = [
     # in the deploy stage (order 5): the exporter takes the fp32 weights (ONNX Runtime
     # quantises int8 itself), then the precision transform casts or quantises what torch runs.
     Transform("backend", "deploy", "dse.core.build:apply_backend", order=5, knobs=(
-        Knob("backend", "str", "torch", "what runs the encoder: torch, or onnxruntime (the encoder exported to "
-             "ONNX once per weights and geometry, fp32 or int8 by --precision; its intra-op threads follow "
-             "--threads); the predictor, joiner and search stay in torch", choices=BACKENDS, since=3),
-    ), doc="the encoder's inference engine: torch, or ONNX Runtime (dse.core.onnx_encoder); int8 ONNX Runtime "
-           "quantises differently from torch's int8, so it is part of the accuracy key"),
+        Knob("backend", "str", "torch", "what runs the encoder, predictor and joiner: torch, or onnxruntime "
+             "(exported to ONNX once per weights and geometry, fp32 or int8 by --precision; their intra-op "
+             "threads follow --threads); the features and the search stay in Python", choices=BACKENDS, since=3),
+    ), doc="the networks' inference engine: torch, or ONNX Runtime (dse.core.onnx_encoder, dse.core.onnx_decoder); "
+           "int8 ONNX Runtime quantises differently from torch's int8, so it is part of the accuracy key"),
 ]
 
 KNOBS: dict[str, Knob] = {}

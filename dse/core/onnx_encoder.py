@@ -409,7 +409,7 @@ def use_onnx_encoder(model, session_path, threads: int, spinning: bool = False):
 
     The predictor and joiner stay the original torch modules (shared, not copied), so
     ``RNNTBeamSearch`` and the project's decoders work unchanged; the original model is
-    not modified.
+    not modified. (:func:`dse.core.onnx_decoder.use_onnx_decoder` swaps those in turn.)
     """
     joiner_dtype = next(model.joiner.parameters(), torch.zeros(())).dtype
     ort_model = copy.copy(model)

@@ -493,8 +493,8 @@ def _write_bundle(directory: Path, study, trial, storage_url: str, built, adapta
     record = TrialRecord.of_trial(trial)
     trial_config = built.config.replace(compile=record.config.get("compile", "off"))
     onnx = built.config.backend == "onnxruntime"
-    # An ONNX Runtime bundle's weights.pt still holds the whole torch model in the trial's precision:
-    # the predictor and joiner the runtime runs, and the encoder verify's fp32 reference rebuilds.
+    # An ONNX Runtime bundle's weights.pt still holds the whole torch model in the trial's precision,
+    # from which verify rebuilds its fp32 timing reference.
     torch_weights = deployed if not onnx else (
         loaded.model if built.config.precision == "fp32" else apply_precision(loaded.model, built.config.precision))
     torch.save(torch_weights.state_dict(), directory / runtime.WEIGHTS_FILE)
