@@ -370,3 +370,4 @@ def test_verify_scores_the_lite_runtime_against_the_record(ort_bundle, capsys):
     out = capsys.readouterr().out
     assert "lite        torch-free runtime (onnxruntime + numpy): WER" in out
     assert "recorded" in out and "paired bootstrap" in out and "3 of 3 recorded transcripts identical" in out
+    assert "runs without torch" in (ort_bundle.path / "README.md").read_text()  # a greedy bundle says so
