@@ -166,15 +166,21 @@ def apply_adaptation(edited: LoadedModel, config: TrialConfig,
 
 
 # -- deploy stage ---------------------------------------------------------------------------
+def weights_digest(*modules: torch.nn.Module, salt: str = "") -> str:
+    """SHA-256 of ``salt`` and the modules' weights (state dicts, names and bytes, in order)."""
+    h = hashlib.sha256(salt.encode())
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            t = tensor.detach().contiguous().cpu()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def encoder_identity(model: torch.nn.Module) -> str:
     """SHA-256 of the encoder's weights (its state dict, names and bytes): which weights an exported
     encoder holds, whether they came from a checkpoint, a random seed or an adaptation."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.transcriber.state_dict().items()):
-        t = tensor.detach().contiguous().cpu()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
-    return h.hexdigest()
+    return weights_digest(model.transcriber)
 
 
 def encoder_cache_key(model: torch.nn.Module, config: TrialConfig) -> str:
@@ -230,13 +236,7 @@ def apply_backend(model: torch.nn.Module, config: TrialConfig, cache_dir=None) -
 def decoder_cache_key(model: torch.nn.Module, config: TrialConfig) -> str:
     """The export cache's key for ``model``'s predictor and joiner: the configuration's weights key
     and the SHA-256 of their weights (the geometry knobs do not change them)."""
-    h = hashlib.sha256(config.weights_key().encode())
-    for part in (model.predictor, model.joiner):
-        for name, tensor in sorted(part.state_dict().items()):
-            t = tensor.detach().contiguous().cpu()
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-            h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
-    return f"rnnt-decoder-{h.hexdigest()[:24]}"
+    return f"rnnt-decoder-{weights_digest(model.predictor, model.joiner, salt=config.weights_key())[:24]}"
 
 
 def apply_precision_knob(model: torch.nn.Module, config: TrialConfig) -> torch.nn.Module:
@@ -361,7 +361,8 @@ def torch_threads(config: TrialConfig) -> int:
     search (matrices of a few rows), gets 1. A second OpenMP thread would spin beside ONNX
     Runtime's pool after every torch operator and take the core the encoder needs: on the
     base model at int8 and 2 threads the encoder's chunk took 12.0 ms with torch at 2
-    threads and 7.0 ms at 1, and the search was no slower (``benchmarks/stream_base.py``).
+    threads and 7.0 ms at 1, and the search was no slower (``benchmarks/stream_base.py``, run
+    before and after this choice).
     """
     return 1 if config.backend == "onnxruntime" else config.threads
 

@@ -5,7 +5,7 @@ and so do the two networks the search calls for every hypothesis and step; the s
 itself (:class:`dse.core.decoder.FastRNNTSearch`, or torchaudio's) stays Python and calls
 them through the model's ``predict`` and ``join`` as before. Measured on the base model at
 int8 (one hypothesis, hot cache, 1 thread): predictor step 0.17 ms in ONNX Runtime against
-0.51 ms for torch's dynamically quantised one, joiner 0.07 ms against 0.10 ms.
+0.51 ms for torch's dynamically quantised one, joiner 0.07 ms against 0.10 ms (a one-off probe, not a benchmark in this repository).
 
 Graphs (``B`` hypotheses, ``L`` LSTM layers, ``H`` their width, ``E`` the joiner's input
 width, ``V`` the vocabulary with the blank)::
@@ -20,7 +20,7 @@ width, ``V`` the vocabulary with the blank)::
 sessions get the encoder's threads and spinning. Hot, one thread is faster (a handful of rows
 per product); in a stream the encoder has just pushed the decoder's weights out of the cache,
 and two spinning threads read them back faster: on the base model at int8 the predictor's
-share of a chunk fell from 2.35 to 1.86 ms with 2 threads.
+share of a chunk fell from 2.35 to 1.86 ms with 2 threads (a one-off probe, not a benchmark in this repository).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from dse.core.onnx_encoder import (FORMAT_VERSION, PRECISIONS, BackendError, _quiet, _require, _summary,
-                                   _write_json_atomic, default_cache_dir)
+                                   _write_json_atomic, default_cache_dir, open_session)
 
 FILES = ("predictor", "joiner")
 
@@ -156,24 +156,6 @@ def decoder_onnx(model, precision: str = "fp32", cache_dir=None, key: str = "") 
     return paths, dict(info, hit=False)
 
 
-def _session(path: Path, threads: int, spinning: bool):
-    ort = _require("onnxruntime")
-    if not Path(path).is_file():
-        raise BackendError(f"ONNX decoder file {path} does not exist")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads)
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    opts.add_session_config_entry("session.force_spinning_stop", "1")
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise BackendError(f"ONNX Runtime cannot load {path}: {_summary(exc)}; delete it to have it exported "
-                           "again") from exc
-
-
 class OrtPredictor(torch.nn.Module):
     """``predictor.onnx`` in an ONNX Runtime session, with torchaudio's ``_Predictor.forward`` signature
     (one step: ``input`` ``(B, 1)``). Shared, not copied, by ``copy.deepcopy``; no parameters."""
@@ -181,7 +163,7 @@ class OrtPredictor(torch.nn.Module):
     def __init__(self, path, threads: int = 1, spinning: bool = False):
         super().__init__()
         self.path = Path(path)
-        self.session = _session(self.path, threads, spinning)
+        self.session = open_session(self.path, threads, spinning, "predictor")
         shapes = {i.name: i.shape for i in self.session.get_inputs()}
         if set(shapes) != {"tokens", "h", "c"}:
             raise BackendError(f"{self.path} is not a predictor exported by dse (inputs {', '.join(shapes)})")
@@ -214,7 +196,7 @@ class OrtJoiner(torch.nn.Module):
     def __init__(self, path, threads: int = 1, spinning: bool = False):
         super().__init__()
         self.path = Path(path)
-        self.session = _session(self.path, threads, spinning)
+        self.session = open_session(self.path, threads, spinning, "joiner")
         names = [i.name for i in self.session.get_inputs()]
         if names != ["source", "target"]:
             raise BackendError(f"{self.path} is not a joiner exported by dse (inputs {', '.join(names)})")

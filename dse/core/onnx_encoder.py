@@ -264,13 +264,37 @@ def quantize_encoder(fp32_path, int8_path) -> dict:
 
 
 # -- running ------------------------------------------------------------------------------------
+def open_session(path: Path, threads: int, spinning: bool, what: str):
+    """An ONNX Runtime CPU session for one of dse's exported networks (``what`` names it in errors).
+
+    ``threads`` intra-op threads (inter-op 1: each graph is one chain); ``spinning``:
+    ``session.intra_op.allow_spinning``, stopped when a call ends (``session.force_spinning_stop``),
+    so the pool spins between the operators of a call, not into torch's search after it."""
+    ort = _require("onnxruntime")
+    path = Path(path)
+    if not path.is_file():
+        raise BackendError(f"ONNX {what} file {path} does not exist")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise BackendError(f"ONNX Runtime cannot load the {what} file {path} ({path.stat().st_size} bytes): "
+                           f"{_summary(exc)}; delete it to have it exported again") from exc
+
+
 class OrtTranscriber(torch.nn.Module):
     """An exported encoder in an ONNX Runtime session, with ``_Transcriber.infer``'s signature.
 
     ``threads``: ``intra_op_num_threads`` (inter-op is 1: the graph is one chain).
     ``spinning``: ``session.intra_op.allow_spinning``. A spinning worker busy-waits for the
     next op instead of sleeping: on a quiet machine that saves a wake-up per op (1.37x on the
-    base encoder at 2 threads), on a shared or oversubscribed one it steals the core another
+    base int8 encoder at 2 threads, in a one-off probe), on a shared or oversubscribed one it steals the core another
     thread (or process) needs and can make a chunk ~30x slower (the OpenMP finding in
     DESIGN.md). The builds pass :func:`default_spinning` (off under ``OMP_WAIT_POLICY=PASSIVE``);
     the constructor's default is off.
@@ -287,28 +311,11 @@ class OrtTranscriber(torch.nn.Module):
 
     def __init__(self, path, threads: int = 1, spinning: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
-        ort = _require("onnxruntime")
-
         self.path = Path(path)
         self.threads = int(threads)
         self.spinning = bool(spinning)
         self.dtype = dtype  # of the returned encoder frames (the joiner's dtype)
-        if not self.path.is_file():
-            raise BackendError(f"ONNX encoder file {self.path} does not exist")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
-        # spin between the operators of a chunk, not after it: torch's threads run the search next
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
-        opts.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise BackendError(f"ONNX Runtime cannot load the encoder file {self.path} "
-                               f"({self.path.stat().st_size} bytes): {_summary(exc)}; "
-                               f"delete it to have it exported again") from exc
+        self.session = open_session(self.path, self.threads, self.spinning, "encoder")
         inputs = {i.name: i for i in self.session.get_inputs()}
         missing = [n for n in ("input", "lengths", "lc_key", "lc_val", "past_length") if n not in inputs]
         if missing:
@@ -398,7 +405,7 @@ def default_spinning() -> bool:
     else leaves it on, so one setting governs both runtimes of a configuration. On a quiet
     machine spinning is what makes a second thread pay: the base encoder at int8 and 2
     threads ran 1.37x faster spinning than not, and without spinning 2 threads were no faster
-    than 1 (``benchmarks/stream_base.py`` prints the threads and spinning it ran with). On
+    than 1 (a one-off probe; ``benchmarks/stream_base.py`` prints the threads and spinning it ran with). On
     shared cores a spinning thread holds the core another one needs; set PASSIVE there.
     """
     return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
