@@ -9,53 +9,18 @@ extractor therefore produce the same frames, bit for bit up to float rounding.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional
 
 import torch
 import torchaudio
 
-_DECIBEL = 2 * 20 * math.log10(32767)
-_GAIN = pow(10, 0.05 * _DECIBEL)
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureConfig:
-    """Front-end geometry. Durations are in samples at ``sample_rate`` Hz."""
-
-    sample_rate: int = 16000
-    window_samples: int = 400
-    hop_samples: int = 160
-    n_mels: int = 80
-
-    @property
-    def n_fft(self) -> int:
-        return self.window_samples
-
-    @property
-    def frame_rate_hz(self) -> float:
-        return self.sample_rate / self.hop_samples
-
-    def num_frames(self, num_samples: int) -> int:
-        """Number of complete frames in ``num_samples`` samples."""
-        if num_samples < self.window_samples:
-            return 0
-        return (num_samples - self.window_samples) // self.hop_samples + 1
-
-    def samples_for_frames(self, num_frames: int) -> int:
-        """Samples that must have arrived before frame ``num_frames - 1`` is complete."""
-        if num_frames <= 0:
-            return 0
-        return (num_frames - 1) * self.hop_samples + self.window_samples
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+from dse.core.geometry import LOG_GAIN, FeatureConfig
 
 
 def piecewise_linear_log(x: torch.Tensor) -> torch.Tensor:
     """torchaudio's RNN-T log compression: linear below e, log above (after a fixed gain)."""
-    x = x * _GAIN
+    x = x * LOG_GAIN
     return torch.where(x > math.e, torch.log(x.clamp_min(math.e)), x / math.e)
 
 

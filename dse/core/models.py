@@ -22,6 +22,7 @@ import torch
 from torchaudio.models import RNNT, emformer_rnnt_model
 
 from dse.core.errors import ModelLoadError
+from dse.core.files import file_sha256
 from dse.core.features import FeatureConfig, LogMel
 
 CHECKPOINT_FORMAT = "dse-checkpoint"
@@ -286,16 +287,6 @@ def with_lm(loaded: LoadedModel, lm_path: Optional[str]) -> LoadedModel:
     if not Path(lm_path).is_file():
         raise ModelLoadError(f"language model {lm_path} not found (build one with python -m dse.lm build)")
     return dataclasses.replace(loaded, lm_path=str(lm_path))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tokenizer_from_dict(data: dict, where: str = "tokenizer"):

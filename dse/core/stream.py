@@ -14,14 +14,14 @@ that holds real audio has been decoded as part of a segment; see
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Callable, List, NamedTuple, Optional
 
 import torch
 from torchaudio.models import RNNTBeamSearch
 
-from dse.core.features import FeatureConfig, StreamingFeatures
+from dse.core.features import StreamingFeatures
+from dse.core.geometry import chunk_geometry, flush_padding_samples
 
 
 class StreamState(NamedTuple):
@@ -43,25 +43,6 @@ class ChunkEvent:
     new_tokens: int            # tokens the best hypothesis gained in this chunk (may be < 0 if the beam switched)
     compute_ns: int
     samples_needed: int        # audio samples that must have arrived before this chunk could run
-
-
-def chunk_geometry(segment_length: int, right_context_length: int) -> tuple[int, int]:
-    """(frames per chunk, frames advanced per chunk)."""
-    return segment_length + right_context_length, segment_length
-
-
-def flush_padding_samples(num_samples: int, features: FeatureConfig, segment_length: int,
-                          right_context_length: int) -> int:
-    """Zero samples appended at the end of a stream of ``num_samples`` samples.
-
-    Every frame that starts inside the real audio (``ceil(num_samples / hop)`` frames)
-    is decoded as a segment frame: that takes ``C = ceil(frames / segment_length)``
-    chunks, i.e. ``C * segment_length + right_context_length`` frames in all.
-    """
-    real_frames = max(1, math.ceil(num_samples / features.hop_samples))
-    chunks = math.ceil(real_frames / segment_length)
-    total = features.samples_for_frames(chunks * segment_length + right_context_length)
-    return max(0, total - num_samples)
 
 
 class StreamingRecognizer:

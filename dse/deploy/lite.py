@@ -24,7 +24,7 @@ What it computes is :class:`dse.core.stream.StreamingRecognizer`'s, in numpy:
   over the decoder temperature.
 
 The search is exact: fed torch's features, it gave the torch runtime's transcripts on 60 of
-60 eval utterances (embedded default, int8 ONNX, greedy). The front end is not bit-identical:
+60 eval utterances (embedded default, int8 ONNX, greedy; a one-off probe). The front end is not bit-identical:
 numpy's FFT rounds differently from torch's, which matters only in near-silent frames (power
 around 1e-10, where the fixed gain of the log lifts rounding noise into the features), and an
 int8 model can turn that into another word (on all 240 eval utterances: WER 0.3968 against the
@@ -34,7 +34,6 @@ scores it against the study's record. Beam search and LM fusion need the torch r
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -42,13 +41,17 @@ from typing import List, Optional
 
 import numpy as np
 
+from dse.core.errors import DSEError
+from dse.core.files import file_sha256
+from dse.core.geometry import LOG_GAIN, FeatureConfig, chunk_geometry, flush_padding_samples
+from dse.deploy import bundle
+
 __all__ = ["LiteError", "LiteRecognizer", "load"]
 
-_GAIN = pow(10, 0.05 * 2 * 20 * math.log10(32767))
 STEP_MAX_TOKENS = 100
 
 
-class LiteError(Exception):
+class LiteError(DSEError):
     """This bundle cannot be streamed without torch, or it is damaged; the message says which and why."""
 
 
@@ -71,11 +74,10 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
 class LogMel:
     """``LogMel`` of :mod:`dse.core.features` in numpy: samples ``(n,)`` -> features ``(frames, n_mels)``."""
 
-    def __init__(self, config: dict, mean, invstd):
-        self.sample_rate = int(config["sample_rate"])
-        self.window = int(config["window_samples"])
-        self.hop = int(config["hop_samples"])
-        self.n_mels = int(config["n_mels"])
+    def __init__(self, config: FeatureConfig, mean, invstd):
+        self.config = config
+        self.sample_rate, self.window, self.hop, self.n_mels = (
+            config.sample_rate, config.window_samples, config.hop_samples, config.n_mels)
         n = np.arange(self.window)
         # periodic, as torch.hann_window; both in float32, where torch computes
         self.hann = (0.5 - 0.5 * np.cos(2 * math.pi * n / self.window)).astype(np.float32)
@@ -83,19 +85,13 @@ class LogMel:
         self.mean = np.asarray(mean, dtype=np.float32)
         self.invstd = np.asarray(invstd, dtype=np.float32)
 
-    def num_frames(self, num_samples: int) -> int:
-        return 0 if num_samples < self.window else (num_samples - self.window) // self.hop + 1
-
-    def samples_for_frames(self, num_frames: int) -> int:
-        return 0 if num_frames <= 0 else (num_frames - 1) * self.hop + self.window
-
     def __call__(self, samples: np.ndarray) -> np.ndarray:
-        n = self.num_frames(samples.shape[0])
+        n = self.config.num_frames(samples.shape[0])
         if n == 0:
             return np.zeros((0, self.n_mels), np.float32)
         idx = np.arange(self.window)[None, :] + self.hop * np.arange(n)[:, None]
         spectrum = np.abs(np.fft.rfft(samples.astype(np.float32)[idx] * self.hann, axis=1)) ** 2  # complex64
-        mel = (spectrum @ self.fbank) * np.float32(_GAIN)
+        mel = (spectrum @ self.fbank) * np.float32(LOG_GAIN)
         log = np.where(mel > math.e, np.log(np.maximum(mel, np.float32(math.e))), mel / np.float32(math.e))
         return (log.astype(np.float32) - self.mean) * self.invstd
 
@@ -118,19 +114,19 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 class LiteRecognizer:
     """One stream at a time: :meth:`accept_audio` pieces, :meth:`finish`, :attr:`text`; or
-    :meth:`transcribe` a whole utterance. Built by :func:`load`."""
+    :meth:`transcribe` a whole utterance. Built by :func:`load` (``trial``: the bundle's resolved
+    :class:`dse.core.config.TrialConfig`, geometry as built)."""
 
-    def __init__(self, directory: Path, config: dict, features: dict, vocabulary: dict, threads: Optional[int] = None):
-        trial = config["trial_config"]
+    def __init__(self, directory: Path, config: dict, features: dict, vocabulary: dict, trial,
+                 threads: Optional[int] = None):
         art = config["encoder_artifact"]
-        self.threads = int(threads or trial.get("threads", 1))
-        self.logmel = LogMel(features["config"], features["mean"], features["invstd"])
+        self.threads = int(threads or trial.threads)
+        self.logmel = LogMel(FeatureConfig(**features["config"]), features["mean"], features["invstd"])
         self.sample_rate = self.logmel.sample_rate
-        arch = config["architecture"]  # the geometry as built (segment and right context knobs applied)
-        self.segment = int(arch["segment_length"])
-        self.right = int(arch["right_context_length"])
-        self.chunk_frames = self.segment + self.right
-        self.temperature = float(trial.get("temperature", 1.0))
+        self.segment, self.right = trial.segment_frames, trial.right_context_frames
+        self.chunk_frames, _ = chunk_geometry(self.segment, self.right)
+        self._chunk_length = np.array([self.chunk_frames], np.int64)
+        self.temperature = np.float32(trial.temperature)
         self.encoder = _session(directory / art["file"], self.threads)
         self.predictor = _session(directory / art["decoder"]["predictor"]["file"], self.threads)
         self.joiner = _session(directory / art["decoder"]["joiner"]["file"], self.threads)
@@ -162,9 +158,9 @@ class LiteRecognizer:
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         self.samples_in += samples.shape[0]
         self._buffer = np.concatenate([self._buffer, samples])
-        n = self.logmel.num_frames(self._buffer.shape[0])
+        n = self.logmel.config.num_frames(self._buffer.shape[0])
         if n:
-            frames = self.logmel(self._buffer[: self.logmel.samples_for_frames(n)])
+            frames = self.logmel(self._buffer[: self.logmel.config.samples_for_frames(n)])
             self._buffer = self._buffer[n * self.logmel.hop:]
             self._pending = np.concatenate([self._pending, frames])
         while self._pending.shape[0] >= self.chunk_frames:
@@ -173,10 +169,8 @@ class LiteRecognizer:
 
     def finish(self) -> None:
         """Pad with silence until every frame that holds audio has been decoded in a segment."""
-        real = max(1, math.ceil(self.samples_in / self.logmel.hop))
-        chunks = math.ceil(real / self.segment)
-        pad = self.logmel.samples_for_frames(chunks * self.segment + self.right) - self.samples_in
-        if pad > 0:
+        pad = flush_padding_samples(self.samples_in, self.logmel.config, self.segment, self.right)
+        if pad:
             self.accept_audio(np.zeros(pad, np.float32))
             self.samples_in -= pad
 
@@ -202,10 +196,10 @@ class LiteRecognizer:
 
     def _log_probs(self, enc_t: np.ndarray, pred: np.ndarray) -> np.ndarray:
         (logits,) = self.joiner.run(None, {"source": enc_t, "target": pred})
-        return _log_softmax(logits[0, 0, 0] / np.float32(self.temperature))
+        return _log_softmax(logits[0, 0, 0] / self.temperature)
 
     def _decode_chunk(self, chunk: np.ndarray) -> None:
-        feeds = dict(self._enc, input=chunk[None].astype(np.float32), lengths=np.array([self.chunk_frames], np.int64))
+        feeds = dict(self._enc, input=chunk[None], lengths=self._chunk_length)  # features are float32
         out, _, key, val, past = self.encoder.run(None, feeds)
         self._enc = {"lc_key": key, "lc_val": val, "past_length": past}
         if self._pred is None:  # a new stream: the blank-led hypothesis
@@ -221,8 +215,9 @@ class LiteRecognizer:
             for _ in range(STEP_MAX_TOKENS + 1):
                 probs = self._log_probs(enc_t, pred)
                 total = f32(score) + probs  # float32, as torchaudio's tensor sum
-                frame.append((tokens, (pred, state), float(total[blank])))
-                best_blank = max(best_blank, float(total[blank]))
+                blank_score = float(total[blank])
+                frame.append((tokens, (pred, state), blank_score))
+                best_blank = max(best_blank, blank_score)
                 if len(frame) > STEP_MAX_TOKENS:
                     break
                 token = int(np.argmax(total[:blank]))
@@ -237,42 +232,33 @@ class LiteRecognizer:
             self.tokens, self._pred, self._score = chosen[0], chosen[1], chosen[2]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load(directory, threads: Optional[int] = None) -> LiteRecognizer:
     """The bundle at ``directory`` as a :class:`LiteRecognizer`, after checking every file it reads
     against ``MANIFEST.sha256``; :class:`LiteError` says why a bundle needs the torch runtime."""
     directory = Path(directory)
     try:
-        manifest = dict(reversed(line.split("  ", 1)) for line in
-                        (directory / "MANIFEST.sha256").read_text().splitlines() if line.strip())
-    except (OSError, ValueError) as exc:
+        manifest = bundle.read_manifest(directory)
+    except (OSError, DSEError) as exc:
         raise LiteError(f"{directory}: no readable MANIFEST.sha256 ({exc}); not a dse bundle") from None
 
     def read(name: str) -> Path:
         path = directory / name
         if name not in manifest or "/" in name:
             raise LiteError(f"{directory / 'MANIFEST.sha256'}: does not list {name}; export the bundle again")
-        if not path.is_file() or _sha256(path) != manifest[name]:
+        if not path.is_file() or file_sha256(path) != manifest[name]:
             raise LiteError(f"{path}: missing, or its sha256 does not match MANIFEST.sha256; export the bundle again")
         return path
 
     config = json.loads(read("config.json").read_text())
-    trial = config.get("trial_config") or {}
+    trial = bundle.trial_config(directory, config)  # refuses a newer dse's configuration
     art = config.get("encoder_artifact") or {}
     why = []
-    if trial.get("backend") != "onnxruntime" or art.get("kind") != "onnx" or not art.get("decoder"):
+    if trial.backend != "onnxruntime" or art.get("kind") != "onnx" or not art.get("decoder"):
         why.append("its encoder, predictor and joiner are not all ONNX files (export a trial with backend "
                    "onnxruntime)")
-    if int(trial.get("beam_width", 4)) != 1:
-        why.append(f"beam width {trial.get('beam_width')} (only greedy search, beam 1, runs without torch)")
-    if float(trial.get("lm_weight", 0.0)) > 0:
+    if trial.beam_width != 1:
+        why.append(f"beam width {trial.beam_width} (only greedy search, beam 1, runs without torch)")
+    if trial.lm_weight > 0:
         why.append("language-model fusion")
     vocabulary = json.loads(read("vocabulary.json").read_text())
     if vocabulary.get("kind") not in ("chars", "numbered"):
@@ -282,4 +268,4 @@ def load(directory, threads: Optional[int] = None) -> LiteRecognizer:
     for name in (art["file"], art["decoder"]["predictor"]["file"], art["decoder"]["joiner"]["file"]):
         read(name)
     features = json.loads(read("features.json").read_text())
-    return LiteRecognizer(directory, config, features, vocabulary, threads=threads)
+    return LiteRecognizer(directory, config, features, vocabulary, trial, threads=threads)

@@ -27,7 +27,6 @@ is refused by name before anything is unpickled.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -36,111 +35,20 @@ from typing import Callable, Optional
 import torch
 
 from dse.core import build, models
-from dse.core.config import CONFIG_VERSION, TrialConfig
-from dse.core.errors import ConfigError, DSEError
-from dse.core.knobs import KNOBS
+from dse.core.config import TrialConfig
+from dse.core.errors import ConfigError
 from dse.core.features import FeatureConfig, LogMel
 from dse.core.precision import apply_precision
 from dse.core.stream import ChunkEvent, StreamingRecognizer
+# the bundle's files and checks (torch-free), under the names this module has always offered
+from dse.deploy.bundle import (BUNDLE_FORMAT, BUNDLE_VERSION, CONFIG_FILE, FEATURES_FILE, LM_FILE,  # noqa: F401
+                               MANIFEST_FILE, METRICS_FILE, README_FILE, REQUIRED_FILES, VOCABULARY_FILE,
+                               WEIGHTS_FILE, BundleError, read_config, read_json, read_manifest, sha256_file,
+                               trial_config, verify_manifest, write_manifest)
 
 __all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "BundleError", "load", "read_config", "read_json", "live_pieces", "piece_samples",
            "stream"]
-
-BUNDLE_FORMAT = "dse-bundle"
-BUNDLE_VERSION = 1
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.pt"
-FEATURES_FILE = "features.json"
-VOCABULARY_FILE = "vocabulary.json"
-METRICS_FILE = "metrics.json"
-README_FILE = "README.md"
-MANIFEST_FILE = "MANIFEST.sha256"
-LM_FILE = "lm.lm.gz"
-REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, FEATURES_FILE, VOCABULARY_FILE, METRICS_FILE)
-
 _PACKED = "._packed_params._packed_params"
-
-
-class BundleError(DSEError):
-    """A bundle directory is missing, incomplete, altered, or from a newer dse."""
-
-
-# -- manifest -------------------------------------------------------------------------------
-sha256_file = models.file_sha256
-
-
-def write_manifest(directory: str | os.PathLike) -> None:
-    """Write ``MANIFEST.sha256`` (``sha256sum -c`` format) over every other file in ``directory``."""
-    directory = Path(directory)
-    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
-    lines = [f"{sha256_file(directory / n)}  {n}\n" for n in names]
-    (directory / MANIFEST_FILE).write_text("".join(lines))
-
-
-def verify_manifest(directory: str | os.PathLike) -> dict[str, str]:
-    """Check every file listed in the manifest; returns ``{name: sha256}``.
-
-    Raises :class:`BundleError` naming the first missing or altered file, or a
-    required file the manifest does not list.
-    """
-    directory = Path(directory)
-    manifest = directory / MANIFEST_FILE
-    if not manifest.is_file():
-        raise BundleError(f"{manifest}: manifest missing; the bundle is incomplete, export it again")
-    listed: dict[str, str] = {}
-    for lineno, line in enumerate(manifest.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        digest, sep, name = line.partition("  ")
-        if not sep or len(digest) != 64 or "/" in name or name in ("", ".", ".."):
-            raise BundleError(f"{manifest}:{lineno}: expected '<sha256>  <file name>', got {line!r:.100}")
-        listed[name] = digest
-    for name in REQUIRED_FILES:
-        if name not in listed:
-            raise BundleError(f"{manifest}: does not list {name}; the bundle is incomplete, export it again")
-    for name, digest in listed.items():
-        path = directory / name
-        if not path.is_file():
-            raise BundleError(f"{path}: file listed in {MANIFEST_FILE} is missing; restore it or export again")
-        actual = sha256_file(path)
-        if actual != digest:
-            raise BundleError(f"{path}: sha256 {actual[:16]}... does not match {MANIFEST_FILE} "
-                              f"({digest[:16]}...); the file was altered or corrupted, export again")
-    return listed
-
-
-def read_config(directory: str | os.PathLike) -> dict:
-    """The bundle's ``config.json`` after checking its format version and the manifest."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise BundleError(f"{directory}: not a bundle directory (make one with python -m dse.export)")
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise BundleError(f"{path}: missing; {directory} is not a complete dse bundle")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc}); the file was altered, export again") from exc
-    if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{path}: not a dse bundle config (expected format={BUNDLE_FORMAT!r})")
-    version = config.get("format_version")
-    if not isinstance(version, int):
-        raise BundleError(f"{path}: format_version={version!r} is not an integer")
-    if version > BUNDLE_VERSION:
-        raise BundleError(f"{directory}: bundle format version {version} is newer than this dse reads "
-                          f"(up to {BUNDLE_VERSION}); upgrade dse")
-    verify_manifest(directory)
-    return config
-
-
-def read_json(directory: str | os.PathLike, name: str) -> dict:
-    """A JSON file of a bundle whose manifest has been checked (see :func:`read_config`)."""
-    path = Path(directory) / name
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: unreadable ({exc})") from exc
 
 
 # -- model ----------------------------------------------------------------------------------
@@ -220,38 +128,15 @@ def load(directory: str | os.PathLike, *, compile: Optional[bool] = None,
                           f"field ({type(exc).__name__}: {exc}); export the bundle again") from exc
 
 
-def trial_config(directory: Path, config: dict) -> TrialConfig:
-    """The bundle's trial configuration, resolved (geometry as the bundle's architecture holds it).
-
-    A configuration from a newer dse (a higher config version, or a knob this dse does not
-    know) is refused: it may hold a setting this version would silently ignore."""
-    raw = config.get("trial_config")
-    if not isinstance(raw, dict):
-        raise BundleError(f"{directory / CONFIG_FILE}: trial_config is missing or not an object; export again")
-    version = raw.get("version", CONFIG_VERSION)
-    if isinstance(version, int) and version > CONFIG_VERSION:
-        raise BundleError(f"{directory}: made by a newer dse (config version {version}); upgrade dse "
-                          f"(this one reads config versions up to {CONFIG_VERSION})")
-    unknown = sorted(set(raw) - set(KNOBS) - {"version"})
-    if unknown:
-        raise BundleError(f"{directory}: made by a newer dse (config version {version}, unknown knob(s) "
-                          f"{', '.join(unknown)}); upgrade dse, or export the bundle again if config.json was edited")
-    try:
-        trial = TrialConfig.from_dict(raw)
-    except ConfigError as exc:
-        raise BundleError(f"{directory}: made by a newer dse or altered ({exc}); upgrade dse or export again") from None
-    arch = config["architecture"]
-    return trial.replace(right_context_frames=arch["right_context_length"], segment_frames=arch["segment_length"])
-
-
 def _onnx_encoder(directory: Path, config: dict, model: torch.nn.Module, threads: int) -> torch.nn.Module:
-    """``model`` with the bundle's ONNX encoder in ONNX Runtime, after checking that the manifest lists
-    the file and that its SHA-256 is the one config.json records."""
+    """``model`` with the bundle's ONNX encoder (and predictor and joiner) in ONNX Runtime, after checking
+    that the manifest lists each file with the SHA-256 config.json records. :func:`read_config` has
+    already checked every listed file against the manifest, so no file is hashed again here."""
     art = config.get("encoder_artifact") or {}
     if art.get("kind") != "onnx" or not art.get("file") or not art.get("sha256"):
         raise BundleError(f"{directory / CONFIG_FILE}: the trial ran its encoder with onnxruntime but "
                           "encoder_artifact names no ONNX file with its sha256; export the bundle again")
-    listed = {line.partition("  ")[2] for line in (directory / MANIFEST_FILE).read_text().splitlines() if line.strip()}
+    listed = read_manifest(directory)
 
     def checked(entry: dict) -> Path:
         if not entry.get("file") or not entry.get("sha256"):
@@ -261,7 +146,7 @@ def _onnx_encoder(directory: Path, config: dict, model: torch.nn.Module, threads
         if entry["file"] not in listed or "/" in entry["file"]:
             raise BundleError(f"{directory / MANIFEST_FILE}: does not list {entry['file']}; the bundle is incomplete, "
                               "export it again")
-        actual = sha256_file(path)
+        actual = listed[entry["file"]]  # the file's own digest: the manifest was verified on reading the config
         if actual != entry["sha256"]:
             raise BundleError(f"{path}: sha256 {actual[:16]}... does not match config.json ({entry['sha256'][:16]}...); "
                               "the file was altered or replaced, export again")

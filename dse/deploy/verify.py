@@ -212,10 +212,7 @@ def check_lite(bundle: Path, record: dict, audio, threads: Optional[int]) -> lis
     from dse.core.measure import paired_wer_difference, word_errors
     from dse.deploy import lite
 
-    try:
-        recognizer = lite.load(bundle, threads=threads)
-    except lite.LiteError as exc:
-        raise DSEError(str(exc)) from None
+    recognizer = lite.load(bundle, threads=threads)  # a LiteError is a DSEError: main reports it
     hyps = [recognizer.transcribe(w.numpy()) for w in audio.waveforms]
     errors = word_errors(audio.texts, hyps)
     recorded = recorded_utterances(record, audio.ids)
