@@ -59,11 +59,6 @@ def launch_options() -> argparse.Namespace:
     return args
 
 
-def storage_from_command_line() -> str:
-    """``--storage`` after ``--`` on the command line, else ``$DSE_STORAGE``, else the default SQLite file."""
-    return launch_options().storage
-
-
 @st.cache_resource(show_spinner=False)
 def open_storage(storage_url: str):
     """One Optuna RDB storage per URL for the whole server (read only: a read-only file is fine)."""

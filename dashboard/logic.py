@@ -228,11 +228,10 @@ def _points(rows: pd.DataFrame, baseline: Optional[int]) -> dict:
 
 def beats_baseline(rows: pd.DataFrame, trial: int, baseline: int, pair_speedups: Optional[dict] = None) -> bool:
     """Faster than the baseline beyond noise, and not dominated by it beyond noise."""
-    from dse.search.front import BETTER, compare
+    from dse.search.front import beats
 
     points = _points(rows[rows["trial"].isin([trial, baseline])], baseline)
-    c = compare(points[trial], points[baseline], pair_speedups)
-    return c.speed == BETTER and not compare(points[baseline], points[trial], pair_speedups).dominates
+    return beats(points[trial], points[baseline], pair_speedups)
 
 
 def against_baseline(rows: pd.DataFrame, trial: int, baseline: int, pair_speedups: Optional[dict] = None) -> str:

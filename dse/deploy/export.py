@@ -145,24 +145,15 @@ def _baseline(trials):
     return next((t for t in trials if t.user_attrs.get("anchor") == "baseline"), None)
 
 
-def _comparison(study, t, base):
-    from dse.search.front import compare, point_of
-
-    pairs = study.user_attrs.get("pair_speedups")
-    ours, theirs = point_of(t, base.number), point_of(base, base.number)
-    return compare(ours, theirs, pairs), compare(theirs, ours, pairs)
-
-
 def _beats(study, t, base) -> bool:
-    from dse.search.front import BETTER
+    from dse.search.front import beats, point_of
 
-    ours, theirs = _comparison(study, t, base)
-    return ours.speed == BETTER and not theirs.dominates
+    return beats(point_of(t, base.number), point_of(base, base.number), study.user_attrs.get("pair_speedups"))
 
 
 def pick_note(study, chosen) -> str:
     """What ``--pick`` chose, against the baseline in words (with the intervals)."""
-    from dse.search.front import describe_against_baseline
+    from dse.search.front import compare, describe_against_baseline, point_of
 
     base = _baseline(_complete_trials(study))
     if base is None:
@@ -170,7 +161,8 @@ def pick_note(study, chosen) -> str:
     if chosen.number == base.number:
         return (f"picked trial {chosen.number}, the baseline: no configuration that meets the conditions beats it "
                 "beyond the timing noise")
-    return "picked " + describe_against_baseline(_comparison(study, chosen, base)[0], f"trial {chosen.number}")
+    c = compare(point_of(chosen, base.number), point_of(base, base.number), study.user_attrs.get("pair_speedups"))
+    return "picked " + describe_against_baseline(c, f"trial {chosen.number}")
 
 
 def load_study(storage_url: str, study_name: str):
@@ -501,8 +493,7 @@ def _write_bundle(directory: Path, study, trial, storage_url: str, built, adapta
     onnx = built.config.backend == "onnxruntime"
     # An ONNX Runtime bundle's weights.pt still holds the whole torch model in the trial's precision,
     # from which verify rebuilds its fp32 timing reference.
-    torch_weights = deployed if not onnx else (
-        loaded.model if built.config.precision == "fp32" else apply_precision(loaded.model, built.config.precision))
+    torch_weights = apply_precision(loaded.model, built.config.precision) if onnx else deployed
     torch.save(torch_weights.state_dict(), directory / runtime.WEIGHTS_FILE)
     _write_json(directory / runtime.FEATURES_FILE, {"config": loaded.features.to_dict(),
                                                      "mean": loaded.mean.tolist(), "invstd": loaded.invstd.tolist()})

@@ -207,6 +207,11 @@ def describe_against_baseline(c: Comparison, label: str) -> str:
     return f"{label} is {speed} ({verdict}) at {wer}"
 
 
+def beats(p, base, pair_speedups: Optional[dict] = None) -> bool:
+    """``p`` is faster than the baseline point ``base`` beyond noise and not dominated by it."""
+    return compare(p, base, pair_speedups).speed == BETTER and not compare(base, p, pair_speedups).dominates
+
+
 def recommend(front: Front, baseline: int, pair_speedups: Optional[dict] = None) -> Recommendation:
     """The fastest front member within the limits that the baseline does not dominate and that
     is faster than the baseline beyond noise; otherwise the baseline."""
@@ -215,9 +220,9 @@ def recommend(front: Front, baseline: int, pair_speedups: Optional[dict] = None)
         p = front.points[t]
         if t == baseline or not p.limits_ok:
             continue
-        c = compare(p, base, pair_speedups)
-        if base.limits_ok and (compare(base, p, pair_speedups).dominates or c.speed != BETTER):
+        if base.limits_ok and not beats(p, base, pair_speedups):
             continue  # (a baseline outside the limits cannot be shipped: it rules nothing out)
+        c = compare(p, base, pair_speedups)
         return Recommendation(t, False, c, "recommended: " + describe_against_baseline(c, f"trial {t} ({p.description})"))
     if not base.limits_ok:
         return Recommendation(baseline, True, None, "no trial meets the limits (the baseline does not either)")
