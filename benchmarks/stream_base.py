@@ -150,7 +150,7 @@ def main() -> None:
         if b.export_s is not None:
             info = b.export_info
             print(f"  {name}: export {b.export_s:.1f} s" + (" (export cache hit)" if info.get("hit") else "")
-                  + f", {info['bytes'] / 2**20:.0f} MiB")
+                  + f", {info['bytes'] / 2**20:.0f} MiB, {info.get('graph', '?')} graph of {info.get('nodes', '?')} nodes")
     torch.set_num_threads(args.threads)
     t = threading_settings(built["ORT int8"].recognizer)
     print(f"threads: torch {t['torch_threads']}, ONNX Runtime {t['ort_threads']} (spinning "

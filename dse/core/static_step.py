@@ -20,7 +20,7 @@ class StaticInfer(torch.nn.Module):
     torchaudio's ``infer`` slices the left context to ``min(left_context, past_length)``
     rows in every layer, a shape that depends on a value: the exported graph then carries
     that arithmetic (Shape, Gather, Min, Slice, Concat: about 2,000 nodes for the base
-    model, more time than its matrix products at int8). Here every layer attends to all
+    model, more time than its matrix products at int8, in a one-off profile). Here every layer attends to all
     ``Lc`` left-context rows, and the rows not yet filled get the layer's ``negative_inf``
     before the softmax, one mask computed per chunk from ``past_length``: masked rows get
     probability exactly 0, so the result is torchaudio's up to the order of floating-point
