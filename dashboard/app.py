@@ -91,11 +91,16 @@ def study_snapshot(storage_url: str, study_name: str, n_trials: int, n_finished:
     study = open_study(storage_url, study_name)
     trials = study.get_trials(deepcopy=False)
     attrs = dict(study.user_attrs)
+    rows = logic.trial_rows(trials, study_name)
+    baselines = logic.baseline_trials(rows, attrs.get("baseline_config")) if len(rows) else []
     return {
         "attrs": attrs,
-        "rows": logic.trial_rows(trials, study_name),
+        "rows": rows,
         "counts": logic.count_states(trials),
         "unfinished": logic.unfinished_rows(trials, attrs.get("baseline_config")),
+        # pairwise bootstrap comparisons of every trial: once per study state, not on every rerun
+        "undecided": logic.undecided_trials(rows, baselines[0] if baselines else None, attrs.get("pair_speedups"))
+        if len(rows) else [],
     }
 
 
@@ -524,7 +529,7 @@ def main() -> None:
     recommended = logic.recommend(rows, x, limits, baselines, pair_speedups)
 
     show_recommendation(rows, x, y, limits, recommended, baselines, baseline_config, pair_speedups)
-    undecided = logic.undecided_trials(rows, baselines[0] if baselines else None, pair_speedups)
+    undecided = snapshot["undecided"]
     clicked = show_plot(rows, counts, x, y, colour_by, limits, recommended, baselines, undecided)
 
     front = logic.pareto_front(rows[logic.feasible_mask(rows, limits)], x, y)
