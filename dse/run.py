@@ -8,7 +8,7 @@ configuration, the machine fingerprint and the phase durations in ``user_attrs``
 
 Studies live in an Optuna RDB storage (default: SQLite ``studies.db`` at the project
 root). Re-running the same command resumes the study until it holds ``--n-trials``
-finished trials. Many workers can share one storage (``--storage
+distinct finished configurations (a repeat proposal is pruned in seconds and does not count). Many workers can share one storage (``--storage
 postgresql://...``); a worker killed mid-trial is detected by Optuna's heartbeat and
 its trial is marked FAIL and retried once. On one machine, timing is serialised by a
 lock file, so run one timing worker per machine (adaptation may overlap).
@@ -107,7 +107,6 @@ def _run(args, console) -> int:
     remaining = target - finished_count(study)
     console.print(f"study [bold]{study_name}[/bold] in {where}: {finished_count(study)} distinct configurations "
                   f"finished, {max(0, remaining)} to run (sampler seed {seed})")
-    ctx = None
     if remaining > 0:
         ctx = load_context(space, args, loaded)
         baseline = ctx.space.baseline_config().to_dict()

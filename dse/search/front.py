@@ -98,6 +98,27 @@ def _key(a: int, b: int) -> str:
     return f"{a}-{b}"
 
 
+_WER_DIFFERENCES: dict = {}  # (errors of a, errors of b) -> paired_wer_difference; bounded below
+
+
+def _wer_difference(a_errors: list, b_errors: list) -> tuple[float, float, float]:
+    """:func:`dse.core.measure.paired_wer_difference`, computed once per pair of error lists: a front
+    compares every pair both ways, again at every adaptation check and for every table. The
+    reverse pair is stored with it: with the same seed its bootstrap is the mirror image
+    (the difference negated, the interval negated and swapped), exactly."""
+    from dse.core.measure import paired_wer_difference
+
+    key = (tuple(map(tuple, a_errors)), tuple(map(tuple, b_errors)))
+    found = _WER_DIFFERENCES.get(key)
+    if found is None:
+        if len(_WER_DIFFERENCES) > 20000:
+            _WER_DIFFERENCES.clear()
+        diff, lo, hi = found = paired_wer_difference(a_errors, b_errors)
+        _WER_DIFFERENCES[key] = found
+        _WER_DIFFERENCES[(key[1], key[0])] = (-diff, -hi, -lo)
+    return found
+
+
 def compare(a: Point, b: Point, pair_speedups: Optional[dict] = None) -> Comparison:
     """``a`` against ``b`` (see the module docstring)."""
     direct = (pair_speedups or {}).get(_key(a.trial, b.trial))
@@ -127,9 +148,7 @@ def compare(a: Point, b: Point, pair_speedups: Optional[dict] = None) -> Compari
     elif a.errors and a.errors == b.errors:
         accuracy, wer_diff, ci = TIED, 0.0, (0.0, 0.0)
     elif a.errors and b.errors and len(a.errors) == len(b.errors):
-        from dse.core.measure import paired_wer_difference
-
-        wer_diff, d_lo, d_hi = paired_wer_difference(a.errors, b.errors)
+        wer_diff, d_lo, d_hi = _wer_difference(a.errors, b.errors)
         ci = (d_lo, d_hi)
         accuracy = BETTER if d_hi < 0 else WORSE if d_lo > 0 else OPEN
     else:

@@ -2,7 +2,7 @@
 
 :func:`run_trial` turns a :class:`~dse.core.config.TrialConfig` into measured metrics
 (build -> adapt -> compile -> timed streaming pass with WER -> same-run ratio against
-the baseline); :class:`StudyRunner` binds it to an Optuna study whose storage may be
+the baseline); :func:`make_objective` binds it to an Optuna study whose storage may be
 shared by many workers.
 
 Reuse rule: two configurations with the same *accuracy-relevant* knobs
@@ -32,7 +32,7 @@ import torch
 
 from dse.core.config import TrialConfig
 from dse.core.errors import DSEError
-from dse.core.record import TrialRecord
+from dse.core.record import STORED_METRICS, TrialRecord
 from dse.search.storage import STALE_REASON
 from dse.core.measure import EvalAudio, interleaved_speedup, machine_fingerprint, measure
 from dse.core.models import LoadedModel
@@ -169,9 +169,7 @@ def run_trial(ctx: TrialContext, config: TrialConfig, reuse: Optional[dict] = No
         result.update({k: reuse.get(k) for k in ("wer", "cer", "wer_by_slice", "wer_ci95")})
     from dse.core.cost import flops_per_chunk
 
-    metrics = {k: result.get(k) for k in (
-        "wer", "cer", "rtf_mean", "rtf_p50", "rtf_p95", "chunk_latency_p50_ms", "chunk_latency_p95_ms",
-        "chunk_latency_p99_ms", "ttft_s", "ttft_p95_s", "peak_rss_mib", "rss_delta_mib", "other_cpu_load")}
+    metrics = {k: result.get(k) for k in STORED_METRICS}  # the pass's own; the build's and the ratio's below
     metrics.update({
         "weight_mib": built.weight_mib, "params": built.params, "speedup": ratio["speedup"],
         "compile_s": built.compile_s, "export_s": built.export_s,
@@ -345,7 +343,7 @@ def enqueue_anchors(study, space, levels: bool, log=lambda msg: None) -> list[st
         if cfg.key() in claimed:
             continue
         claimed[cfg.key()] = -1
-        enqueue_configuration(study, space, cfg, levels, anchor="baseline" if name == "baseline" else name)
+        enqueue_configuration(study, space, cfg, levels, anchor=name)
         queued.append(f"{name}: {describe(cfg)}")
     study.set_user_attr("anchors_enqueued", True)
     for q in queued:
@@ -357,10 +355,12 @@ def enqueue_unmeasured(study, space, levels: bool, rng) -> Optional[object]:
     """Queue a configuration of the space that no trial has claimed (drawn at random), so that a
     sampler repeating itself cannot stall the study; ``None`` when the space is exhausted."""
     claimed = claimed_keys(study)
-    if space.grid_size() <= 20000:
+    if space.grid_size() <= 20000:  # a bound on listing the space (a choice, not a measurement)
         left = [c for c in space.configurations() if c.key() not in claimed]
         cfg = rng.choice(left) if left else None
-    else:  # too many to list: draw points until one is new (a space this large is never exhausted here)
+    else:  # too many to list: draw points until one is new. A study claims a few hundred of over
+        # 20,000 configurations, so 1,000 draws all landing on claimed ones (probability
+        # (claimed / size) ** 1000) does not happen in practice.
         cfg = next((c for c in (space.random_configuration(rng) for _ in range(1000))
                     if c is not None and c.key() not in claimed), None)
     if cfg is not None:
@@ -381,7 +381,8 @@ class DistinctTrials:
 
 
 def _dev_errors_key(config) -> str:
-    return config.replace(precision="fp32", compile="off", threads=2, beam_width=1, lm_weight=0.0,
+    # what the dev measurement depends on: the weights and the geometry (greedy, fp32, torch)
+    return config.replace(precision="fp32", backend="torch", compile="off", threads=2, beam_width=1, lm_weight=0.0,
                           temperature=1.0).key()
 
 
@@ -471,9 +472,7 @@ def front_points(study, space) -> list:
 
     base = baseline_trial(study)
     out = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if is_duplicate(t):
-            continue
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):  # a repeat is PRUNED, never here
         record = TrialRecord.of_trial(t)
         if not (record.speedup or {}).get("speedup"):
             continue
@@ -504,12 +503,14 @@ def make_objective(ctx, console, seed: Optional[int] = None):
     space = ctx.space
     rng = random.Random(seed)
     reference = DevReference(ctx)
+    identity = model_identity(ctx.loaded)  # hashes the LM file: once per worker, not per trial
 
     def step_aside_if_repeat(trial, config, levels: bool) -> None:
         """Prune ``trial`` as a repeat if a lower-numbered trial holds its configuration, and queue
-        an unmeasured one in its place. Checked on entry, at each phase and before the result is
-        recorded: a worker that drew the configuration a moment before this one, but recorded it a
-        moment after this one looked, is still seen, and the configuration is recorded once."""
+        an unmeasured one in its place. Checked on entry, at each adaptation check and before the
+        result is recorded (never under the timing lock, where other workers wait): a worker that
+        drew the configuration a moment before this one, but recorded it a moment after this one
+        looked, is still seen, and the configuration is recorded once."""
         twin = repeat_of(trial.study, trial.number, config.key())
         if twin is None:
             return
@@ -542,13 +543,12 @@ def make_objective(ctx, console, seed: Optional[int] = None):
             trial.set_user_attr("config", config.to_dict())
             trial.set_user_attr("config_key", config.key())
             trial.set_user_attr("accuracy_key", config.accuracy_key())
-            trial.set_user_attr("model", model_identity(ctx.loaded))
+            trial.set_user_attr("model", identity)
             step_aside_if_repeat(trial, config, levels)
             reuse = find_reuse(trial.study, config.accuracy_key()) if ctx.loaded.trained else None
             probe: dict = {}
 
             def on_phase(name):
-                step_aside_if_repeat(trial, config, levels)
                 console.print(f"  trial {trial.number}: {name}")
 
             def on_speed(ratio):
@@ -556,6 +556,7 @@ def make_objective(ctx, console, seed: Optional[int] = None):
                 trial.set_user_attr("speed_before_adapting", ratio)
 
             def on_adapt(step, dev_wer, dev_errors=None):
+                step_aside_if_repeat(trial, config, levels)  # the long phase: look again (not under the timing lock)
                 console.print(f"  trial {trial.number}: adapt step {step}: dev WER {dev_wer:.3f}")
                 reason = prune_reason(space, trial.study, step, dev_wer, dev_errors, probe or None, reference)
                 if reason:
@@ -568,7 +569,7 @@ def make_objective(ctx, console, seed: Optional[int] = None):
             record = run_trial(ctx, config, reuse=reuse, on_phase=on_phase, on_adapt_progress=on_adapt,
                                on_speed_probe=on_speed)
             record.accuracy_key = config.accuracy_key()
-            record.model = model_identity(ctx.loaded)
+            record.model = identity
             step_aside_if_repeat(trial, config, levels)
         except optuna.TrialPruned:
             raise
