@@ -68,3 +68,52 @@ def test_the_predictor_takes_one_token_per_hypothesis(model, exported):
         predictor(torch.zeros(1, 3, dtype=torch.int64), torch.tensor([3]), None)
     with pytest.raises(BackendError, match="is not a predictor exported by dse"):
         od.OrtPredictor(paths["joiner"])
+
+
+# -- greedy search over these sessions: the numpy loop the torch-free runtime shares -------------
+def searches(model, exported, precision, temperature):
+    from dse.core.decoder import FastRNNTSearch
+
+    paths, _ = exported[0][precision]
+    ort = od.use_onnx_decoder(model, paths["predictor"], paths["joiner"])
+    blank = model.joiner.linear.out_features - 1
+    numpy_loop = FastRNNTSearch(ort, blank, temperature=temperature)
+    torch_loop = FastRNNTSearch(ort, blank, temperature=temperature)
+    torch_loop._ort_greedy = None  # the torch greedy search on the same sessions
+    return numpy_loop, torch_loop
+
+
+def frames(model, n: int = 48, seed: int = 1, scale: float = 3.0):
+    """Encoder frames; at this scale the random joiner emits about 3 tokens per frame."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, n, model.joiner.linear.in_features, generator=g) * scale
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_numpy_greedy_equals_the_torch_greedy_on_the_same_sessions(model, exported, precision, temperature):
+    numpy_loop, torch_loop = searches(model, exported, precision, temperature)
+    assert numpy_loop._ort_greedy is not None
+    a = b = None
+    multi = 0
+    for chunk in frames(model).split(4, dim=1):
+        before = len(a[0][0]) if a else 1
+        a, b = numpy_loop._search(chunk, a, 1), torch_loop._search(chunk, b, 1)
+        assert a[0][0] == b[0][0]                       # the same tokens, chunk after chunk
+        assert a[0][3] == pytest.approx(b[0][3], rel=1e-5, abs=1e-4)  # scores to float32 rounding
+        multi += len(a[0][0]) - before > chunk.shape[1]  # a chunk with several tokens in one frame
+        for x, y in ((a[0][1], b[0][1]), *zip(sum(a[0][2], []), sum(b[0][2], []))):
+            assert x.shape == y.shape and torch.equal(x, y)  # predictor output and state: the same sessions
+    assert len(a[0][0]) > 10 and multi  # it emitted, and more than one token per frame somewhere
+
+
+def test_numpy_greedy_takes_a_hypothesis_from_the_torch_search_and_back(model, exported):
+    numpy_loop, torch_loop = searches(model, exported, "fp32", 1.0)
+    chunks = frames(model, seed=2).split(4, dim=1)
+    want = None
+    for chunk in chunks:
+        want = torch_loop._search(chunk, want, 1)
+    got = None
+    for i, chunk in enumerate(chunks):  # the two searches take turns on one stream
+        got = (numpy_loop if i % 2 else torch_loop)._search(chunk, got, 1)
+    assert got[0][0] == want[0][0] and got[0][3] == pytest.approx(want[0][3], rel=1e-5)

@@ -289,6 +289,15 @@ class FastRNNTSearch(torch.nn.Module):
             self._lm = LMRows(lm, symbols, blank, self.lm_weight)
         self._ones_cache: Dict[Tuple[int, torch.device], torch.Tensor] = {}
         self._store: Optional[_Store] = None
+        # greedy search over an ONNX Runtime predictor and joiner: the numpy loop (dse.core.greedy)
+        self._ort_greedy = None
+        self._greedy_out = None  # (the hypotheses last returned, the loop's hypothesis behind them)
+        predictor, joiner = getattr(model, "predictor", None), getattr(model, "joiner", None)
+        if self._lm is None and hasattr(predictor, "session") and hasattr(joiner, "session"):
+            from dse.core.greedy import OrtGreedy
+
+            self._ort_greedy = OrtGreedy(predictor.session, joiner.session, blank, temperature=temperature,
+                                         step_max_tokens=step_max_tokens)
 
     @classmethod
     def from_tokenizer(cls, model, tokenizer, temperature: float = 1.0, lm=None, lm_weight: float = 0.0,
@@ -385,6 +394,8 @@ class FastRNNTSearch(torch.nn.Module):
                 beam_width: int) -> List[Hypothesis]:
         with torch.inference_mode():
             if beam_width == 1 and (hypothesis is None or len(hypothesis) == 1):
+                if self._ort_greedy is not None:
+                    return self._greedy_ort(enc_out, hypothesis)
                 return self._greedy_impl(enc_out, hypothesis)
             return self._search_impl(enc_out, hypothesis, beam_width)
 
@@ -462,6 +473,30 @@ class FastRNNTSearch(torch.nn.Module):
         key, slot, score = best
         return [(list(tokens_of[key]), store.pred[slot: slot + 1][0].clone(),
                  [[buf[slot: slot + 1].clone() for buf in layer] for layer in store.states], score)]
+
+    def _greedy_ort(self, enc_out: torch.Tensor, hypothesis: Optional[List[Hypothesis]]) -> List[Hypothesis]:
+        """Greedy search when the predictor and joiner run in ONNX Runtime: :class:`dse.core.greedy.OrtGreedy`,
+        the loop the torch-free runtime runs too. The hypothesis it returned last is carried as the
+        loop's own arrays; one from elsewhere (torchaudio's layout) is converted."""
+        from dse.core.greedy import GreedyHypothesis
+
+        search = self._ort_greedy
+        last = self._greedy_out
+        if hypothesis is None:
+            hyp = search.start()
+        elif last is not None and last[0] is hypothesis:
+            hyp = last[1]
+        else:
+            tokens, pred, state, score = hypothesis[0]
+            hyp = GreedyHypothesis(list(tokens), float(score), pred.detach().float().reshape(1, 1, -1).numpy(),
+                                   tuple(torch.stack([layer[j] for layer in state]).detach().float().contiguous().numpy()
+                                         for j in (0, 1)))
+        hyp = search.advance(hyp, enc_out.detach().float().contiguous().numpy())
+        h, c = (torch.from_numpy(a) for a in hyp.state)
+        out = [(list(hyp.tokens), torch.from_numpy(hyp.output[0]), [[h[i], c[i]] for i in range(h.shape[0])],
+                hyp.score)]
+        self._greedy_out = (out, hyp)
+        return out
 
     def _search_impl(self, enc_out: torch.Tensor, hypothesis: Optional[List[Hypothesis]],
                      beam_width: int) -> List[Hypothesis]:

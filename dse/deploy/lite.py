@@ -17,14 +17,11 @@ What it computes is :class:`dse.core.stream.StreamingRecognizer`'s, in numpy:
   normalisation, the piecewise-linear log, the bundle's normalisation statistics), frames not
   centred, so streaming and offline frames agree;
 * the chunking and the end-of-stream padding of the streaming recognizer;
-* torchaudio's ``RNNTBeamSearch`` at beam width 1, as :class:`dse.core.decoder.FastRNNTSearch`
-  runs it: at each frame the blank-extended hypotheses collect, a non-blank expansion is kept
-  while it beats the best of them (at most 100 per frame), and the frame ends on the best by
-  score over (tokens + 1); scores are float32 sums of the log-softmax of the joiner's output
-  over the decoder temperature.
+* the greedy search, :class:`dse.core.greedy.OrtGreedy`: the same loop the torch runtime runs
+  for these configurations (torchaudio's ``RNNTBeamSearch`` at beam width 1, in numpy), and
+  ONNX Runtime sessions opened as the torch runtime opens them (threads, spinning).
 
-The search is exact: fed torch's features, it gave the torch runtime's transcripts on 60 of
-60 eval utterances (embedded default, int8 ONNX, greedy; a one-off probe). The front end is not bit-identical:
+Fed the same features, the two runtimes therefore give the same tokens. The front end is not bit-identical:
 numpy's FFT rounds differently from torch's, which matters only in near-silent frames (power
 around 1e-10, where the fixed gain of the log lifts rounding noise into the features), and an
 int8 model can turn that into another word (on all 240 eval utterances: WER 0.3968 against the
@@ -44,11 +41,11 @@ import numpy as np
 from dse.core.errors import DSEError
 from dse.core.files import file_sha256
 from dse.core.geometry import LOG_GAIN, FeatureConfig, chunk_geometry, flush_padding_samples
+from dse.core.greedy import OrtGreedy
+from dse.core.ort_session import default_spinning, open_session
 from dse.deploy import bundle
 
 __all__ = ["LiteError", "LiteRecognizer", "load"]
-
-STEP_MAX_TOKENS = 100
 
 
 class LiteError(DSEError):
@@ -97,19 +94,7 @@ class LogMel:
 
 
 def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.force_spinning_stop", "1")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    m = x.max(axis=-1, keepdims=True)
-    return (x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))).astype(np.float32)
+    return open_session(path, threads, default_spinning(), path.stem)
 
 
 class LiteRecognizer:
@@ -126,19 +111,22 @@ class LiteRecognizer:
         self.segment, self.right = trial.segment_frames, trial.right_context_frames
         self.chunk_frames, _ = chunk_geometry(self.segment, self.right)
         self._chunk_length = np.array([self.chunk_frames], np.int64)
-        self.temperature = np.float32(trial.temperature)
         self.encoder = _session(directory / art["file"], self.threads)
-        self.predictor = _session(directory / art["decoder"]["predictor"]["file"], self.threads)
-        self.joiner = _session(directory / art["decoder"]["joiner"]["file"], self.threads)
+        self.search = OrtGreedy(_session(directory / art["decoder"]["predictor"]["file"], self.threads),
+                                _session(directory / art["decoder"]["joiner"]["file"], self.threads),
+                                self._blank(vocabulary), temperature=trial.temperature)
         inputs = {i.name: i.shape for i in self.encoder.get_inputs()}
         if "memory" in inputs:
             raise LiteError(f"{directory}: an encoder with memory slots needs the torch runtime")
         self.state_shape = inputs["lc_key"]
-        layers, _, hidden = self.predictor.get_inputs()[1].shape
-        self.predictor_state_shape = (layers, 1, hidden)
         self.symbols = vocabulary.get("symbols")
-        self.blank = len(self.symbols) if self.symbols is not None else int(vocabulary["num_symbols"]) - 1
+        self.blank = self.search.blank
         self.reset()
+
+    @staticmethod
+    def _blank(vocabulary: dict) -> int:
+        symbols = vocabulary.get("symbols")
+        return len(symbols) if symbols is not None else int(vocabulary["num_symbols"]) - 1
 
     # -- the stream ------------------------------------------------------------------------
     def reset(self) -> None:
@@ -149,9 +137,7 @@ class LiteRecognizer:
         self._buffer = np.zeros(0, np.float32)
         self._pending = np.zeros((0, self.logmel.n_mels), np.float32)
         self.samples_in = 0
-        self.tokens: List[int] = []  # the hypothesis, blank-led, as torchaudio keeps it
-        self._score = 0.0
-        self._pred = None
+        self._hyp = None  # the search's hypothesis; None until the first chunk
 
     def accept_audio(self, samples: np.ndarray) -> None:
         """Feed float samples ``(n,)``; decode every chunk they complete."""
@@ -183,6 +169,11 @@ class LiteRecognizer:
         return self.text
 
     @property
+    def tokens(self) -> List[int]:
+        """The hypothesis, blank-led, as torchaudio keeps it (empty before the first chunk)."""
+        return self._hyp.tokens if self._hyp is not None else []
+
+    @property
     def text(self) -> str:
         ids = [t for t in self.tokens[1:] if t != self.blank]
         if self.symbols is None:
@@ -190,46 +181,13 @@ class LiteRecognizer:
         return " ".join("".join(self.symbols[i] for i in ids).split())
 
     # -- one chunk -----------------------------------------------------------------------------
-    def _predict(self, token: int, state):
-        out, h, c = self.predictor.run(None, {"tokens": np.array([[token]], np.int64), "h": state[0], "c": state[1]})
-        return out, (h, c)
-
-    def _log_probs(self, enc_t: np.ndarray, pred: np.ndarray) -> np.ndarray:
-        (logits,) = self.joiner.run(None, {"source": enc_t, "target": pred})
-        return _log_softmax(logits[0, 0, 0] / self.temperature)
-
     def _decode_chunk(self, chunk: np.ndarray) -> None:
         feeds = dict(self._enc, input=chunk[None], lengths=self._chunk_length)  # features are float32
         out, _, key, val, past = self.encoder.run(None, feeds)
         self._enc = {"lc_key": key, "lc_val": val, "past_length": past}
-        if self._pred is None:  # a new stream: the blank-led hypothesis
-            zeros = np.zeros(self.predictor_state_shape, np.float32)
-            self.tokens = [self.blank]
-            self._pred = self._predict(self.blank, (zeros, zeros))
-        blank, f32 = self.blank, np.float32
-        for t in range(out.shape[1]):
-            enc_t = out[:, t: t + 1]
-            tokens, score, (pred, state) = self.tokens, self._score, self._pred
-            frame = []  # (tokens, predictor output and state, blank-extended score), in order
-            best_blank = -math.inf
-            for _ in range(STEP_MAX_TOKENS + 1):
-                probs = self._log_probs(enc_t, pred)
-                total = f32(score) + probs  # float32, as torchaudio's tensor sum
-                blank_score = float(total[blank])
-                frame.append((tokens, (pred, state), blank_score))
-                best_blank = max(best_blank, blank_score)
-                if len(frame) > STEP_MAX_TOKENS:
-                    break
-                token = int(np.argmax(total[:blank]))
-                if not float(total[token]) > best_blank:
-                    break
-                tokens, score = tokens + [token], float(total[token])
-                pred, state = self._predict(token, state)
-            # the frame's best by score / (tokens + 1); ties to the earliest of the sorted scores
-            order = sorted(range(len(frame)), key=lambda i: frame[i][2])
-            norm = [f32(frame[i][2] / (len(frame[i][0]) + 1)) for i in order]
-            chosen = frame[order[int(np.argmax(norm))]]
-            self.tokens, self._pred, self._score = chosen[0], chosen[1], chosen[2]
+        if self._hyp is None:  # a new stream: the blank-led hypothesis
+            self._hyp = self.search.start()
+        self._hyp = self.search.advance(self._hyp, out)
 
 
 def load(directory, threads: Optional[int] = None) -> LiteRecognizer:

@@ -1,0 +1,94 @@
+"""ONNX Runtime sessions for dse's exported networks, and the errors of that backend: no torch.
+
+The torch runtime (:mod:`dse.core.onnx_encoder`, :mod:`dse.core.onnx_decoder`) and the
+torch-free one (:mod:`dse.deploy.lite`) open their sessions here, with the same threads and
+spinning rules.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from dse.core.errors import DSEError
+
+__all__ = ["BackendError", "default_spinning", "open_session"]
+
+
+class BackendError(DSEError):
+    """An inference backend (here ONNX Runtime) cannot export, load or run the encoder."""
+
+
+def _require(module: str):
+    """Import an optional dependency of this backend, or say which package to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendError(f"the ONNX Runtime backend needs the Python package {module.split('.')[0]!r} "
+                           f"(pip install onnx onnxruntime onnxscript): {exc}") from exc
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CALL_SITE = re.compile(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in \S+\s*\n\s*(.+)')
+
+
+def _summary(exc: BaseException, limit: int = 400) -> str:
+    """One line naming a failure: the innermost cause's type and first line, and the user-code line.
+
+    torch.onnx wraps torch.export's errors ("Failed to export the model with
+    torch.export ..."); the innermost cause says what went wrong (e.g. a guard on a
+    data-dependent value) and torch.export names the source line that triggered it.
+    """
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    root = chain[-1]
+    lines = [ln.strip() for ln in _ANSI.sub("", str(root)).splitlines() if ln.strip()]
+    text = f"{type(root).__name__}: {lines[0] if lines else ''}"
+    for e in chain:
+        site = _CALL_SITE.search(_ANSI.sub("", str(e)))
+        if site:
+            text += f" at {Path(site.group(1)).name}:{site.group(2)} `{site.group(3).strip()}`"
+            break
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def default_spinning() -> bool:
+    """Whether ONNX Runtime's intra-op threads should spin: as torch's OpenMP threads do.
+
+    ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep between operators) turns spinning off, anything
+    else leaves it on, so one setting governs both runtimes of a configuration. On a quiet
+    machine spinning is what makes a second thread pay: the base encoder at int8 and 2
+    threads ran 1.37x faster spinning than not, and without spinning 2 threads were no faster
+    than 1 (a one-off probe; ``benchmarks/stream_base.py`` prints the threads and spinning it ran with). On
+    shared cores a spinning thread holds the core another one needs; set PASSIVE there.
+    """
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
+
+
+def open_session(path: Path, threads: int, spinning: bool, what: str):
+    """An ONNX Runtime CPU session for one of dse's exported networks (``what`` names it in errors).
+
+    ``threads`` intra-op threads (inter-op 1: each graph is one chain); ``spinning``:
+    ``session.intra_op.allow_spinning``, stopped when a call ends (``session.force_spinning_stop``),
+    so the pool spins between the operators of a call, not into torch's search after it."""
+    ort = _require("onnxruntime")
+    path = Path(path)
+    if not path.is_file():
+        raise BackendError(f"ONNX {what} file {path} does not exist")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise BackendError(f"ONNX Runtime cannot load the {what} file {path} ({path.stat().st_size} bytes): "
+                           f"{_summary(exc)}; delete it to have it exported again") from exc
