@@ -37,7 +37,7 @@ def recognizer(loaded, config: TrialConfig, search: str):
         from dse.core.stream import StreamingRecognizer
         rec = StreamingRecognizer(rec.model, rec.logmel, rec.tokenizer, cfg.segment_frames, cfg.right_context_frames,
                                   beam_width=cfg.beam_width, lm=rec.decoder.lm, lm_weight=cfg.lm_weight,
-                                  temperature=cfg.temperature, search="torchaudio")
+                                  temperature=cfg.temperature, search="torchaudio", threads=rec.threads)
     return rec
 
 

@@ -12,7 +12,9 @@ inputs, so the ratios compare like with like on a noisy machine:
    warm-up utterance each, with the milliseconds per chunk in the encoder, the search and the
    rest: features and bookkeeping): torch fp32 with torchaudio's search (the baseline before the
    vectorised search and the ONNX backend), torch int8 with torchaudio's search, torch int8
-   with the vectorised search, ONNX Runtime fp32 and int8 with the vectorised search;
+   with the vectorised search, ONNX Runtime fp32 and int8 with the numpy greedy loop the
+   onnxruntime backend runs (:mod:`dse.core.greedy`), and ONNX Runtime int8 with the vectorised
+   search's torch loop over the same sessions;
 3. ``torch.compile`` (mode default) of the torch fp32 encoder: compile time, graphs compiled,
    recompiles while timed, compiled vs eager per chunk, and where a chunk's time goes
    (profile of both).
@@ -70,7 +72,18 @@ def with_search(recognizer: StreamingRecognizer, search: str, temperature: float
     """The same deployed model and front end with another search implementation (greedy)."""
     r = recognizer
     return StreamingRecognizer(r.model, r.logmel, r.tokenizer, r.segment_length, r.right_context_length,
-                               beam_width=1, dtype=r.dtype, temperature=temperature, search=search)
+                               beam_width=1, dtype=r.dtype, temperature=temperature, search=search,
+                               threads=r.threads)  # its torch threads, whichever recognizer ran last
+
+
+def torch_loop(recognizer: StreamingRecognizer, temperature: float) -> StreamingRecognizer:
+    """The same ONNX Runtime recognizer with the vectorised search's torch greedy loop instead of
+    the numpy one (:mod:`dse.core.greedy`) over the same predictor and joiner sessions."""
+    from dse.core.decoder import FastRNNTSearch
+
+    r = with_search(recognizer, "vectorised", temperature)
+    r.decoder = FastRNNTSearch.from_tokenizer(r.model, r.tokenizer, temperature=temperature, numpy_greedy=False)
+    return r
 
 
 class Breakdown:
@@ -177,8 +190,9 @@ def main() -> None:
         "torch fp32 + torchaudio search": with_search(built["torch fp32"].recognizer, "torchaudio", temperature),
         "torch int8 + torchaudio search": with_search(built["torch int8"].recognizer, "torchaudio", temperature),
         "torch int8 + vectorised": built["torch int8"].recognizer,
-        "ORT fp32 + vectorised": built["ORT fp32"].recognizer,
-        "ORT int8 + vectorised": built["ORT int8"].recognizer,
+        "ORT fp32 + numpy greedy": built["ORT fp32"].recognizer,
+        "ORT int8 + torch greedy loop": torch_loop(built["ORT int8"].recognizer, temperature),
+        "ORT int8 + numpy greedy": built["ORT int8"].recognizer,
     }
     names = list(streams)
     for rec in streams.values():

@@ -78,8 +78,8 @@ def searches(model, exported, precision, temperature):
     ort = od.use_onnx_decoder(model, paths["predictor"], paths["joiner"])
     blank = model.joiner.linear.out_features - 1
     numpy_loop = FastRNNTSearch(ort, blank, temperature=temperature)
-    torch_loop = FastRNNTSearch(ort, blank, temperature=temperature)
-    torch_loop._ort_greedy = None  # the torch greedy search on the same sessions
+    torch_loop = FastRNNTSearch(ort, blank, temperature=temperature, numpy_greedy=False)  # the same sessions
+    assert torch_loop._ort_greedy is None
     return numpy_loop, torch_loop
 
 

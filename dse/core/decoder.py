@@ -266,11 +266,14 @@ class FastRNNTSearch(torch.nn.Module):
     ``cache_predictor``: reuse a token sequence's predictor output within a stream (see
     the module docstring; ``False`` is bit-identical to torchaudio also for beams > 1).
     ``max_slots``: predictor rows kept per stream before the cache is rebuilt from the beam.
+    ``numpy_greedy``: when the predictor and joiner run in ONNX Runtime (``session`` attributes)
+    and there is no LM, greedy search runs :class:`dse.core.greedy.OrtGreedy`'s numpy loop on
+    those sessions (the torch-free runtime's); ``False`` keeps this module's torch loop.
     """
 
     def __init__(self, model, blank: int, temperature: float = 1.0, step_max_tokens: int = 100,
                  lm=None, lm_weight: float = 0.0, symbols: Optional[Sequence[str]] = None,
-                 cache_predictor: bool = True, max_slots: int = 2048):
+                 cache_predictor: bool = True, max_slots: int = 2048, numpy_greedy: bool = True):
         super().__init__()
         self.model = model
         self.blank = blank
@@ -293,7 +296,7 @@ class FastRNNTSearch(torch.nn.Module):
         self._ort_greedy = None
         self._greedy_out = None  # (the hypotheses last returned, the loop's hypothesis behind them)
         predictor, joiner = getattr(model, "predictor", None), getattr(model, "joiner", None)
-        if self._lm is None and hasattr(predictor, "session") and hasattr(joiner, "session"):
+        if numpy_greedy and self._lm is None and hasattr(predictor, "session") and hasattr(joiner, "session"):
             from dse.core.greedy import OrtGreedy
 
             self._ort_greedy = OrtGreedy(predictor.session, joiner.session, blank, temperature=temperature,

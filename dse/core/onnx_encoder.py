@@ -54,7 +54,7 @@ from dse.core.ort_session import BackendError, _require, _summary, default_spinn
 from dse.core.static_step import StaticInfer
 
 STATE_SLOTS = ("memory", "lc_key", "lc_val", "past_length")  # torchaudio's per-layer order
-FORMAT_VERSION = 2  # 2: the static-shape graph (StaticInfer)
+FORMAT_VERSION = 3  # 2: the static-shape graph (StaticInfer); 3: its rows in time order, the next state sliced once
 PRECISIONS = ("fp32", "int8")
 
 

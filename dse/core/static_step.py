@@ -25,7 +25,8 @@ class StaticInfer(torch.nn.Module):
     before the softmax, one mask computed per chunk from ``past_length``: masked rows get
     probability exactly 0, so the result is torchaudio's up to the order of floating-point
     sums (``tests/test_onnx_encoder.py`` compares them over 40 chunks from a zero state).
-    The query and key/value projections are one matrix product. State rows that are not yet
+    The query and key/value projections are one matrix product, the query's scaling folded into
+    its weights; rows stay in time order, so the next left context is one slice per layer. State rows that are not yet
     valid (the first ``Lc - past_length``) may hold other values than torchaudio's; neither
     graph ever reads them. Float models only (the stacked projection reads ``.weight``). Models with memory (``max_memory_size > 0``) or no left context
     are not supported (:meth:`supports`); the ONNX export then goes through torchaudio's own
@@ -46,12 +47,14 @@ class StaticInfer(torch.nn.Module):
         first = self.layers[0].attention
         self.heads, self.dim = first.num_heads, first.input_dim
         self.neg_inf = float(first.negative_inf)
-        # [query; key; value] weights of each layer, stacked once (the exporter bakes them in)
+        # [query; key; value] weights of each layer, stacked once (the exporter bakes them in), the
+        # query's scaled by head_dim ** -0.5 as torchaudio scales the query (exact for a power of 2)
+        scaling = (self.dim // self.heads) ** -0.5
         self.qkv_weight = torch.nn.ParameterList([torch.nn.Parameter(torch.cat(
-            [l.attention.emb_to_query.weight, l.attention.emb_to_key_value.weight]).detach(), requires_grad=False)
-            for l in self.layers])
+            [l.attention.emb_to_query.weight * scaling, l.attention.emb_to_key_value.weight]).detach(),
+            requires_grad=False) for l in self.layers])
         self.qkv_bias = torch.nn.ParameterList([torch.nn.Parameter(torch.cat(
-            [l.attention.emb_to_query.bias, l.attention.emb_to_key_value.bias]).detach(), requires_grad=False)
+            [l.attention.emb_to_query.bias * scaling, l.attention.emb_to_key_value.bias]).detach(), requires_grad=False)
             for l in self.layers])
 
     @staticmethod
@@ -64,35 +67,34 @@ class StaticInfer(torch.nn.Module):
 
     def forward(self, input, lengths, lc_key, lc_val, past_length):
         D, H, Rc, S, Lc = self.dim, self.heads, self.right, self.segment, self.left
-        x = self.input_linear(input[0])                        # (F, 128)
-        x = x.reshape(Rc + S, D)                              # time reduction: stride frames per row
-        x = torch.cat([x[S:], x[:S]]).unsqueeze(1)            # [right context; utterance], (Rc + S, 1, D)
+        # rows in time order, [utterance; right context] (torchaudio puts the right context first;
+        # every row attends to every key, so only the order of the outputs and new keys depends on it)
+        x = self.input_linear(input[0]).reshape(S + Rc, D)     # time reduction: stride frames per row
         # rows of the left context not yet filled: the first Lc - min(Lc, past_length)
         filled = torch.arange(Lc, device=input.device) + past_length[0, 0, 0] >= Lc
-        bias = torch.cat([torch.where(filled, 0.0, self.neg_inf), input.new_zeros(Rc + S)])
-        scaling = (D // H) ** -0.5
-        keys_in, vals_in = lc_key[:, :, 0], lc_val[:, :, 0]     # (L, Lc, D)
+        bias = torch.cat([torch.where(filled, 0.0, self.neg_inf), input.new_zeros(S + Rc)])
+        keys_in = lc_key.reshape(-1, Lc, D).unbind(0)          # per layer (Lc, D)
+        vals_in = lc_val.reshape(-1, Lc, D).unbind(0)
         new_keys, new_vals = [], []
         for i, layer in enumerate(self.layers):
-            ln = layer.layer_norm_input(x)
-            qkv = torch.nn.functional.linear(ln[:, 0], self.qkv_weight[i], self.qkv_bias[i])
+            qkv = torch.nn.functional.linear(layer.layer_norm_input(x), self.qkv_weight[i], self.qkv_bias[i])
             q, k, v = qkv.split(D, dim=1)
-            keys = torch.cat([keys_in[i], k])                  # (Lc + Rc + S, D)
+            keys = torch.cat([keys_in[i], k])                  # (Lc + S + Rc, D)
             vals = torch.cat([vals_in[i], v])
-            qh = (q * scaling).reshape(Rc + S, H, D // H).transpose(0, 1)
-            kh = keys.reshape(Lc + Rc + S, H, D // H).permute(1, 2, 0)
-            vh = vals.reshape(Lc + Rc + S, H, D // H).transpose(0, 1)
+            qh = q.reshape(S + Rc, H, D // H).transpose(0, 1)
+            kh = keys.reshape(Lc + S + Rc, H, D // H).permute(1, 2, 0)
+            vh = vals.reshape(Lc + S + Rc, H, D // H).transpose(0, 1)
             probs = torch.softmax(torch.matmul(qh, kh) + bias, dim=-1)
-            out = torch.matmul(probs, vh).transpose(0, 1).reshape(Rc + S, 1, D)
+            out = torch.matmul(probs, vh).transpose(0, 1).reshape(S + Rc, D)
             x = layer.attention.out_proj(out) + x
             x = layer.pos_ff(x) + x
             x = layer.layer_norm_output(x)
-            new_keys.append(k[Rc:])
-            new_vals.append(v[Rc:])
-        # the next left context: the last Lc rows of [left context; this segment's keys], all layers at once
-        next_key = torch.cat([keys_in, torch.stack(new_keys)], dim=1)[:, -Lc:].unsqueeze(2)
-        next_val = torch.cat([vals_in, torch.stack(new_vals)], dim=1)[:, -Lc:].unsqueeze(2)
-        out = self.layer_norm(self.output_linear(x[Rc:, 0])).unsqueeze(0)   # (1, S, E)
+            # the next left context: the last Lc rows of [left context; this segment], one slice
+            new_keys.append(keys[S: S + Lc])
+            new_vals.append(vals[S: S + Lc])
+        next_key = torch.stack(new_keys).unsqueeze(2)
+        next_val = torch.stack(new_vals).unsqueeze(2)
+        out = self.layer_norm(self.output_linear(x[:S])).unsqueeze(0)   # (1, S, E)
         out_lengths = torch.clamp(torch.div(lengths, self.stride, rounding_mode="trunc") - Rc, min=0)
         return out, out_lengths, next_key, next_val, past_length + S
 
