@@ -10,7 +10,9 @@ printed: the median per-utterance speedup with its bootstrap 95 % interval, each
 whether the transcripts are identical, and the other processes' load during the run; then the
 milliseconds per chunk each spends in the search and in the encoder (from the accuracy passes).
 Last, backend onnxruntime at fp32: the predictor and joiner in ONNX Runtime against the same
-recognizer with torch's, interleaved, with each one's search time per chunk.
+recognizer with torch's, interleaved, with each one's search time per chunk; and that ONNX
+Runtime recognizer against the default configuration as it ran before the vectorised search and
+the ONNX backend (torch fp32, torchaudio's search), with the transcripts compared.
 """
 from __future__ import annotations
 
@@ -92,6 +94,19 @@ def main() -> None:
           f"[{ci[0]:.2f}, {ci[1]:.2f}] the speed with torch's; search {search['ONNX Runtime']:.2f} against "
           f"{search['torch']:.2f} ms per chunk; identical transcripts {same}/{len(audio.waveforms)}; "
           f"WER {a['wer']:.3f} / {b['wer']:.3f}; other processes' load {load.other_cores:.2f} cores")
+
+    # The same ONNX Runtime recognizer against the default configuration as it ran before the
+    # vectorised search and the ONNX backend: torch (fp32) and torchaudio's search.
+    before = recognizer(loaded, TrialConfig(**fill_defaults({"threads": args.threads}, has_lm)), "torchaudio")
+    with OtherCpuLoad() as load:
+        ratio = interleaved_speedup(ort, before, audio)
+    b = measure(before, audio, accuracy=True, warmup=False)
+    same = sum(x["hyp"] == y["hyp"] for x, y in zip(a["transcripts"], b["transcripts"]))
+    ci = ratio["speedup_ci95"]
+    print(f"  backend onnxruntime, fp32, vectorised (beam 4, LM) against torch fp32 with torchaudio's search: "
+          f"{ratio['speedup']:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}]; RTF {a['rtf_mean']:.4f} against {b['rtf_mean']:.4f}; "
+          f"identical transcripts {same}/{len(audio.waveforms)}; WER {a['wer']:.3f} / {b['wer']:.3f}; "
+          f"other processes' load {load.other_cores:.2f} cores")
 
 
 def torch_predictor_and_joiner(rec, model):

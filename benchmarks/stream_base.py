@@ -13,7 +13,7 @@ inputs, so the ratios compare like with like on a noisy machine:
    rest: features and bookkeeping): torch fp32 with torchaudio's search (the baseline before the
    vectorised search and the ONNX backend), torch int8 with torchaudio's search, torch int8
    with the vectorised search, ONNX Runtime fp32 and int8 with the numpy greedy loop the
-   onnxruntime backend runs (:mod:`dse.core.greedy`), and ONNX Runtime int8 with the vectorised
+   onnxruntime backend runs (:mod:`dse.core.ort_search`), and ONNX Runtime int8 with the vectorised
    search's torch loop over the same sessions;
 3. ``torch.compile`` (mode default) of the torch fp32 encoder: compile time, graphs compiled,
    recompiles while timed, compiled vs eager per chunk, and where a chunk's time goes
@@ -78,11 +78,11 @@ def with_search(recognizer: StreamingRecognizer, search: str, temperature: float
 
 def torch_loop(recognizer: StreamingRecognizer, temperature: float) -> StreamingRecognizer:
     """The same ONNX Runtime recognizer with the vectorised search's torch greedy loop instead of
-    the numpy one (:mod:`dse.core.greedy`) over the same predictor and joiner sessions."""
+    the numpy one (:mod:`dse.core.ort_search`) over the same predictor and joiner sessions."""
     from dse.core.decoder import FastRNNTSearch
 
     r = with_search(recognizer, "vectorised", temperature)
-    r.decoder = FastRNNTSearch.from_tokenizer(r.model, r.tokenizer, temperature=temperature, numpy_greedy=False)
+    r.decoder = FastRNNTSearch.from_tokenizer(r.model, r.tokenizer, temperature=temperature, numpy_search=False)
     return r
 
 

@@ -167,6 +167,22 @@ def test_memoised_kneser_ney_is_bit_equal_to_the_lm(order):
         assert torch.equal(fast.distribution(history), lm.distribution(history))
 
 
+@pytest.mark.parametrize("weight", [0.15, 0.3, 1.0])
+def test_lm_rows_are_bit_equal_to_the_fused_search_scores(small_lm, weight):
+    """The rows LMRows computes in numpy against lm_log_probs, FusedBeamSearch's torch arithmetic."""
+    from dse.core.decoder import LMRows, lm_log_probs
+
+    blank = len(SYMBOLS)
+    rows = LMRows(small_lm, SYMBOLS, blank, weight)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        tokens = [blank] + torch.randint(0, blank, (int(torch.randint(0, 9, (1,), generator=g)),), generator=g).tolist()
+        got = rows.gather([rows.row(tokens)])[0]
+        want = lm_log_probs(small_lm, rows.history(tokens), small_lm.columns(SYMBOLS), weight)
+        assert torch.equal(got, want)
+        assert (rows.rows([rows.row(tokens)])[0] == want.numpy()).all()
+
+
 def test_lm_fusion_is_validated(small_lm):
     loaded = models.random_model("tiny", seed=0)
     with pytest.raises(ValueError, match="blank to be the last token"):

@@ -78,7 +78,7 @@ def searches(model, exported, precision, temperature):
     ort = od.use_onnx_decoder(model, paths["predictor"], paths["joiner"])
     blank = model.joiner.linear.out_features - 1
     numpy_loop = FastRNNTSearch(ort, blank, temperature=temperature)
-    torch_loop = FastRNNTSearch(ort, blank, temperature=temperature, numpy_greedy=False)  # the same sessions
+    torch_loop = FastRNNTSearch(ort, blank, temperature=temperature, numpy_search=False)  # the same sessions
     assert torch_loop._ort_greedy is None
     return numpy_loop, torch_loop
 
@@ -117,3 +117,62 @@ def test_numpy_greedy_takes_a_hypothesis_from_the_torch_search_and_back(model, e
     for i, chunk in enumerate(chunks):  # the two searches take turns on one stream
         got = (numpy_loop if i % 2 else torch_loop)._search(chunk, got, 1)
     assert got[0][0] == want[0][0] and got[0][3] == pytest.approx(want[0][3], rel=1e-5)
+
+
+# -- beam search (and greedy search with an LM) over these sessions, in numpy --------------------
+@pytest.fixture(scope="module")
+def blank_heavy(tmp_path_factory):
+    """A tiny model whose joiner favours the blank, as a trained one does: beams then revisit token
+    sequences (predictor cache hits) and merge equal ones (log-add); its decoder exported at fp32."""
+    model = models.random_model("tiny", seed=5).model.eval()
+    with torch.no_grad():
+        model.joiner.linear.bias[model.joiner.linear.out_features - 1] += 2.0
+    paths, _ = od.decoder_onnx(model, "fp32", tmp_path_factory.mktemp("onnx-cache"), key="tiny-blank-heavy")
+    return model, od.use_onnx_decoder(model, paths["predictor"], paths["joiner"])
+
+
+@pytest.fixture(scope="module")
+def small_lm():
+    from dse.core.lm import CharNgramLM
+
+    texts = ["the cat sat on the mat", "the cat ate the rat", "a dog sat on the log", "she said it was the last one"]
+    return CharNgramLM.train(texts, models.CharTokenizer().symbols, order=4)
+
+
+@pytest.mark.parametrize("beam_width,lm_weight,scale", [(4, 0.0, 1.0), (4, 0.3, 1.0), (3, 0.0, 3.0), (1, 0.3, 3.0),
+                                                        (4, 0.3, 3.0)])
+def test_numpy_beam_search_equals_the_torch_search_on_the_same_sessions(blank_heavy, small_lm, beam_width,
+                                                                          lm_weight, scale):
+    from dse.core.decoder import FastRNNTSearch
+
+    model, ort = blank_heavy
+    blank = model.joiner.linear.out_features - 1
+    kw = dict(temperature=2.0, lm=small_lm if lm_weight else None, lm_weight=lm_weight,
+              symbols=models.CharTokenizer().symbols)
+    numpy_loop = FastRNNTSearch(ort, blank, **kw)
+    torch_loop = FastRNNTSearch(ort, blank, numpy_search=False, **kw)
+    assert numpy_loop._ort_beam is not None and torch_loop._ort_beam is None
+    a = b = None
+    for chunk in frames(model, n=64, seed=3, scale=scale).split(4, dim=1):
+        a, b = numpy_loop._search(chunk, a, beam_width), torch_loop._search(chunk, b, beam_width)
+        assert [h[0] for h in a] == [h[0] for h in b]  # the same beam, in the same order
+        assert [h[3] for h in a] == pytest.approx([h[3] for h in b], rel=1e-5, abs=1e-4)
+        for x, y in zip(a, b):  # predictor output and state: the same sessions on the same tokens
+            assert torch.equal(x[1], y[1]) and all(torch.equal(p, q) for la, lb in zip(x[2], y[2])
+                                                   for p, q in zip(la, lb))
+    assert len(a) == beam_width and len(a[0][0]) > 5
+
+
+def test_numpy_beam_search_takes_a_beam_from_the_torch_search_and_back(blank_heavy):
+    from dse.core.decoder import FastRNNTSearch
+
+    model, ort = blank_heavy
+    blank = model.joiner.linear.out_features - 1
+    numpy_loop, torch_loop = FastRNNTSearch(ort, blank), FastRNNTSearch(ort, blank, numpy_search=False)
+    chunks = frames(model, n=48, seed=4, scale=1.0).split(4, dim=1)
+    want = got = None
+    for i, chunk in enumerate(chunks):
+        want = torch_loop._search(chunk, want, 4)
+        got = (numpy_loop if i % 2 else torch_loop)._search(chunk, got, 4)  # the two take turns on one stream
+    assert [h[0] for h in got] == [h[0] for h in want]
+    assert [h[3] for h in got] == pytest.approx([h[3] for h in want], rel=1e-5)

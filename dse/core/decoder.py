@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 Hypothesis = Tuple[List[int], torch.Tensor, List[List[torch.Tensor]], float]
@@ -105,9 +106,14 @@ class KneserNeyRows:
 
     def distribution(self, history: str) -> torch.Tensor:
         """``lm.distribution(history)``, bit for bit."""
+        return torch.from_numpy(self.log_probs(history))
+
+    def log_probs(self, history: str) -> np.ndarray:
+        """:meth:`distribution` as a float32 numpy array (the same values: ``math.log`` of the
+        doubles, rounded to float32 once)."""
         pad = self._pad
         h = (pad + history)[-len(pad):] if pad else ""
-        return torch.tensor([math.log(p) for p in self._after(h)])
+        return np.array([math.log(p) for p in self._after(h)], np.float32)
 
 
 def lm_log_probs(lm, history: str, columns: torch.Tensor, weight: float = 1.0,
@@ -141,7 +147,10 @@ class LMRows:
         self.context = max(0, lm.order - 1)
         self.max_rows = max_rows
         fast = KneserNeyRows(lm)
-        self._distribution = fast.distribution if fast.usable() else lm.distribution
+        usable = fast.usable()
+        self._distribution = fast.distribution if usable else lm.distribution
+        self._log_probs = fast.log_probs if usable else (lambda h: lm.distribution(h).numpy())
+        self._columns = self.columns.numpy()
         self._reset()
 
     def _reset(self) -> None:
@@ -171,13 +180,19 @@ class LMRows:
         r = self._n
         if r == self._table.size(0):
             self._table = torch.cat([self._table, torch.empty_like(self._table)])
-        self._table[r] = lm_log_probs(self.lm, h, self.columns, self.weight, self._distribution)
+        # lm_log_probs(self.lm, h, self.columns, self.weight, self._distribution) in numpy: the same
+        # float32 products (torch, as numpy, multiplies a float32 array by a Python float in float32)
+        self._table.numpy()[r] = self.weight * self._log_probs(h)[self._columns]
         self._n += 1
         self._row_of[h] = r
         return r
 
     def gather(self, rows: List[int]) -> torch.Tensor:
         return self._table.index_select(0, torch.tensor(rows))
+
+    def rows(self, rows: List[int]):
+        """:meth:`gather` as a numpy array (for :class:`dse.core.ort_search.OrtBeamSearch`)."""
+        return self._table.numpy()[rows]
 
 
 class _Store:
@@ -266,14 +281,15 @@ class FastRNNTSearch(torch.nn.Module):
     ``cache_predictor``: reuse a token sequence's predictor output within a stream (see
     the module docstring; ``False`` is bit-identical to torchaudio also for beams > 1).
     ``max_slots``: predictor rows kept per stream before the cache is rebuilt from the beam.
-    ``numpy_greedy``: when the predictor and joiner run in ONNX Runtime (``session`` attributes)
-    and there is no LM, greedy search runs :class:`dse.core.greedy.OrtGreedy`'s numpy loop on
-    those sessions (the torch-free runtime's); ``False`` keeps this module's torch loop.
+    ``numpy_search``: when the predictor and joiner run in ONNX Runtime (``session`` attributes),
+    search in numpy on those sessions (:mod:`dse.core.ort_search`): greedy search without an LM
+    in :class:`~dse.core.ort_search.OrtGreedy`'s loop (the torch-free runtime's), everything else
+    in :class:`~dse.core.ort_search.OrtBeamSearch`; ``False`` keeps this module's torch loops.
     """
 
     def __init__(self, model, blank: int, temperature: float = 1.0, step_max_tokens: int = 100,
                  lm=None, lm_weight: float = 0.0, symbols: Optional[Sequence[str]] = None,
-                 cache_predictor: bool = True, max_slots: int = 2048, numpy_greedy: bool = True):
+                 cache_predictor: bool = True, max_slots: int = 2048, numpy_search: bool = True):
         super().__init__()
         self.model = model
         self.blank = blank
@@ -292,15 +308,19 @@ class FastRNNTSearch(torch.nn.Module):
             self._lm = LMRows(lm, symbols, blank, self.lm_weight)
         self._ones_cache: Dict[Tuple[int, torch.device], torch.Tensor] = {}
         self._store: Optional[_Store] = None
-        # greedy search over an ONNX Runtime predictor and joiner: the numpy loop (dse.core.greedy)
-        self._ort_greedy = None
-        self._greedy_out = None  # (the hypotheses last returned, the loop's hypothesis behind them)
+        # search over an ONNX Runtime predictor and joiner: the numpy loops of dse.core.ort_search
+        self._ort_greedy = self._ort_beam = None
+        self._ort_out = None  # (the hypotheses last returned, the loop's state behind them)
         predictor, joiner = getattr(model, "predictor", None), getattr(model, "joiner", None)
-        if numpy_greedy and self._lm is None and hasattr(predictor, "session") and hasattr(joiner, "session"):
-            from dse.core.greedy import OrtGreedy
+        if numpy_search and hasattr(predictor, "session") and hasattr(joiner, "session"):
+            from dse.core.ort_search import OrtBeamSearch, OrtGreedy
 
-            self._ort_greedy = OrtGreedy(predictor.session, joiner.session, blank, temperature=temperature,
-                                         step_max_tokens=step_max_tokens)
+            if self._lm is None:
+                self._ort_greedy = OrtGreedy(predictor.session, joiner.session, blank, temperature=temperature,
+                                             step_max_tokens=step_max_tokens)
+            self._ort_beam = OrtBeamSearch(predictor.session, joiner.session, blank, temperature=temperature,
+                                           step_max_tokens=step_max_tokens, lm=self._lm,
+                                           cache_predictor=cache_predictor, max_slots=max_slots)
 
     @classmethod
     def from_tokenizer(cls, model, tokenizer, temperature: float = 1.0, lm=None, lm_weight: float = 0.0,
@@ -396,9 +416,12 @@ class FastRNNTSearch(torch.nn.Module):
     def _search(self, enc_out: torch.Tensor, hypothesis: Optional[List[Hypothesis]],
                 beam_width: int) -> List[Hypothesis]:
         with torch.inference_mode():
-            if beam_width == 1 and (hypothesis is None or len(hypothesis) == 1):
-                if self._ort_greedy is not None:
-                    return self._greedy_ort(enc_out, hypothesis)
+            greedy = beam_width == 1 and (hypothesis is None or len(hypothesis) == 1)
+            if greedy and self._ort_greedy is not None:
+                return self._greedy_ort(enc_out, hypothesis)
+            if self._ort_beam is not None:
+                return self._beam_ort(enc_out, hypothesis, beam_width)
+            if greedy:
                 return self._greedy_impl(enc_out, hypothesis)
             return self._search_impl(enc_out, hypothesis, beam_width)
 
@@ -478,13 +501,13 @@ class FastRNNTSearch(torch.nn.Module):
                  [[buf[slot: slot + 1].clone() for buf in layer] for layer in store.states], score)]
 
     def _greedy_ort(self, enc_out: torch.Tensor, hypothesis: Optional[List[Hypothesis]]) -> List[Hypothesis]:
-        """Greedy search when the predictor and joiner run in ONNX Runtime: :class:`dse.core.greedy.OrtGreedy`,
+        """Greedy search when the predictor and joiner run in ONNX Runtime: :class:`dse.core.ort_search.OrtGreedy`,
         the loop the torch-free runtime runs too. The hypothesis it returned last is carried as the
         loop's own arrays; one from elsewhere (torchaudio's layout) is converted."""
-        from dse.core.greedy import GreedyHypothesis
+        from dse.core.ort_search import GreedyHypothesis
 
         search = self._ort_greedy
-        last = self._greedy_out
+        last = self._ort_out
         if hypothesis is None:
             hyp = search.start()
         elif last is not None and last[0] is hypothesis:
@@ -498,7 +521,31 @@ class FastRNNTSearch(torch.nn.Module):
         h, c = (torch.from_numpy(a) for a in hyp.state)
         out = [(list(hyp.tokens), torch.from_numpy(hyp.output[0]), [[h[i], c[i]] for i in range(h.shape[0])],
                 hyp.score)]
-        self._greedy_out = (out, hyp)
+        self._ort_out = (out, hyp)
+        return out
+
+    def _beam_ort(self, enc_out: torch.Tensor, hypothesis: Optional[List[Hypothesis]],
+                  beam_width: int) -> List[Hypothesis]:
+        """Beam search (or greedy search with an LM) when the predictor and joiner run in ONNX Runtime:
+        :class:`dse.core.ort_search.OrtBeamSearch`. The beam it returned last is carried as its own
+        store; one from elsewhere (torchaudio's layout) is converted."""
+        search = self._ort_beam
+        last = self._ort_out
+        if hypothesis is None:
+            state = None
+        elif last is not None and last[0] is hypothesis:
+            state = last[1]
+        else:
+            state = search.state_from([
+                (h[0], h[1].detach().float().reshape(1, 1, -1).numpy(),
+                 torch.stack([layer[0] for layer in h[2]]).detach().float().numpy(),
+                 torch.stack([layer[1] for layer in h[2]]).detach().float().numpy(), h[3]) for h in hypothesis])
+        state = search.advance(state, enc_out.detach().float().contiguous().numpy(), beam_width)
+        out = []
+        for tokens, pred, h, c, score in search.hypotheses(state):
+            h, c = torch.from_numpy(h), torch.from_numpy(c)
+            out.append((tokens, torch.from_numpy(pred[0]), [[h[i], c[i]] for i in range(h.shape[0])], score))
+        self._ort_out = (out, state)
         return out
 
     def _search_impl(self, enc_out: torch.Tensor, hypothesis: Optional[List[Hypothesis]],

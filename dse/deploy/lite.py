@@ -17,7 +17,7 @@ What it computes is :class:`dse.core.stream.StreamingRecognizer`'s, in numpy:
   normalisation, the piecewise-linear log, the bundle's normalisation statistics), frames not
   centred, so streaming and offline frames agree;
 * the chunking and the end-of-stream padding of the streaming recognizer;
-* the greedy search, :class:`dse.core.greedy.OrtGreedy`: the same loop the torch runtime runs
+* the greedy search, :class:`dse.core.ort_search.OrtGreedy`: the same loop the torch runtime runs
   for these configurations (torchaudio's ``RNNTBeamSearch`` at beam width 1, in numpy), and
   ONNX Runtime sessions opened as the torch runtime opens them (threads, spinning).
 
@@ -41,7 +41,7 @@ import numpy as np
 from dse.core.errors import DSEError
 from dse.core.files import file_sha256
 from dse.core.geometry import LOG_GAIN, FeatureConfig, chunk_geometry, flush_padding_samples
-from dse.core.greedy import OrtGreedy
+from dse.core.ort_search import OrtGreedy
 from dse.core.ort_session import default_spinning, open_session
 from dse.deploy import bundle
 

@@ -1,0 +1,329 @@
+"""Greedy RNN-T search over ONNX Runtime sessions, in numpy: no torch.
+
+One loop serves both runtimes of a configuration whose predictor and joiner run in ONNX
+Runtime (``backend: onnxruntime``) with greedy search and no language model: the torch
+runtime (:class:`dse.core.decoder.FastRNNTSearch` hands such a search to
+:class:`OrtGreedy`) and the torch-free one (:mod:`dse.deploy.lite`). The study, the bundle
+and the torch-free runtime therefore decode the same encoder frames to the same tokens by
+construction.
+
+The algorithm is torchaudio's ``RNNTBeamSearch`` at beam width 1, as
+:meth:`dse.core.decoder.FastRNNTSearch._greedy_impl` runs it: at each frame the
+blank-extended hypotheses collect, a non-blank expansion is kept while its score beats the
+best of them (at most ``step_max_tokens`` per frame), and the frame ends on the best by
+score over (tokens + 1), ties to the earliest in ascending order of score. Scores are
+float32 sums of the log-softmax of the joiner's output over the temperature. The
+log-softmax is numpy's, so scores can differ from the torch search's in the last bit;
+tokens differ only where two candidates tie to that precision.
+
+What this saves over the torch search on the same sessions is bookkeeping: per joiner
+call a handful of numpy operations instead of torch tensors, sorts and ``topk`` calls, and
+the predictor state stays in the arrays ONNX Runtime returned. The sessions are dse's
+``predictor.onnx`` (``tokens (B, 1), h (L, B, H), c (L, B, H) -> output (B, 1, E), next_h,
+next_c``) and ``joiner.onnx`` (``source (B, T, E), target (B, U, E) -> logits (B, T, U, V)``).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["BeamState", "GreedyHypothesis", "OrtBeamSearch", "OrtGreedy", "STEP_MAX_TOKENS", "log_softmax"]
+
+STEP_MAX_TOKENS = 100  # torchaudio's default step_max_tokens
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """float32 log-softmax over the last axis (max-shifted)."""
+    m = x.max(axis=-1, keepdims=True)
+    return (x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))).astype(np.float32)
+
+
+class GreedyHypothesis(NamedTuple):
+    """The one hypothesis of a greedy stream: ``tokens`` blank-led as torchaudio keeps them,
+    ``score`` (a Python float holding a float32 value), the predictor's ``output`` ``(1, 1, E)``
+    for its last token and the predictor ``state`` ``(h, c)``, each ``(L, 1, H)``."""
+    tokens: List[int]
+    score: float
+    output: np.ndarray
+    state: Tuple[np.ndarray, np.ndarray]
+
+
+class OrtGreedy:
+    """Greedy search with a predictor and a joiner in ONNX Runtime sessions.
+
+    ``blank`` must be the last token id (the joiner's last output), as in the torch search.
+    """
+
+    def __init__(self, predictor, joiner, blank: int, temperature: float = 1.0,
+                 step_max_tokens: int = STEP_MAX_TOKENS):
+        self.predictor = predictor
+        self.joiner = joiner
+        self.blank = int(blank)
+        self.temperature = np.float32(temperature)
+        self.step_max_tokens = int(step_max_tokens)
+        layers, _, hidden = predictor.get_inputs()[1].shape
+        self.state_shape = (int(layers), 1, int(hidden))
+        self._token = np.zeros((1, 1), np.int64)
+
+    def predict(self, token: int, state: Tuple[np.ndarray, np.ndarray]):
+        """The predictor's output ``(1, 1, E)`` and next state after ``token``."""
+        self._token[0, 0] = token
+        out, h, c = self.predictor.run(None, {"tokens": self._token, "h": state[0], "c": state[1]})
+        return out, (h, c)
+
+    def start(self) -> GreedyHypothesis:
+        """A new stream's hypothesis: the blank, predicted from the zero state."""
+        zeros = np.zeros(self.state_shape, np.float32)
+        out, state = self.predict(self.blank, (zeros, zeros))
+        return GreedyHypothesis([self.blank], 0.0, out, state)
+
+    def log_probs(self, enc_t: np.ndarray, output: np.ndarray) -> np.ndarray:
+        """``(V,)`` log-probabilities of the next token at one encoder frame ``(1, 1, E)``."""
+        (logits,) = self.joiner.run(None, {"source": enc_t, "target": output})
+        return log_softmax(logits[0, 0, 0] / self.temperature)
+
+    def advance(self, hyp: GreedyHypothesis, frames: np.ndarray) -> GreedyHypothesis:
+        """Search the encoder ``frames`` ``(1, T, E)`` float32 from ``hyp``; the hypothesis after them."""
+        blank, f32, step_max = self.blank, np.float32, self.step_max_tokens
+        tokens, score, output, state = hyp
+        for t in range(frames.shape[1]):
+            enc_t = frames[:, t: t + 1]
+            frame = []  # (tokens, score, output, state) of each blank extension, in order
+            best_blank = -math.inf
+            while True:
+                total = f32(score) + self.log_probs(enc_t, output)  # float32, as torchaudio's tensor sum
+                blank_score = float(total[blank])
+                frame.append((tokens, blank_score, output, state))
+                best_blank = max(best_blank, blank_score)
+                if len(frame) > step_max:
+                    break
+                token = int(np.argmax(total[:blank]))
+                if not float(total[token]) > best_blank:
+                    break
+                tokens, score = tokens + [token], float(total[token])
+                output, state = self.predict(token, state)
+            if len(frame) == 1:
+                tokens, score, output, state = frame[0]
+                continue
+            # the frame's best by score / (tokens + 1); ties to the earliest of the sorted scores
+            order = sorted(range(len(frame)), key=lambda i: frame[i][1])
+            norm = [f32(frame[i][1] / (len(frame[i][0]) + 1)) for i in order]
+            tokens, score, output, state = frame[order[int(np.argmax(norm))]]
+        return GreedyHypothesis(tokens, score, output, state)
+
+
+# -- beam search ------------------------------------------------------------------------------------
+class _Store:
+    """One stream's interned token sequences and the slots holding predictor outputs and states."""
+
+    def __init__(self, lm, out: np.ndarray, h: np.ndarray, c: np.ndarray, capacity: int = 256):
+        self.lm = lm
+        self.tokens_of: List[Tuple[int, ...]] = []
+        self.key_of = {}
+        self.child_of = {}
+        self.slot_of: List[int] = []    # key -> its cached slot, -1 when none
+        self.lm_row_of: List[int] = []  # key -> the LM's row
+        n = out.shape[0]
+        capacity = max(capacity, 2 * n)
+        self.out = np.empty((capacity,) + out.shape[1:], np.float32)
+        self.h = np.empty((h.shape[0], capacity, h.shape[2]), np.float32)
+        self.c = np.empty_like(self.h)
+        self.out[:n], self.h[:, :n], self.c[:, :n] = out, h, c
+        self.used = n
+
+    def intern(self, tokens: Tuple[int, ...]) -> int:
+        k = self.key_of.get(tokens)
+        if k is None:
+            k = self.key_of[tokens] = len(self.tokens_of)
+            self.tokens_of.append(tokens)
+            self.slot_of.append(-1)
+            if self.lm is not None:
+                self.lm_row_of.append(self.lm.row(tokens))
+        return k
+
+    def child(self, key: int, token: int) -> int:
+        k = self.child_of.get((key, token))
+        if k is None:
+            k = self.child_of[(key, token)] = self.intern(self.tokens_of[key] + (token,))
+        return k
+
+    def append(self, out: np.ndarray, h: np.ndarray, c: np.ndarray) -> int:
+        """Store ``out.shape[0]`` new rows; returns the first slot."""
+        n, first = out.shape[0], self.used
+        if first + n > self.out.shape[0]:
+            capacity = 2 * (first + n)
+            grown = np.empty((capacity,) + self.out.shape[1:], np.float32)
+            grown[:first] = self.out[:first]
+            self.out = grown
+            for name in ("h", "c"):
+                buf = getattr(self, name)
+                new = np.empty((buf.shape[0], capacity, buf.shape[2]), np.float32)
+                new[:, :first] = buf[:, :first]
+                setattr(self, name, new)
+        self.out[first: first + n], self.h[:, first: first + n], self.c[:, first: first + n] = out, h, c
+        self.used = first + n
+        return first
+
+
+class BeamState(NamedTuple):
+    """What a beam search hands from one chunk to the next: its store and the beam, best first,
+    as ``(key, slot, score)``."""
+    store: _Store
+    beam: List[Tuple[int, int, float]]
+
+
+class OrtBeamSearch:
+    """torchaudio's ``RNNTBeamSearch`` (with LM fusion as :class:`dse.core.lm.FusedBeamSearch`
+    adds it) over ONNX Runtime predictor and joiner sessions, in numpy.
+
+    The algorithm and its bookkeeping are :meth:`dse.core.decoder.FastRNNTSearch._search_impl`'s,
+    step for step (one joiner call over every hypothesis still emitting in the frame, at most one
+    predictor call over the new expansions, blank extensions merged by log-adding, the top
+    ``beam_width`` expansions kept while they beat the ``beam_width``-th blank score, the beam
+    chosen by score over (tokens + 1) at the end of every frame). The arithmetic is numpy's in
+    float32: the log-softmax and the merges' ``logaddexp`` can differ from torch's in the last
+    bit, so the search can only take another path where two scores tie to that precision.
+    Ties in the rankings go to the lower index.
+
+    ``lm``: ``None``, or the weighted LM rows: an object with ``row(tokens) -> int`` (the row of a
+    token sequence's history), ``rows(list of rows) -> (n, blank) float32`` and ``trim()`` (called
+    when a stream's store is rebuilt). ``cache_predictor`` and ``max_slots`` as in the torch search.
+    """
+
+    def __init__(self, predictor, joiner, blank: int, temperature: float = 1.0,
+                 step_max_tokens: int = STEP_MAX_TOKENS, lm=None, cache_predictor: bool = True,
+                 max_slots: int = 2048):
+        self.predictor = predictor
+        self.joiner = joiner
+        self.blank = int(blank)
+        self.temperature = np.float32(temperature)
+        self.step_max_tokens = int(step_max_tokens)
+        self.lm = lm
+        self.cache_predictor = cache_predictor
+        self.max_slots = max_slots
+        layers, _, hidden = predictor.get_inputs()[1].shape
+        self.state_shape = (int(layers), 1, int(hidden))
+
+    def _predict(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
+        return self.predictor.run(None, {"tokens": tokens, "h": h, "c": c})
+
+    def _store(self, out, h, c) -> _Store:
+        if self.lm is not None:
+            self.lm.trim()
+        return _Store(self.lm, out, h, c)
+
+    def start(self) -> BeamState:
+        """A new stream: the blank, predicted from the zero state."""
+        zeros = np.zeros(self.state_shape, np.float32)
+        out, h, c = self._predict(np.array([[self.blank]], np.int64), zeros, zeros)
+        store = self._store(out, h, c)
+        key = store.intern((self.blank,))
+        if self.cache_predictor:
+            store.slot_of[key] = 0
+        return BeamState(store, [(key, 0, 0.0)])
+
+    def state_from(self, hypotheses) -> BeamState:
+        """A beam from ``(tokens, output (1, 1, E), h (L, 1, H), c (L, 1, H), score)`` tuples, best first."""
+        store = self._store(np.concatenate([x[1] for x in hypotheses]), np.concatenate([x[2] for x in hypotheses], 1),
+                            np.concatenate([x[3] for x in hypotheses], 1))
+        beam = [(store.intern(tuple(x[0])), i, float(x[4])) for i, x in enumerate(hypotheses)]
+        if self.cache_predictor:
+            for key, slot, _ in beam:
+                store.slot_of[key] = slot
+        return BeamState(store, beam)
+
+    def hypotheses(self, state: BeamState):
+        """The beam as ``(tokens, output (1, 1, E), h (L, 1, H), c (L, 1, H), score)``, best first (copies)."""
+        store = state.store
+        slots = np.array([x[1] for x in state.beam])
+        out, h, c = store.out[slots], store.h[:, slots], store.c[:, slots]
+        return [(list(store.tokens_of[key]), out[i: i + 1], h[:, i: i + 1], c[:, i: i + 1], score)
+                for i, (key, _, score) in enumerate(state.beam)]
+
+    def _log_probs(self, enc_t: np.ndarray, out: np.ndarray, lm_rows) -> np.ndarray:
+        (logits,) = self.joiner.run(None, {"source": enc_t, "target": out})
+        probs = log_softmax(logits[:, 0, 0] / self.temperature)
+        if lm_rows is not None:
+            probs[:, :self.blank] += self.lm.rows(lm_rows)
+        return probs
+
+    def advance(self, state: Optional[BeamState], frames: np.ndarray, beam_width: int) -> BeamState:
+        """Search the encoder ``frames`` ``(1, T, E)`` float32 from ``state`` (``None``: a new stream)."""
+        if state is None:
+            state = self.start()
+        elif not self.cache_predictor or state.store.used > self.max_slots:
+            state = self.state_from(self.hypotheses(state))
+        store, b_hypos = state
+        tokens_of, slot_of, lm_row_of = store.tokens_of, store.slot_of, store.lm_row_of
+        cache, lm, f32 = self.cache_predictor, self.lm, np.float32
+        for t in range(frames.shape[1]):
+            enc_t = frames[:, t: t + 1]
+            a_hypos = b_hypos
+            b_hypos = []
+            b_of_key = {}
+            symbols_current_t = 0
+            while a_hypos:
+                # -- one joiner call over every a hypothesis
+                probs = self._log_probs(enc_t, store.out[[h[1] for h in a_hypos]],
+                                        [lm_row_of[h[0]] for h in a_hypos] if lm is not None else None)
+                total = np.array([h[2] for h in a_hypos], f32)[:, None] + probs
+                blank_scores, nonblank = total[:, -1], total[:, :-1]
+                # -- blank extensions, merged by key
+                for i, (h, score) in enumerate(zip(a_hypos, blank_scores.tolist())):
+                    key = h[0]
+                    old = b_of_key.get(key)
+                    if old is not None:
+                        b_hypos.remove(old)
+                        score = float(np.logaddexp(f32(old[2]), blank_scores[i]))
+                    new = (key, h[1], score)
+                    b_hypos.append(new)
+                    b_of_key[key] = new
+                order = np.argsort(np.array([h[2] for h in b_hypos], f32), kind="stable")
+                b_hypos = [b_hypos[i] for i in order]
+                if symbols_current_t == self.step_max_tokens:
+                    break
+                # -- the top non-blank expansions beating the beam_width-th blank score
+                width = nonblank.shape[1]
+                flat = nonblank.reshape(-1)
+                best = _top(flat, beam_width)
+                threshold = b_hypos[-beam_width][2] if len(b_hypos) >= beam_width else -math.inf
+                expansions = []  # [key, slot, score]
+                todo = []        # (index in expansions, base slot, token)
+                for idx, score in zip(best.tolist(), flat[best].tolist()):
+                    if score > threshold:
+                        i, token = divmod(idx, width)
+                        h = a_hypos[i]
+                        key = store.child(h[0], token)
+                        slot = slot_of[key] if cache else -1
+                        if slot < 0:
+                            todo.append((len(expansions), h[1], token))
+                        expansions.append([key, slot, score])
+                if not expansions:
+                    break
+                # -- one predictor call over the expansions not yet computed
+                if todo:
+                    base = [x[1] for x in todo]
+                    out, h, c = self._predict(np.array([[x[2]] for x in todo], np.int64),
+                                              store.h[:, base], store.c[:, base])
+                    first = store.append(out, h, c)
+                    for j, x in enumerate(todo):
+                        e = expansions[x[0]]
+                        e[1] = first + j
+                        if cache:
+                            slot_of[e[0]] = first + j
+                a_hypos = [tuple(e) for e in expansions]
+                symbols_current_t += 1
+            # -- the beam: best by score over (tokens + 1)
+            norm = np.array([h[2] / (len(tokens_of[h[0]]) + 1) for h in b_hypos], f32)
+            b_hypos = [b_hypos[i] for i in _top(norm, beam_width).tolist()]
+        return BeamState(store, b_hypos)
+
+
+def _top(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest values, largest first, ties to the lower index."""
+    if k < values.shape[0]:
+        part = np.argpartition(values, values.shape[0] - k)[values.shape[0] - k:]
+        return part[np.lexsort((part, -values[part]))]
+    return np.lexsort((np.arange(values.shape[0]), -values))
