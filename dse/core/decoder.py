@@ -36,6 +36,9 @@ every operation that decides the search is torchaudio's, on tensors of the same 
 values and order (same joiner and predictor batches, same dtypes for the score sums,
 the same 0-dim ``logaddexp`` for merges, sorts and top-k over the same lists), so the
 hypotheses, scores and predictor tensors included, are bit-identical to torchaudio's.
+
+When the predictor and joiner run in ONNX Runtime (``backend: onnxruntime``), the same
+algorithm runs in numpy on their sessions (:mod:`dse.core.ort_search`; ``numpy_search``).
 """
 from __future__ import annotations
 

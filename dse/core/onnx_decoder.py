@@ -1,9 +1,10 @@
 """ONNX Runtime backend for the RNN-T decoder's networks: the predictor step and the joiner.
 
 With ``backend=onnxruntime`` the encoder runs in ONNX Runtime (:mod:`dse.core.onnx_encoder`)
-and so do the two networks the search calls for every hypothesis and step; the search
-itself (:class:`dse.core.decoder.FastRNNTSearch`, or torchaudio's) stays Python and calls
-them through the model's ``predict`` and ``join`` as before. Measured on the base model at
+and so do the two networks the search calls for every hypothesis and step. torchaudio's
+search calls them through the model's ``predict`` and ``join`` (:class:`OrtPredictor`,
+:class:`OrtJoiner`); :class:`dse.core.decoder.FastRNNTSearch` runs its search on their
+sessions in numpy instead (:mod:`dse.core.ort_search`). Measured on the base model at
 int8 (one hypothesis, hot cache, 1 thread): predictor step 0.17 ms in ONNX Runtime against
 0.51 ms for torch's dynamically quantised one, joiner 0.07 ms against 0.10 ms (a one-off probe, not a benchmark in this repository).
 
