@@ -42,81 +42,15 @@ algorithm runs in numpy on their sessions (:mod:`dse.core.ort_search`; ``numpy_s
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
+
+from dse.core.ngram import KneserNeyRows, LMRows
 
 Hypothesis = Tuple[List[int], torch.Tensor, List[List[torch.Tensor]], float]
 
 __all__ = ["FastRNNTSearch", "KneserNeyRows", "LMRows", "lm_log_probs"]
-
-
-class KneserNeyRows:
-    """``CharNgramLM.distribution`` with the lower orders memoised: bit-identical, cheaper.
-
-    ``CharNgramLM._probabilities`` builds the distribution after a history order by order,
-    each order from the one below and the history's last ``k - 1`` characters; the
-    distribution after order ``k`` therefore depends only on that suffix and is memoised
-    per suffix, so a new history costs one order instead of ``order``. The arithmetic is
-    the LM's own, in the same order (doubles, then ``math.log``, then a float32 tensor).
-    :meth:`usable` checks the result against ``lm.distribution`` on a few histories; a
-    language model it does not match is served by ``lm.distribution`` instead.
-    """
-
-    def __init__(self, lm, max_entries: int = 400_000):
-        from dse.core.lm import START
-
-        self.lm = lm
-        self.max_entries = max_entries
-        self._memo: Dict[str, List[float]] = {}
-        self._pad = START * (lm.order - 1) if lm.order > 1 else ""
-
-    def usable(self) -> bool:
-        lm = self.lm
-        try:
-            probes = ["", "th", "the qu", "zzq' x", "a" * (lm.order + 2)]
-            return all(torch.equal(self.distribution(h), lm.distribution(h)) for h in probes)
-        except Exception:  # an LM without the expected tables
-            return False
-        finally:
-            self._memo.clear()
-
-    def _after(self, h: str) -> List[float]:
-        """Probabilities after the orders up to ``len(h) + 1`` for the (padded) history suffix ``h``."""
-        probs = self._memo.get(h)
-        if probs is not None:
-            return probs
-        lm = self.lm
-        k = len(h) + 1
-        probs = self._after(h[1:]) if k > 1 else [1.0 / len(lm.vocab)] * len(lm.vocab)
-        followers = lm.tables[k - 1].get(h)
-        if followers:
-            total, distinct = lm._totals[k - 1][h]
-            backoff = lm.discount * distinct / total
-            new = [backoff * p for p in probs]
-            index = lm._index
-            for c, n in followers.items():
-                i = index.get(c)
-                if i is not None:
-                    new[i] += max(n - lm.discount, 0.0) / total
-            probs = new
-        if len(self._memo) > self.max_entries:
-            self._memo.clear()
-        self._memo[h] = probs
-        return probs
-
-    def distribution(self, history: str) -> torch.Tensor:
-        """``lm.distribution(history)``, bit for bit."""
-        return torch.from_numpy(self.log_probs(history))
-
-    def log_probs(self, history: str) -> np.ndarray:
-        """:meth:`distribution` as a float32 numpy array (the same values: ``math.log`` of the
-        doubles, rounded to float32 once)."""
-        pad = self._pad
-        h = (pad + history)[-len(pad):] if pad else ""
-        return np.array([math.log(p) for p in self._after(h)], np.float32)
 
 
 def lm_log_probs(lm, history: str, columns: torch.Tensor, weight: float = 1.0,
@@ -129,73 +63,6 @@ def lm_log_probs(lm, history: str, columns: torch.Tensor, weight: float = 1.0,
     ``distribution``: a replacement for ``lm.distribution`` (e.g. :class:`KneserNeyRows`).
     """
     return weight * (distribution or lm.distribution)(history).index_select(0, columns)
-
-
-class LMRows:
-    """Weighted LM log-prob vectors over the non-blank tokens, one table row per LM history.
-
-    :meth:`row` maps a token sequence to the row of its history (computed once per
-    history, kept until the table outgrows ``max_rows``; :meth:`trim` between searches);
-    :meth:`gather` returns ``(len(rows), blank)`` in one ``index_select``. The history of
-    a token sequence is ``FusedBeamSearch``'s: the characters of its last ``order - 1``
-    tokens, blanks dropped.
-    """
-
-    def __init__(self, lm, symbols: Sequence[str], blank: int, weight: float, max_rows: int = 100_000):
-        self.lm = lm
-        self.symbols = list(symbols)
-        self.blank = blank
-        self.weight = float(weight)
-        self.columns = lm.columns(self.symbols)
-        self.context = max(0, lm.order - 1)
-        self.max_rows = max_rows
-        fast = KneserNeyRows(lm)
-        usable = fast.usable()
-        self._distribution = fast.distribution if usable else lm.distribution
-        self._log_probs = fast.log_probs if usable else (lambda h: lm.distribution(h).numpy())
-        self._columns = self.columns.numpy()
-        self._reset()
-
-    def _reset(self) -> None:
-        self._row_of: Dict[str, int] = {}
-        self._table = torch.empty(64, len(self.symbols))
-        self._n = 0
-
-    def trim(self) -> None:
-        if self._n > self.max_rows:
-            self._reset()
-
-    def history(self, tokens: Sequence[int]) -> str:
-        if not self.context:
-            return ""
-        tail = tokens[max(0, len(tokens) - self.context):]
-        return "".join([self.symbols[t] for t in tail if t != self.blank])
-
-    def row(self, tokens: Sequence[int]) -> int:
-        h = self.history(tokens)
-        r = self._row_of.get(h)
-        if r is None:
-            with torch.inference_mode():  # the table may be an inference tensor
-                r = self._add(h)
-        return r
-
-    def _add(self, h: str) -> int:
-        r = self._n
-        if r == self._table.size(0):
-            self._table = torch.cat([self._table, torch.empty_like(self._table)])
-        # lm_log_probs(self.lm, h, self.columns, self.weight, self._distribution) in numpy: the same
-        # float32 products (torch, as numpy, multiplies a float32 array by a Python float in float32)
-        self._table.numpy()[r] = self.weight * self._log_probs(h)[self._columns]
-        self._n += 1
-        self._row_of[h] = r
-        return r
-
-    def gather(self, rows: List[int]) -> torch.Tensor:
-        return self._table.index_select(0, torch.tensor(rows))
-
-    def rows(self, rows: List[int]):
-        """:meth:`gather` as a numpy array (for :class:`dse.core.ort_search.OrtBeamSearch`)."""
-        return self._table.numpy()[rows]
 
 
 class _Store:

@@ -1,0 +1,332 @@
+"""The character n-gram language model (no torch), and the weighted rows its fusion adds.
+
+:class:`CharNgramLM` (its file format and smoothing: :mod:`dse.core.lm`, which also fuses it
+into torch's beam search) loads, trains and scores without torch; only :meth:`~CharNgramLM.columns`
+and :meth:`~CharNgramLM.distribution` return torch tensors, importing torch when called.
+:class:`LMRows` keeps the weighted log-probability rows the vectorised searches add, in numpy,
+so the torch-free runtime (:mod:`dse.deploy.lite`) fuses the same LM with the same numbers.
+"""
+from __future__ import annotations
+
+import collections
+import gzip
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from dse.core.errors import DSEError, ModelLoadError
+
+FORMAT = "dse-char-ngram"
+VERSION = 1
+START = "\x02"  # history padding before the first character
+END = "\n"      # end of sentence
+
+
+class CharNgramLM:
+    """``P(char | previous order-1 chars)`` over ``symbols`` plus the end mark.
+
+    ``tables[k - 1]`` maps a history of ``k - 1`` characters to ``{char: count}``.
+    """
+
+    def __init__(self, order: int, symbols: Sequence[str], tables: list[dict[str, dict[str, int]]],
+                 discount: float = 0.75, info: Optional[dict] = None):
+        if order < 1:
+            raise DSEError(f"order={order} must be at least 1")
+        if not 0.0 < discount < 1.0:
+            raise DSEError(f"discount={discount} must be in (0, 1)")
+        if len(tables) != order:
+            raise DSEError(f"{len(tables)} count tables for an order-{order} model; expected {order}")
+        self.order = order
+        self.symbols = list(symbols)
+        self.vocab = self.symbols + [END]
+        self._index = {c: i for i, c in enumerate(self.vocab)}
+        self.discount = discount
+        self.tables = tables
+        self.info = dict(info or {})
+        # Per history: (total count, number of distinct followers).
+        self._totals = [{h: (sum(f.values()), len(f)) for h, f in table.items()} for table in tables]
+        self._cache: dict = {}  # history -> distribution
+
+    # -- building -----------------------------------------------------------------------
+    @classmethod
+    def train(cls, texts: Iterable[str], symbols: Sequence[str], order: int = 6,
+              discount: float = 0.75) -> "CharNgramLM":
+        """Count ``texts`` (normalised sentences; characters outside ``symbols`` are dropped)."""
+        allowed = set(symbols)
+        top: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        digest = hashlib.sha256()
+        n_texts = 0
+        for text in texts:
+            n_texts += 1
+            digest.update(text.encode() + b"\n")
+            s = START * (order - 1) + "".join(c for c in text if c in allowed) + END
+            for i in range(order - 1, len(s)):
+                top[s[i - order + 1:i]][s[i]] += 1
+        tables: list[dict[str, dict[str, int]]] = [dict() for _ in range(order)]
+        tables[order - 1] = {h: dict(f) for h, f in top.items()}
+        # Continuation counts: order k counts the distinct one-longer histories seen before (h, c).
+        for k in range(order - 1, 0, -1):
+            cont: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+            for h, followers in tables[k].items():
+                for c in followers:
+                    cont[h[1:]][c] += 1
+            tables[k - 1] = {h: dict(f) for h, f in cont.items()}
+        if not tables[0]:
+            raise DSEError("no text to train the language model on")
+        return cls(order, symbols, tables, discount,
+                   info={"texts": n_texts, "sha256_of_texts": digest.hexdigest()})
+
+    # -- queries ------------------------------------------------------------------------
+    def column_indices(self, symbols: Sequence[str]) -> list[int]:
+        """Positions of ``symbols`` in :meth:`distribution`'s output; every symbol must be covered."""
+        missing = [s for s in symbols if s not in self._index]
+        if missing:
+            raise DSEError(f"the language model does not cover the symbols {missing!r}")
+        return [self._index[s] for s in symbols]
+
+    def columns(self, symbols: Sequence[str]):
+        """:meth:`column_indices` as a torch tensor."""
+        import torch
+
+        return torch.tensor(self.column_indices(symbols))
+
+    def log_probs(self, history: str) -> np.ndarray:
+        """Log-probabilities ``(len(symbols) + 1,)`` float32 of each symbol, then the end mark, after
+        ``history`` (``math.log`` of the doubles, rounded to float32 once)."""
+        h = (START * (self.order - 1) + history)[-(self.order - 1):] if self.order > 1 else ""
+        cached = self._cache.get(h)
+        if cached is None:
+            cached = np.array([math.log(p) for p in self._probabilities(h)], np.float32)
+            cached.flags.writeable = False
+            if len(self._cache) > 200_000:
+                self._cache.clear()
+            self._cache[h] = cached
+        return cached
+
+    def distribution(self, history: str):
+        """:meth:`log_probs` as a float32 torch tensor."""
+        import torch
+
+        return torch.tensor(self.log_probs(history))
+
+    def _probabilities(self, history: str) -> list[float]:
+        probs = [1.0 / len(self.vocab)] * len(self.vocab)
+        for k in range(1, self.order + 1):
+            h = history[len(history) - (k - 1):] if k > 1 else ""
+            followers = self.tables[k - 1].get(h)
+            if not followers:
+                continue
+            total, distinct = self._totals[k - 1][h]
+            backoff = self.discount * distinct / total
+            new = [backoff * p for p in probs]
+            for c, n in followers.items():
+                i = self._index.get(c)
+                if i is not None:
+                    new[i] += max(n - self.discount, 0.0) / total
+            probs = new
+        return probs
+
+    def log_prob(self, text: str) -> float:
+        """Natural-log probability of a whole sentence, end mark included."""
+        total, history = 0.0, ""
+        for c in text + END:
+            i = self._index.get(c)
+            if i is None:
+                continue
+            total += float(self.log_probs(history)[i])
+            history += c if c != END else ""
+        return total
+
+    def bits_per_char(self, texts: Sequence[str]) -> float:
+        """Cross-entropy in bits per character (end marks counted) over ``texts``."""
+        chars = sum(len([c for c in t if c in self._index]) + 1 for t in texts)
+        return -sum(self.log_prob(t) for t in texts) / chars / math.log(2)
+
+    # -- files --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {"format": FORMAT, "version": VERSION, "order": self.order, "discount": self.discount,
+                  "symbols": self.symbols, **self.info}
+        tmp = path.with_name(path.name + ".tmp")
+        with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=9) as fh:
+            fh.write(json.dumps(header) + "\n")
+            for k, table in enumerate(self.tables, start=1):
+                for h in sorted(table):
+                    for c in sorted(table[h]):
+                        fh.write(f"{k}\t{_escape(h)}\t{_escape(c)}\t{table[h][c]}\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CharNgramLM":
+        path = Path(path)
+        if not path.exists():
+            raise ModelLoadError(f"language model {path} does not exist")
+        try:
+            with gzip.open(path, "rt", encoding="utf-8") as fh:
+                header = json.loads(fh.readline())
+                if header.get("format") != FORMAT:
+                    raise ModelLoadError(f"{path} is not a character n-gram model (format {header.get('format')!r})")
+                if header.get("version") != VERSION:
+                    raise ModelLoadError(f"{path}: version {header.get('version')!r}, this code reads {VERSION}")
+                order = int(header["order"])
+                tables: list[dict[str, dict[str, int]]] = [dict() for _ in range(order)]
+                for line in fh:
+                    k, h, c, n = line.rstrip("\n").split("\t")
+                    tables[int(k) - 1].setdefault(_unescape(h), {})[_unescape(c)] = int(n)
+        except (OSError, EOFError, ValueError, KeyError, IndexError) as exc:
+            raise ModelLoadError(f"{path}: unreadable language model ({exc})") from exc
+        info = {k: v for k, v in header.items() if k not in ("format", "version", "order", "discount", "symbols")}
+        return cls(order, header["symbols"], tables, float(header["discount"]), info)
+
+
+def _escape(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+
+
+def _unescape(s: str) -> str:
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 1 < len(s):
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[s[i + 1]])
+            i += 2
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+class KneserNeyRows:
+    """``CharNgramLM.distribution`` with the lower orders memoised: bit-identical, cheaper.
+
+    ``CharNgramLM._probabilities`` builds the distribution after a history order by order,
+    each order from the one below and the history's last ``k - 1`` characters; the
+    distribution after order ``k`` therefore depends only on that suffix and is memoised
+    per suffix, so a new history costs one order instead of ``order``. The arithmetic is
+    the LM's own, in the same order (doubles, then ``math.log``, then a float32 tensor).
+    :meth:`usable` checks the result against ``lm.distribution`` on a few histories; a
+    language model it does not match is served by ``lm.distribution`` instead.
+    """
+
+    def __init__(self, lm, max_entries: int = 400_000):
+        self.lm = lm
+        self.max_entries = max_entries
+        self._memo: Dict[str, List[float]] = {}
+        self._pad = START * (lm.order - 1) if lm.order > 1 else ""
+
+    def usable(self) -> bool:
+        lm = self.lm
+        try:
+            probes = ["", "th", "the qu", "zzq' x", "a" * (lm.order + 2)]
+            return all((self.log_probs(h) == lm.log_probs(h)).all() for h in probes)
+        except Exception:  # an LM without the expected tables
+            return False
+        finally:
+            self._memo.clear()
+
+    def _after(self, h: str) -> List[float]:
+        """Probabilities after the orders up to ``len(h) + 1`` for the (padded) history suffix ``h``."""
+        probs = self._memo.get(h)
+        if probs is not None:
+            return probs
+        lm = self.lm
+        k = len(h) + 1
+        probs = self._after(h[1:]) if k > 1 else [1.0 / len(lm.vocab)] * len(lm.vocab)
+        followers = lm.tables[k - 1].get(h)
+        if followers:
+            total, distinct = lm._totals[k - 1][h]
+            backoff = lm.discount * distinct / total
+            new = [backoff * p for p in probs]
+            index = lm._index
+            for c, n in followers.items():
+                i = index.get(c)
+                if i is not None:
+                    new[i] += max(n - lm.discount, 0.0) / total
+            probs = new
+        if len(self._memo) > self.max_entries:
+            self._memo.clear()
+        self._memo[h] = probs
+        return probs
+
+    def distribution(self, history: str):
+        """``lm.distribution(history)``, bit for bit (a torch tensor; :meth:`log_probs` in numpy)."""
+        import torch
+
+        return torch.from_numpy(self.log_probs(history))
+
+    def log_probs(self, history: str) -> np.ndarray:
+        """:meth:`distribution` as a float32 numpy array (the same values: ``math.log`` of the
+        doubles, rounded to float32 once)."""
+        pad = self._pad
+        h = (pad + history)[-len(pad):] if pad else ""
+        return np.array([math.log(p) for p in self._after(h)], np.float32)
+
+
+class LMRows:
+    """Weighted LM log-prob vectors over the non-blank tokens, one table row per LM history.
+
+    :meth:`row` maps a token sequence to the row of its history (computed once per
+    history, kept until the table outgrows ``max_rows``; :meth:`trim` between searches);
+    :meth:`gather` returns ``(len(rows), blank)`` in one ``index_select``. The history of
+    a token sequence is ``FusedBeamSearch``'s: the characters of its last ``order - 1``
+    tokens, blanks dropped.
+    """
+
+    def __init__(self, lm, symbols: Sequence[str], blank: int, weight: float, max_rows: int = 100_000):
+        self.lm = lm
+        self.symbols = list(symbols)
+        self.blank = blank
+        self.weight = float(weight)
+        self._columns = np.array(lm.column_indices(self.symbols))
+        self.context = max(0, lm.order - 1)
+        self.max_rows = max_rows
+        fast = KneserNeyRows(lm)
+        self._log_probs = fast.log_probs if fast.usable() else lm.log_probs
+        self._reset()
+
+    def _reset(self) -> None:
+        self._row_of: Dict[str, int] = {}
+        self._table = np.empty((64, len(self.symbols)), np.float32)
+        self._n = 0
+
+    def trim(self) -> None:
+        if self._n > self.max_rows:
+            self._reset()
+
+    def history(self, tokens: Sequence[int]) -> str:
+        if not self.context:
+            return ""
+        tail = tokens[max(0, len(tokens) - self.context):]
+        return "".join([self.symbols[t] for t in tail if t != self.blank])
+
+    def row(self, tokens: Sequence[int]) -> int:
+        h = self.history(tokens)
+        r = self._row_of.get(h)
+        return r if r is not None else self._add(h)
+
+    def _add(self, h: str) -> int:
+        r = self._n
+        if r == self._table.shape[0]:
+            self._table = np.concatenate([self._table, np.empty_like(self._table)])
+        # dse.core.decoder.lm_log_probs (FusedBeamSearch's torch arithmetic) in numpy: the same float32
+        # products (numpy, as torch, multiplies a float32 array by a Python float in float32)
+        self._table[r] = self.weight * self._log_probs(h)[self._columns]
+        self._n += 1
+        self._row_of[h] = r
+        return r
+
+    def rows(self, rows: List[int]) -> np.ndarray:
+        """``(len(rows), blank)`` float32: the rows ``rows``."""
+        return self._table[rows]
+
+    def gather(self, rows: List[int]):
+        """:meth:`rows` as a torch tensor."""
+        import torch
+
+        return torch.from_numpy(self._table[rows])
