@@ -462,9 +462,9 @@ def _write_readme(directory: Path, config: dict, metrics: dict) -> None:
                      + ", so the runtime needs torch, torchaudio, onnxruntime, numpy and soundfile. "
                      f"`weights.pt` also holds the torch encoder, which `python -m dse.verify` uses for its fp32 "
                      f"reference. The ONNX file alone: {art['call']}.")
-        if art.get("decoder") and tc.get("beam_width") == 1 and not tc.get("lm_weight"):
-            lines += ["", "Greedy search without a language model: this bundle also runs without torch, on "
-                          "onnxruntime and numpy alone: `from dse.deploy import lite; "
+        if art.get("decoder"):
+            lines += ["", "This bundle also runs without torch, on onnxruntime and numpy alone (its search and "
+                          "language model included): `from dse.deploy import lite; "
                           "lite.load(DIR).transcribe(samples)` (float32 samples at the feature rate). Its front end "
                           "rounds differently from torch's in near-silent frames, so a transcript can differ; "
                           "`python -m dse.verify DIR --lite` scores it against this record."]

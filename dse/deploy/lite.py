@@ -1,8 +1,8 @@
 """Stream a bundle with onnxruntime and numpy alone: no torch, no torchaudio.
 
 For a bundle whose trial ran everything in ONNX Runtime (``backend: onnxruntime``, so it
-holds ``encoder.onnx``, ``predictor.onnx`` and ``joiner.onnx``) with greedy search and no
-language model: the configurations a deployment that wants a small runtime ships. This
+holds ``encoder.onnx``, ``predictor.onnx`` and ``joiner.onnx``), with greedy or beam search and,
+if the trial fused one, the character language model (``lm.lm.gz``). This
 module imports numpy, onnxruntime and the standard library only; reading audio files is
 the caller's (``soundfile`` does it without torch)::
 
@@ -17,17 +17,17 @@ What it computes is :class:`dse.core.stream.StreamingRecognizer`'s, in numpy:
   normalisation, the piecewise-linear log, the bundle's normalisation statistics), frames not
   centred, so streaming and offline frames agree;
 * the chunking and the end-of-stream padding of the streaming recognizer;
-* the greedy search, :class:`dse.core.ort_search.OrtGreedy`: the same loop the torch runtime runs
-  for these configurations (torchaudio's ``RNNTBeamSearch`` at beam width 1, in numpy), and
-  ONNX Runtime sessions opened as the torch runtime opens them (threads, spinning).
+* the search, as the torch runtime runs it for these bundles: greedy search without an LM in
+  :class:`dse.core.ort_search.OrtGreedy`, anything else (beam search, LM fusion with the rows of
+  :class:`dse.core.ngram.LMRows`) in :class:`dse.core.ort_search.OrtBeamSearch`, on ONNX Runtime
+  sessions opened as the torch runtime opens them (threads, spinning).
 
 Fed the same features, the two runtimes therefore give the same tokens. The front end is not bit-identical:
 numpy's FFT rounds differently from torch's, which matters only in near-silent frames (power
 around 1e-10, where the fixed gain of the log lifts rounding noise into the features), and an
 int8 model can turn that into another word (on all 240 eval utterances: WER 0.3968 against the
 recorded 0.4074, -1.1 pts [95% -1.9, -0.2] paired). ``python -m dse.verify BUNDLE --lite``
-scores it against the study's record. Beam search and LM fusion need the torch runtime
-(:func:`dse.deploy.runtime.load`).
+scores it against the study's record.
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ import numpy as np
 from dse.core.errors import DSEError
 from dse.core.files import file_sha256
 from dse.core.geometry import LOG_GAIN, FeatureConfig, chunk_geometry, flush_padding_samples
-from dse.core.ort_search import OrtGreedy
+from dse.core.ngram import CharNgramLM, LMRows
+from dse.core.ort_search import BeamState, OrtBeamSearch, OrtGreedy
 from dse.core.ort_session import default_spinning, open_session
 from dse.deploy import bundle
 
@@ -103,7 +104,7 @@ class LiteRecognizer:
     :class:`dse.core.config.TrialConfig`, geometry as built)."""
 
     def __init__(self, directory: Path, config: dict, features: dict, vocabulary: dict, trial,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, lm=None):
         art = config["encoder_artifact"]
         self.threads = int(threads or trial.threads)
         self.logmel = LogMel(FeatureConfig(**features["config"]), features["mean"], features["invstd"])
@@ -112,21 +113,22 @@ class LiteRecognizer:
         self.chunk_frames, _ = chunk_geometry(self.segment, self.right)
         self._chunk_length = np.array([self.chunk_frames], np.int64)
         self.encoder = _session(directory / art["file"], self.threads)
-        self.search = OrtGreedy(_session(directory / art["decoder"]["predictor"]["file"], self.threads),
-                                _session(directory / art["decoder"]["joiner"]["file"], self.threads),
-                                self._blank(vocabulary), temperature=trial.temperature)
+        predictor = _session(directory / art["decoder"]["predictor"]["file"], self.threads)
+        joiner = _session(directory / art["decoder"]["joiner"]["file"], self.threads)
+        self.symbols = vocabulary.get("symbols")
+        self.blank = len(self.symbols) if self.symbols is not None else int(vocabulary["num_symbols"]) - 1
+        self.beam_width = trial.beam_width
+        # the torch runtime's choice (dse.core.decoder.FastRNNTSearch over ONNX Runtime sessions)
+        if self.beam_width == 1 and lm is None:
+            self.search = OrtGreedy(predictor, joiner, self.blank, temperature=trial.temperature)
+        else:
+            rows = LMRows(lm, self.symbols, self.blank, trial.lm_weight) if lm is not None else None
+            self.search = OrtBeamSearch(predictor, joiner, self.blank, temperature=trial.temperature, lm=rows)
         inputs = {i.name: i.shape for i in self.encoder.get_inputs()}
         if "memory" in inputs:
             raise LiteError(f"{directory}: an encoder with memory slots needs the torch runtime")
         self.state_shape = inputs["lc_key"]
-        self.symbols = vocabulary.get("symbols")
-        self.blank = self.search.blank
         self.reset()
-
-    @staticmethod
-    def _blank(vocabulary: dict) -> int:
-        symbols = vocabulary.get("symbols")
-        return len(symbols) if symbols is not None else int(vocabulary["num_symbols"]) - 1
 
     # -- the stream ------------------------------------------------------------------------
     def reset(self) -> None:
@@ -137,7 +139,7 @@ class LiteRecognizer:
         self._buffer = np.zeros(0, np.float32)
         self._pending = np.zeros((0, self.logmel.n_mels), np.float32)
         self.samples_in = 0
-        self._hyp = None  # the search's hypothesis; None until the first chunk
+        self._hyp = None  # the search's hypothesis (greedy) or beam state; None until the first chunk
 
     def accept_audio(self, samples: np.ndarray) -> None:
         """Feed float samples ``(n,)``; decode every chunk they complete."""
@@ -170,8 +172,12 @@ class LiteRecognizer:
 
     @property
     def tokens(self) -> List[int]:
-        """The hypothesis, blank-led, as torchaudio keeps it (empty before the first chunk)."""
-        return self._hyp.tokens if self._hyp is not None else []
+        """The best hypothesis, blank-led, as torchaudio keeps it (empty before the first chunk)."""
+        if self._hyp is None:
+            return []
+        if isinstance(self._hyp, BeamState):
+            return list(self._hyp.store.tokens_of[self._hyp.beam[0][0]])
+        return self._hyp.tokens
 
     @property
     def text(self) -> str:
@@ -185,9 +191,10 @@ class LiteRecognizer:
         feeds = dict(self._enc, input=chunk[None], lengths=self._chunk_length)  # features are float32
         out, _, key, val, past = self.encoder.run(None, feeds)
         self._enc = {"lc_key": key, "lc_val": val, "past_length": past}
-        if self._hyp is None:  # a new stream: the blank-led hypothesis
-            self._hyp = self.search.start()
-        self._hyp = self.search.advance(self._hyp, out)
+        if isinstance(self.search, OrtGreedy):
+            self._hyp = self.search.advance(self._hyp or self.search.start(), out)
+        else:
+            self._hyp = self.search.advance(self._hyp, out, self.beam_width)
 
 
 def load(directory, threads: Optional[int] = None) -> LiteRecognizer:
@@ -214,16 +221,21 @@ def load(directory, threads: Optional[int] = None) -> LiteRecognizer:
     if trial.backend != "onnxruntime" or art.get("kind") != "onnx" or not art.get("decoder"):
         why.append("its encoder, predictor and joiner are not all ONNX files (export a trial with backend "
                    "onnxruntime)")
-    if trial.beam_width != 1:
-        why.append(f"beam width {trial.beam_width} (only greedy search, beam 1, runs without torch)")
-    if trial.lm_weight > 0:
-        why.append("language-model fusion")
     vocabulary = json.loads(read("vocabulary.json").read_text())
     if vocabulary.get("kind") not in ("chars", "numbered"):
         why.append(f"a {vocabulary.get('kind')} vocabulary")
+    lm_entry = config.get("language_model") if trial.lm_weight > 0 else None
+    if trial.lm_weight > 0 and (not lm_entry or vocabulary.get("kind") != "chars"):
+        why.append("language-model fusion without a character vocabulary and the LM file")
     if why:
         raise LiteError(f"{directory}: needs the torch runtime (dse.deploy.runtime.load): " + "; ".join(why))
     for name in (art["file"], art["decoder"]["predictor"]["file"], art["decoder"]["joiner"]["file"]):
         read(name)
+    lm = None
+    if lm_entry:
+        try:
+            lm = CharNgramLM.load(read(lm_entry["file"]))
+        except DSEError as exc:
+            raise LiteError(f"{directory}: {exc}") from None
     features = json.loads(read("features.json").read_text())
-    return LiteRecognizer(directory, config, features, vocabulary, trial, threads=threads)
+    return LiteRecognizer(directory, config, features, vocabulary, trial, threads=threads, lm=lm)

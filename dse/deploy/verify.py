@@ -241,8 +241,8 @@ def main(argv=None) -> int:
                                                            "(default: the value the trial was measured with)")
     p.add_argument("--no-speedup", action="store_true", help="skip the speedup measurement (accuracy only)")
     p.add_argument("--lite", action="store_true",
-                   help="also score the torch-free runtime (dse.deploy.lite: onnxruntime + numpy; greedy ONNX "
-                        "bundles) on the same utterances, paired against the recorded errors")
+                   help="also score the torch-free runtime (dse.deploy.lite: onnxruntime + numpy; bundles of "
+                        "backend onnxruntime) on the same utterances, paired against the recorded errors")
     p.add_argument("--speedup-utterances", type=int, default=SPEEDUP_UTTERANCES, metavar="N",
                    help=f"utterances timed for the speedup ratio (default {SPEEDUP_UTTERANCES}, as a study)")
     args = p.parse_args(argv)
