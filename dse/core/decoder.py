@@ -47,6 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from dse.core.ngram import KneserNeyRows, LMRows
+from dse.core.ort_search import TokenKeys
 
 Hypothesis = Tuple[List[int], torch.Tensor, List[List[torch.Tensor]], float]
 
@@ -65,17 +66,12 @@ def lm_log_probs(lm, history: str, columns: torch.Tensor, weight: float = 1.0,
     return weight * (distribution or lm.distribution)(history).index_select(0, columns)
 
 
-class _Store:
+class _Store(TokenKeys):
     """One stream's interned token sequences and the slots holding predictor outputs and states."""
 
     def __init__(self, lm: Optional[LMRows], pred: torch.Tensor, states: List[List[torch.Tensor]],
                  capacity: int = 256):
-        self.lm = lm
-        self.tokens_of: List[Tuple[int, ...]] = []
-        self.key_of: Dict[Tuple[int, ...], int] = {}
-        self.child_of: Dict[Tuple[int, int], int] = {}
-        self.slot_of: List[int] = []    # key -> its cached slot, -1 when none
-        self.lm_row_of: List[int] = []  # key -> LMRows row
+        super().__init__(lm)
         n = pred.shape[0]
         self.capacity = max(capacity, 2 * n)
         self.pred = pred.new_empty((self.capacity,) + tuple(pred.shape[1:]))
@@ -90,22 +86,6 @@ class _Store:
             self.states.append(bufs)
         self.used = n
         self.device = pred.device
-
-    def intern(self, tokens: Tuple[int, ...]) -> int:
-        k = self.key_of.get(tokens)
-        if k is None:
-            k = self.key_of[tokens] = len(self.tokens_of)
-            self.tokens_of.append(tokens)
-            self.slot_of.append(-1)
-            if self.lm is not None:
-                self.lm_row_of.append(self.lm.row(tokens))
-        return k
-
-    def child(self, key: int, token: int) -> int:
-        k = self.child_of.get((key, token))
-        if k is None:
-            k = self.child_of[(key, token)] = self.intern(self.tokens_of[key] + (token,))
-        return k
 
     def append(self, pred: torch.Tensor, states: List[List[torch.Tensor]]) -> int:
         """Store ``pred.shape[0]`` new rows; returns the first slot."""

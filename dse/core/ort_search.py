@@ -25,7 +25,7 @@ next_c``) and ``joiner.onnx`` (``source (B, T, E), target (B, U, E) -> logits (B
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -115,23 +115,17 @@ class OrtGreedy:
 
 
 # -- beam search ------------------------------------------------------------------------------------
-class _Store:
-    """One stream's interned token sequences and the slots holding predictor outputs and states."""
+class TokenKeys:
+    """A stream's token sequences interned as integer keys, with each key's cached predictor slot
+    (-1 when none) and, with an LM, its row of LM scores (the LM's ``row(tokens)``)."""
 
-    def __init__(self, lm, out: np.ndarray, h: np.ndarray, c: np.ndarray, capacity: int = 256):
+    def __init__(self, lm=None):
         self.lm = lm
         self.tokens_of: List[Tuple[int, ...]] = []
-        self.key_of = {}
-        self.child_of = {}
-        self.slot_of: List[int] = []    # key -> its cached slot, -1 when none
-        self.lm_row_of: List[int] = []  # key -> the LM's row
-        n = out.shape[0]
-        capacity = max(capacity, 2 * n)
-        self.out = np.empty((capacity,) + out.shape[1:], np.float32)
-        self.h = np.empty((h.shape[0], capacity, h.shape[2]), np.float32)
-        self.c = np.empty_like(self.h)
-        self.out[:n], self.h[:, :n], self.c[:, :n] = out, h, c
-        self.used = n
+        self.key_of: Dict[Tuple[int, ...], int] = {}
+        self.child_of: Dict[Tuple[int, int], int] = {}
+        self.slot_of: List[int] = []
+        self.lm_row_of: List[int] = []
 
     def intern(self, tokens: Tuple[int, ...]) -> int:
         k = self.key_of.get(tokens)
@@ -144,10 +138,25 @@ class _Store:
         return k
 
     def child(self, key: int, token: int) -> int:
+        """The key of ``key``'s token sequence extended by ``token``."""
         k = self.child_of.get((key, token))
         if k is None:
             k = self.child_of[(key, token)] = self.intern(self.tokens_of[key] + (token,))
         return k
+
+
+class _Store(TokenKeys):
+    """A :class:`TokenKeys` with the slots holding predictor outputs ``(n, 1, E)`` and states ``(L, n, H)``."""
+
+    def __init__(self, lm, out: np.ndarray, h: np.ndarray, c: np.ndarray, capacity: int = 256):
+        super().__init__(lm)
+        n = out.shape[0]
+        capacity = max(capacity, 2 * n)
+        self.out = np.empty((capacity,) + out.shape[1:], np.float32)
+        self.h = np.empty((h.shape[0], capacity, h.shape[2]), np.float32)
+        self.c = np.empty_like(self.h)
+        self.out[:n], self.h[:, :n], self.c[:, :n] = out, h, c
+        self.used = n
 
     def append(self, out: np.ndarray, h: np.ndarray, c: np.ndarray) -> int:
         """Store ``out.shape[0]`` new rows; returns the first slot."""
