@@ -1,13 +1,14 @@
-"""Greedy RNN-T search over ONNX Runtime sessions, in numpy: no torch.
+"""RNN-T search over ONNX Runtime sessions, in numpy: no torch.
 
-One loop serves both runtimes of a configuration whose predictor and joiner run in ONNX
-Runtime (``backend: onnxruntime``) with greedy search and no language model: the torch
-runtime (:class:`dse.core.decoder.FastRNNTSearch` hands such a search to
-:class:`OrtGreedy`) and the torch-free one (:mod:`dse.deploy.lite`). The study, the bundle
-and the torch-free runtime therefore decode the same encoder frames to the same tokens by
-construction.
+These loops serve both runtimes of a configuration whose predictor and joiner run in ONNX
+Runtime (``backend: onnxruntime``): the torch runtime (:class:`dse.core.decoder.FastRNNTSearch`
+hands its search to them) and the torch-free one (:mod:`dse.deploy.lite`). The study, the
+bundle and the torch-free runtime therefore decode the same encoder frames to the same
+tokens by construction. :class:`OrtGreedy` is greedy search without a language model;
+:class:`OrtBeamSearch` everything else (beam search, LM fusion), the vectorised search's
+algorithm step for step (see its docstring).
 
-The algorithm is torchaudio's ``RNNTBeamSearch`` at beam width 1, as
+Greedy search is torchaudio's ``RNNTBeamSearch`` at beam width 1, as
 :meth:`dse.core.decoder.FastRNNTSearch._greedy_impl` runs it: at each frame the
 blank-extended hypotheses collect, a non-blank expansion is kept while its score beats the
 best of them (at most ``step_max_tokens`` per frame), and the frame ends on the best by
