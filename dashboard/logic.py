@@ -493,17 +493,11 @@ def objective_metrics(study_attrs: dict, n_values: int) -> list[str]:
 
 
 def sqlite_path_missing(storage_url: str) -> Optional[str]:
-    """The file path when ``storage_url`` is a SQLite file that does not exist (opening it would create it)."""
-    if not storage_url.startswith("sqlite"):
-        return None
-    from sqlalchemy.engine import make_url
+    """The file path when ``storage_url`` is a SQLite file that does not exist (opening it would create it).
+    A URI-form URL (``sqlite:///file:...``) is left to its own options."""
+    from dse.search.storage import sqlite_path
 
-    try:
-        database = make_url(storage_url).database
-    except Exception:
+    path = sqlite_path(storage_url)
+    if path is None or storage_url.partition(":///")[2].startswith("file:"):
         return None
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    import os
-
-    return None if os.path.exists(database) else database
+    return None if path.exists() else str(path)
