@@ -36,9 +36,9 @@ STEP_MAX_TOKENS = 100  # torchaudio's default step_max_tokens
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    """float32 log-softmax over the last axis (max-shifted)."""
-    m = x.max(axis=-1, keepdims=True)
-    return (x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))).astype(np.float32)
+    """float32 log-softmax over the last axis: ``(x - max) - log(sum(exp(x - max)))``."""
+    z = x - x.max(axis=-1, keepdims=True)
+    return (z - np.log(np.exp(z).sum(axis=-1, keepdims=True))).astype(np.float32, copy=False)
 
 
 class GreedyHypothesis(NamedTuple):
@@ -332,8 +332,6 @@ class OrtBeamSearch:
 
 
 def _top(values: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` largest values, largest first, ties to the lower index."""
-    if k < values.shape[0]:
-        part = np.argpartition(values, values.shape[0] - k)[values.shape[0] - k:]
-        return part[np.lexsort((part, -values[part]))]
-    return np.lexsort((np.arange(values.shape[0]), -values))
+    """Indices of the ``k`` largest values, largest first, ties to the lower index (a stable sort of
+    the negated values: the vectors here are a few hundred entries at most)."""
+    return np.argsort(-values, kind="stable")[:k]
