@@ -317,7 +317,12 @@ def _write_onnx_encoder(directory: Path, transcriber, precision: str) -> dict:
                 "call": "onnxruntime.InferenceSession(file) with inputs input (1, frames, n_mels) float32, lengths (1,) "
                         "int64, lc_key and lc_val (layers, left context, 1, dim) float32, past_length (layers, 1, 1) "
                         "int32 -> output, output_lengths, next_lc_key, next_lc_val, next_past_length "
-                        "(dse.core.onnx_encoder.OrtTranscriber runs it); this is what the runtime streams"}
+                        "(dse.core.onnx_encoder.OrtTranscriber runs it); this is what the runtime streams",
+                "memory": bool(getattr(transcriber, "use_memory", False))}
+    if artifact["memory"]:
+        artifact["call"] = artifact["call"].replace("past_length (layers, 1, 1) int32 ->", "past_length (layers, 1, 1) "
+                                                    "int32, memory (layers, slots, 1, dim) float32 ->").replace(
+            "next_past_length", "next_past_length, next_memory")
     decoder = (getattr(transcriber, "export_info", None) or {}).get("decoder")
     if decoder:  # the predictor and joiner the trial ran in ONNX Runtime
         files = {}
@@ -462,7 +467,7 @@ def _write_readme(directory: Path, config: dict, metrics: dict) -> None:
                      + ", so the runtime needs torch, torchaudio, onnxruntime, numpy and soundfile. "
                      f"`weights.pt` also holds the torch encoder, which `python -m dse.verify` uses for its fp32 "
                      f"reference. The ONNX file alone: {art['call']}.")
-        if art.get("decoder"):
+        if art.get("decoder") and not art.get("memory"):
             lines += ["", "This bundle also runs without torch, on onnxruntime and numpy alone (its search and "
                           "language model included): `from dse.deploy import lite; "
                           "lite.load(DIR).transcribe(samples)` (float32 samples at the feature rate). Its front end "
