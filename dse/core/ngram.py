@@ -231,27 +231,41 @@ class KneserNeyRows:
             self._memo.clear()
 
     def _after(self, h: str) -> List[float]:
-        """Probabilities after the orders up to ``len(h) + 1`` for the (padded) history suffix ``h``."""
-        probs = self._memo.get(h)
+        """Probabilities after the orders up to ``len(h) + 1`` for the (padded) history suffix ``h``.
+
+        Order ``k`` takes the list of order ``k - 1`` (the suffix one character shorter; below
+        order 1 the uniform distribution), scales it by the history's backoff weight and adds each
+        follower's discounted count over the total: ``_probabilities``' arithmetic, in its order.
+        The suffixes not yet memoised are computed from the longest one that is, shortest first."""
+        memo = self._memo
+        probs = memo.get(h)
         if probs is not None:
             return probs
         lm = self.lm
-        k = len(h) + 1
-        probs = self._after(h[1:]) if k > 1 else [1.0 / len(lm.vocab)] * len(lm.vocab)
-        followers = lm.tables[k - 1].get(h)
-        if followers:
-            total, distinct = lm._totals[k - 1][h]
-            backoff = lm.discount * distinct / total
-            new = [backoff * p for p in probs]
-            index = lm._index
-            for c, n in followers.items():
-                i = index.get(c)
-                if i is not None:
-                    new[i] += max(n - lm.discount, 0.0) / total
-            probs = new
-        if len(self._memo) > self.max_entries:
-            self._memo.clear()
-        self._memo[h] = probs
+        chain = [h]  # h and its suffixes down to the first one memoised (or "" and the uniform start)
+        while True:
+            s = chain[-1]
+            if not s:
+                probs = [1.0 / len(lm.vocab)] * len(lm.vocab)
+                break
+            probs = memo.get(s[1:])
+            if probs is not None:
+                break
+            chain.append(s[1:])
+        if len(memo) + len(chain) > self.max_entries:
+            memo.clear()
+        tables, totals, index, d = lm.tables, lm._totals, lm._index, lm.discount
+        for s in reversed(chain):
+            followers = tables[len(s)].get(s)
+            if followers:
+                total, distinct = totals[len(s)][s]
+                backoff = d * distinct / total
+                probs = [backoff * p for p in probs]
+                for c, n in followers.items():
+                    i = index.get(c)
+                    if i is not None and n > d:  # max(n - d, 0) adds nothing otherwise
+                        probs[i] += (n - d) / total
+            memo[s] = probs
         return probs
 
     def distribution(self, history: str):
