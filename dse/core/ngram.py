@@ -287,7 +287,9 @@ class LMRows:
 
     :meth:`row` maps a token sequence to the row of its history (computed once per
     history, kept until the table outgrows ``max_rows``; :meth:`trim` between searches);
-    :meth:`gather` returns ``(len(rows), blank)`` in one ``index_select``. The history of
+    :meth:`rows` returns ``(len(rows), blank)`` float32 in one indexing (:meth:`gather` as a torch
+    tensor). A row is ``weight * log P_lm(symbol | history)`` in float32, bit-equal to
+    ``FusedBeamSearch``'s scores (``tests/test_decoder.py``). The history of
     a token sequence is ``FusedBeamSearch``'s: the characters of its last ``order - 1``
     tokens, blanks dropped.
     """
