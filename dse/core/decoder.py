@@ -408,7 +408,7 @@ class FastRNNTSearch(torch.nn.Module):
         minus_inf = -float("inf")
 
         store, b_hypos = self._seed(hypothesis, device)
-        tokens_of, slot_of, lm_row_of = store.tokens_of, store.slot_of, store.lm_row_of
+        tokens_of, lm_row_of = store.tokens_of, store.lm_row_of
 
         for t in range(enc_out.shape[1]):
             enc_t = enc_out[:, t: t + 1]
@@ -456,17 +456,8 @@ class FastRNNTSearch(torch.nn.Module):
                 width = nonblank.shape[1]
                 best_scores, best_idx = nonblank.reshape(-1).topk(beam_width)
                 threshold = b_hypos[-beam_width][2] if len(b_hypos) >= beam_width else minus_inf
-                expansions = []  # [key, slot, score]
-                todo = []        # (index in expansions, base slot, token)
-                for score, idx in zip(best_scores.tolist(), best_idx.tolist()):
-                    if score > threshold:
-                        i, token = divmod(idx, width)
-                        h = a_hypos[i]
-                        key = store.child(h[0], token)
-                        slot = slot_of[key] if cache else -1
-                        if slot < 0:
-                            todo.append((len(expansions), h[1], token))
-                        expansions.append([key, slot, score])
+                expansions, todo = store.expansions(a_hypos, best_idx.tolist(), best_scores.tolist(), width,
+                                                    threshold, cache)
                 if not expansions:
                     break
 
@@ -475,10 +466,7 @@ class FastRNNTSearch(torch.nn.Module):
                     base = torch.tensor([x[1] for x in todo], device=device)
                     out, _, out_state = model.predict(torch.tensor([[x[2]] for x in todo], device=device),
                                                       self._ones(len(todo), device), store.gather_states(base))
-                    first = store.append(out, out_state)
-                    for j, x in enumerate(todo):
-                        e = expansions[x[0]]
-                        e[1] = slot_of[e[0]] = first + j
+                    store.place(expansions, todo, store.append(out, out_state))
                 a_hypos = [tuple(e) for e in expansions]
                 symbols_current_t += 1
 

@@ -145,6 +145,30 @@ class TokenKeys:
             k = self.child_of[(key, token)] = self.intern(self.tokens_of[key] + (token,))
         return k
 
+    def expansions(self, a_hypos, indices: List[int], scores: List[float], width: int, threshold: float,
+                   cache: bool):
+        """The non-blank expansions that beat ``threshold``, from the top candidates of a step (flat
+        ``indices`` into the ``(len(a_hypos), width)`` scores, best first): ``[key, slot, score]`` lists
+        (slot -1 when not computed) and ``todo``, ``(index in expansions, parent slot, token)`` for the
+        predictor call; ``cache``: reuse a key's computed slot."""
+        expansions, todo = [], []
+        for idx, score in zip(indices, scores):
+            if score > threshold:
+                i, token = divmod(idx, width)
+                h = a_hypos[i]
+                key = self.child(h[0], token)
+                slot = self.slot_of[key] if cache else -1
+                if slot < 0:
+                    todo.append((len(expansions), h[1], token))
+                expansions.append([key, slot, score])
+        return expansions, todo
+
+    def place(self, expansions, todo, first: int) -> None:
+        """The ``todo`` expansions' predictor rows were stored from slot ``first`` on: record their slots."""
+        for j, x in enumerate(todo):
+            e = expansions[x[0]]
+            e[1] = self.slot_of[e[0]] = first + j
+
 
 class _Store(TokenKeys):
     """A :class:`TokenKeys` with the slots holding predictor outputs ``(n, 1, E)`` and states ``(L, n, H)``."""
@@ -266,7 +290,7 @@ class OrtBeamSearch:
         elif not self.cache_predictor or state.store.used > self.max_slots:
             state = self.state_from(self.hypotheses(state))
         store, b_hypos = state
-        tokens_of, slot_of, lm_row_of = store.tokens_of, store.slot_of, store.lm_row_of
+        tokens_of, lm_row_of = store.tokens_of, store.lm_row_of
         cache, lm, f32 = self.cache_predictor, self.lm, np.float32
         for t in range(frames.shape[1]):
             enc_t = frames[:, t: t + 1]
@@ -299,17 +323,8 @@ class OrtBeamSearch:
                 flat = nonblank.reshape(-1)
                 best = _top(flat, beam_width)
                 threshold = b_hypos[-beam_width][2] if len(b_hypos) >= beam_width else -math.inf
-                expansions = []  # [key, slot, score]
-                todo = []        # (index in expansions, base slot, token)
-                for idx, score in zip(best.tolist(), flat[best].tolist()):
-                    if score > threshold:
-                        i, token = divmod(idx, width)
-                        h = a_hypos[i]
-                        key = store.child(h[0], token)
-                        slot = slot_of[key] if cache else -1
-                        if slot < 0:
-                            todo.append((len(expansions), h[1], token))
-                        expansions.append([key, slot, score])
+                expansions, todo = store.expansions(a_hypos, best.tolist(), flat[best].tolist(), width, threshold,
+                                                    cache)
                 if not expansions:
                     break
                 # -- one predictor call over the expansions not yet computed
@@ -317,12 +332,7 @@ class OrtBeamSearch:
                     base = [x[1] for x in todo]
                     out, h, c = self._predict(np.array([[x[2]] for x in todo], np.int64),
                                               store.h[:, base], store.c[:, base])
-                    first = store.append(out, h, c)
-                    for j, x in enumerate(todo):
-                        e = expansions[x[0]]
-                        e[1] = first + j
-                        if cache:
-                            slot_of[e[0]] = first + j
+                    store.place(expansions, todo, store.append(out, h, c))
                 a_hypos = [tuple(e) for e in expansions]
                 symbols_current_t += 1
             # -- the beam: best by score over (tokens + 1)
