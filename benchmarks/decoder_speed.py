@@ -17,6 +17,7 @@ the ONNX backend (torch fp32, torchaudio's search), with the transcripts compare
 from __future__ import annotations
 
 import argparse
+from typing import NamedTuple
 
 import torch
 
@@ -57,22 +58,10 @@ def main() -> None:
     has_lm = loaded.lm_path is not None
     for label, values in (("default (beam 4, T 2, LM 0.15)", {}), ("greedy", {"beam_width": 1})):
         config = TrialConfig(**fill_defaults(dict(values, threads=args.threads), has_lm))
-        fast, ref = recognizer(loaded, config, "vectorised"), recognizer(loaded, config, "torchaudio")
-        with OtherCpuLoad() as load:
-            ratio = interleaved_speedup(fast, ref, audio)
-        parts = {"vectorised": Breakdown(fast), "torchaudio": Breakdown(ref)}
-        a = measure(fast, audio, accuracy=True, warmup=False)  # warm from the interleaved passes
-        b = measure(ref, audio, accuracy=True, warmup=False)
-        ms = {k: {part: v * 1000 / n_chunks(result) for part, v in br.seconds.items()}
-              for (k, br), result in zip(parts.items(), (a, b))}
-        for br in parts.values():
-            br.detach()
-        same = sum(x["hyp"] == y["hyp"] for x, y in zip(a["transcripts"], b["transcripts"]))
-        ci = ratio["speedup_ci95"]
-        print(f"  {label}: vectorised {ratio['speedup']:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}] torchaudio's speed; "
-              f"RTF {a['rtf_mean']:.4f} against {b['rtf_mean']:.4f}; identical transcripts {same}/{len(audio.waveforms)}; "
-              f"WER {a['wer']:.3f} / {b['wer']:.3f}; other processes' load {load.other_cores:.2f} cores")
-        v, t = ms["vectorised"], ms["torchaudio"]
+        r = paired(recognizer(loaded, config, "vectorised"), recognizer(loaded, config, "torchaudio"), audio)
+        print(f"  {label}: vectorised {r.speedup} torchaudio's speed; RTF {r.a['rtf_mean']:.4f} against "
+              f"{r.b['rtf_mean']:.4f}; {r.agreement}")
+        v, t = r.ms
         print(f"    ms per chunk (one measure pass each, not interleaved): search {v['search']:.2f} against "
               f"{t['search']:.2f} ({t['search'] / v['search']:.2f}x), encoder {v['encoder']:.2f} / {t['encoder']:.2f}")
 
@@ -80,33 +69,41 @@ def main() -> None:
     # with torch's predictor and joiner: the default configuration with the ONNX encoder, fp32.
     config = TrialConfig(**fill_defaults({"threads": args.threads, "backend": "onnxruntime"}, has_lm))
     ort = recognizer(loaded, config, "vectorised")
-    edited = edit_architecture(loaded, config)
-    torch_decoder = torch_predictor_and_joiner(ort, edited.model)
-    with OtherCpuLoad() as load:
-        ratio = interleaved_speedup(ort, torch_decoder, audio)
-    parts = {"ONNX Runtime": Breakdown(ort), "torch": Breakdown(torch_decoder)}
-    a = measure(ort, audio, accuracy=True, warmup=False)  # warm from the interleaved passes
-    b = measure(torch_decoder, audio, accuracy=True, warmup=False)
-    search = {k: br.seconds["search"] * 1000 / n_chunks(r) for (k, br), r in zip(parts.items(), (a, b))}
-    same = sum(x["hyp"] == y["hyp"] for x, y in zip(a["transcripts"], b["transcripts"]))
-    ci = ratio["speedup_ci95"]
-    print(f"  backend onnxruntime, fp32 (beam 4, LM): predictor and joiner in ONNX Runtime {ratio['speedup']:.2f}x "
-          f"[{ci[0]:.2f}, {ci[1]:.2f}] the speed with torch's; search {search['ONNX Runtime']:.2f} against "
-          f"{search['torch']:.2f} ms per chunk; identical transcripts {same}/{len(audio.waveforms)}; "
-          f"WER {a['wer']:.3f} / {b['wer']:.3f}; other processes' load {load.other_cores:.2f} cores")
+    r = paired(ort, torch_predictor_and_joiner(ort, edit_architecture(loaded, config).model), audio)
+    print(f"  backend onnxruntime, fp32 (beam 4, LM): predictor and joiner in ONNX Runtime {r.speedup} the speed "
+          f"with torch's; search {r.ms[0]['search']:.2f} against {r.ms[1]['search']:.2f} ms per chunk; {r.agreement}")
 
     # The same ONNX Runtime recognizer against the default configuration as it ran before the
     # vectorised search and the ONNX backend: torch (fp32) and torchaudio's search.
     before = recognizer(loaded, TrialConfig(**fill_defaults({"threads": args.threads}, has_lm)), "torchaudio")
+    r = paired(ort, before, audio)
+    print(f"  backend onnxruntime, fp32, vectorised (beam 4, LM) against torch fp32 with torchaudio's search: "
+          f"{r.speedup}; RTF {r.a['rtf_mean']:.4f} against {r.b['rtf_mean']:.4f}; {r.agreement}")
+
+
+class Paired(NamedTuple):
+    speedup: str      # median per-utterance ratio and its 95 % interval, interleaved
+    a: dict           # the candidate's accuracy pass (dse.core.measure.measure)
+    b: dict           # the reference's
+    ms: tuple         # ms per chunk in the encoder and the search, candidate then reference
+    agreement: str    # identical transcripts, WER, other processes' load
+
+
+def paired(candidate, reference, audio) -> Paired:
+    """``candidate`` against ``reference``: the interleaved speedup, then one accuracy pass each (warm
+    from the interleaved passes) with the milliseconds per chunk in the encoder and the search."""
     with OtherCpuLoad() as load:
-        ratio = interleaved_speedup(ort, before, audio)
-    b = measure(before, audio, accuracy=True, warmup=False)
+        ratio = interleaved_speedup(candidate, reference, audio)
+    parts = [Breakdown(candidate), Breakdown(reference)]
+    a, b = (measure(rec, audio, accuracy=True, warmup=False) for rec in (candidate, reference))
+    ms = tuple({part: v * 1000 / n_chunks(result) for part, v in br.seconds.items()} for br, result in zip(parts, (a, b)))
+    for br in parts:
+        br.detach()
     same = sum(x["hyp"] == y["hyp"] for x, y in zip(a["transcripts"], b["transcripts"]))
     ci = ratio["speedup_ci95"]
-    print(f"  backend onnxruntime, fp32, vectorised (beam 4, LM) against torch fp32 with torchaudio's search: "
-          f"{ratio['speedup']:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}]; RTF {a['rtf_mean']:.4f} against {b['rtf_mean']:.4f}; "
-          f"identical transcripts {same}/{len(audio.waveforms)}; WER {a['wer']:.3f} / {b['wer']:.3f}; "
-          f"other processes' load {load.other_cores:.2f} cores")
+    return Paired(f"{ratio['speedup']:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}]", a, b, ms,
+                  f"identical transcripts {same}/{len(audio.waveforms)}; WER {a['wer']:.3f} / {b['wer']:.3f}; "
+                  f"other processes' load {load.other_cores:.2f} cores")
 
 
 def torch_predictor_and_joiner(rec, model):
