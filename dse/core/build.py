@@ -218,7 +218,7 @@ def apply_backend(model: torch.nn.Module, config: TrialConfig, cache_dir=None) -
 
     chunk_frames = config.segment_frames + config.right_context_frames
     key = encoder_cache_key(model, config)
-    decoder_key = decoder_cache_key(model, config)
+    decoder_key = decoder_cache_key(model)
     try:
         path, info = onnx_encoder.encoder_onnx(model, chunk_frames, config.precision, cache_dir=cache_dir, key=key)
         paths, decoder_info = onnx_decoder.decoder_onnx(model, config.precision, cache_dir=cache_dir, key=decoder_key)
@@ -233,10 +233,10 @@ def apply_backend(model: torch.nn.Module, config: TrialConfig, cache_dir=None) -
     return deployed
 
 
-def decoder_cache_key(model: torch.nn.Module, config: TrialConfig) -> str:
-    """The export cache's key for ``model``'s predictor and joiner: the configuration's weights key
-    and the SHA-256 of their weights (the geometry knobs do not change them)."""
-    return f"rnnt-decoder-{weights_digest(model.predictor, model.joiner, salt=config.weights_key())[:24]}"
+def decoder_cache_key(model: torch.nn.Module) -> str:
+    """The export cache's key for ``model``'s predictor and joiner: the SHA-256 of their weights, which
+    is all their graph depends on (an adaptation changes the weights, the geometry knobs do not)."""
+    return f"rnnt-decoder-{weights_digest(model.predictor, model.joiner)[:24]}"
 
 
 def apply_precision_knob(model: torch.nn.Module, config: TrialConfig) -> torch.nn.Module:

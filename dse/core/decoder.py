@@ -47,7 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from dse.core.ngram import KneserNeyRows, LMRows
-from dse.core.ort_search import TokenKeys
+from dse.core.ort_search import TokenKeys, greedy_applies
 
 Hypothesis = Tuple[List[int], torch.Tensor, List[List[torch.Tensor]], float]
 
@@ -165,7 +165,7 @@ class FastRNNTSearch(torch.nn.Module):
         if numpy_search and hasattr(predictor, "session") and hasattr(joiner, "session"):
             from dse.core.ort_search import OrtBeamSearch, OrtGreedy
 
-            if self._lm is None:
+            if greedy_applies(1, self._lm):
                 self._ort_greedy = OrtGreedy(predictor.session, joiner.session, blank, temperature=temperature,
                                              step_max_tokens=step_max_tokens)
             self._ort_beam = OrtBeamSearch(predictor.session, joiner.session, blank, temperature=temperature,
@@ -359,7 +359,7 @@ class FastRNNTSearch(torch.nn.Module):
         search = self._ort_greedy
         last = self._ort_out
         if hypothesis is None:
-            hyp = search.start()
+            hyp = None  # advance starts a stream
         elif last is not None and last[0] is hypothesis:
             hyp = last[1]
         else:

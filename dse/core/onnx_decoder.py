@@ -37,10 +37,11 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from dse.core.onnx_encoder import (FORMAT_VERSION, PRECISIONS, BackendError, _quiet, _require, _summary,
+from dse.core.onnx_encoder import (PRECISIONS, BackendError, _quiet, _require, _summary,
                                    _write_json_atomic, default_cache_dir, open_session)
 
 FILES = ("predictor", "joiner")
+FORMAT_VERSION = 1  # of the predictor and joiner graphs, in the export cache's key
 
 
 class _PredictorStep(torch.nn.Module):

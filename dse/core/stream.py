@@ -162,9 +162,9 @@ class StreamingRecognizer:
 
     def accept_audio(self, samples: torch.Tensor) -> list[ChunkEvent]:
         """Feed ``samples`` ``(n,)`` float audio at the feature rate; decode every completed chunk."""
-        start = self.clock()
         if self.threads is not None and torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
+            torch.set_num_threads(self.threads)  # before the clock: a deployment sets it once
+        start = self.clock()
         self.samples_in += samples.numel()
         frames = self.features.push(samples)
         if frames.numel():

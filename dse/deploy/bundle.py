@@ -94,16 +94,21 @@ def read_config(directory: str | os.PathLike) -> dict:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON ({exc}); the file was altered, export again") from exc
+    check_format(config, path)
+    verify_manifest(directory)
+    return config
+
+
+def check_format(config, path: Path) -> None:
+    """Refuse a parsed ``config.json`` (at ``path``) that is not a dse bundle's, or of a newer format."""
     if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{path}: not a dse bundle config (expected format={BUNDLE_FORMAT!r})")
     version = config.get("format_version")
     if not isinstance(version, int):
         raise BundleError(f"{path}: format_version={version!r} is not an integer")
     if version > BUNDLE_VERSION:
-        raise BundleError(f"{directory}: bundle format version {version} is newer than this dse reads "
+        raise BundleError(f"{path.parent}: bundle format version {version} is newer than this dse reads "
                           f"(up to {BUNDLE_VERSION}); upgrade dse")
-    verify_manifest(directory)
-    return config
 
 
 def read_json(directory: str | os.PathLike, name: str) -> dict:

@@ -42,7 +42,7 @@ from dse.core.errors import DSEError
 from dse.core.files import file_sha256
 from dse.core.geometry import LOG_GAIN, FeatureConfig, chunk_geometry, flush_padding_samples
 from dse.core.ngram import CharNgramLM, LMRows
-from dse.core.ort_search import BeamState, OrtBeamSearch, OrtGreedy
+from dse.core.ort_search import search_for
 from dse.core.ort_session import default_spinning, open_session
 from dse.deploy import bundle
 
@@ -118,12 +118,8 @@ class LiteRecognizer:
         self.symbols = vocabulary.get("symbols")
         self.blank = len(self.symbols) if self.symbols is not None else int(vocabulary["num_symbols"]) - 1
         self.beam_width = trial.beam_width
-        # the torch runtime's choice (dse.core.decoder.FastRNNTSearch over ONNX Runtime sessions)
-        if self.beam_width == 1 and lm is None:
-            self.search = OrtGreedy(predictor, joiner, self.blank, temperature=trial.temperature)
-        else:
-            rows = LMRows(lm, self.symbols, self.blank, trial.lm_weight) if lm is not None else None
-            self.search = OrtBeamSearch(predictor, joiner, self.blank, temperature=trial.temperature, lm=rows)
+        rows = LMRows(lm, self.symbols, self.blank, trial.lm_weight) if lm is not None else None
+        self.search = search_for(predictor, joiner, self.blank, self.beam_width, trial.temperature, rows)
         inputs = {i.name: i.shape for i in self.encoder.get_inputs()}
         if "memory" in inputs:
             raise LiteError(f"{directory}: an encoder with memory slots needs the torch runtime")
@@ -175,9 +171,7 @@ class LiteRecognizer:
         """The best hypothesis, blank-led, as torchaudio keeps it (empty before the first chunk)."""
         if self._hyp is None:
             return []
-        if isinstance(self._hyp, BeamState):
-            return list(self._hyp.store.tokens_of[self._hyp.beam[0][0]])
-        return self._hyp.tokens
+        return self.search.best_tokens(self._hyp)
 
     @property
     def text(self) -> str:
@@ -191,10 +185,7 @@ class LiteRecognizer:
         feeds = dict(self._enc, input=chunk[None], lengths=self._chunk_length)  # features are float32
         out, _, key, val, past = self.encoder.run(None, feeds)
         self._enc = {"lc_key": key, "lc_val": val, "past_length": past}
-        if isinstance(self.search, OrtGreedy):
-            self._hyp = self.search.advance(self._hyp or self.search.start(), out)
-        else:
-            self._hyp = self.search.advance(self._hyp, out, self.beam_width)
+        self._hyp = self.search.advance(self._hyp, out, self.beam_width)
 
 
 def load(directory, threads: Optional[int] = None) -> LiteRecognizer:
@@ -206,22 +197,34 @@ def load(directory, threads: Optional[int] = None) -> LiteRecognizer:
     except (OSError, DSEError) as exc:
         raise LiteError(f"{directory}: no readable MANIFEST.sha256 ({exc}); not a dse bundle") from None
 
-    def read(name: str) -> Path:
+    def read(name: str) -> Path:  # only the files this runtime reads are hashed (not weights.pt)
         path = directory / name
-        if name not in manifest or "/" in name:
-            raise LiteError(f"{directory / 'MANIFEST.sha256'}: does not list {name}; export the bundle again")
+        if name not in manifest:
+            raise LiteError(f"{directory / bundle.MANIFEST_FILE}: does not list {name}; export the bundle again")
         if not path.is_file() or file_sha256(path) != manifest[name]:
-            raise LiteError(f"{path}: missing, or its sha256 does not match MANIFEST.sha256; export the bundle again")
+            raise LiteError(f"{path}: missing, or its sha256 does not match {bundle.MANIFEST_FILE}; export the "
+                            "bundle again")
         return path
 
-    config = json.loads(read("config.json").read_text())
+    try:
+        return _load(directory, read, threads)
+    except (KeyError, TypeError, ValueError) as exc:  # a config or features file without what it should hold
+        raise LiteError(f"{directory}: incomplete or altered bundle ({type(exc).__name__}: {exc}); export it "
+                        "again") from None
+
+
+def _load(directory: Path, read, threads: Optional[int]) -> LiteRecognizer:
+    config = json.loads(read(bundle.CONFIG_FILE).read_text())
+    bundle.check_format(config, directory / bundle.CONFIG_FILE)
     trial = bundle.trial_config(directory, config)  # refuses a newer dse's configuration
     art = config.get("encoder_artifact") or {}
     why = []
     if trial.backend != "onnxruntime" or art.get("kind") != "onnx" or not art.get("decoder"):
         why.append("its encoder, predictor and joiner are not all ONNX files (export a trial with backend "
                    "onnxruntime)")
-    vocabulary = json.loads(read("vocabulary.json").read_text())
+    if art.get("memory"):
+        why.append("an encoder with memory slots")
+    vocabulary = json.loads(read(bundle.VOCABULARY_FILE).read_text())
     if vocabulary.get("kind") not in ("chars", "numbered"):
         why.append(f"a {vocabulary.get('kind')} vocabulary")
     lm_entry = config.get("language_model") if trial.lm_weight > 0 else None
@@ -237,5 +240,5 @@ def load(directory, threads: Optional[int] = None) -> LiteRecognizer:
             lm = CharNgramLM.load(read(lm_entry["file"]))
         except DSEError as exc:
             raise LiteError(f"{directory}: {exc}") from None
-    features = json.loads(read("features.json").read_text())
+    features = json.loads(read(bundle.FEATURES_FILE).read_text())
     return LiteRecognizer(directory, config, features, vocabulary, trial, threads=threads, lm=lm)

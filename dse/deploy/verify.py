@@ -25,8 +25,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from dse.deploy import runtime
 from dse.core.config import TrialConfig
 from dse.core.errors import DSEError, cli_error
@@ -166,13 +164,15 @@ def check_accuracy(recognizer, record: dict, audio, eval_set, limit: Optional[in
     return lines, problems
 
 
-def check_speedup(bundle: Path, recognizer, config: dict, record: dict, audio, utterances: int) -> list[str]:
-    """Report lines for the same-run speedup over an fp32 rebuild, flagged outside the recorded interval."""
+def check_speedup(bundle: Path, recognizer, config: dict, record: dict, audio, utterances: int,
+                  threads: Optional[int] = None) -> list[str]:
+    """Report lines for the same-run speedup over an fp32 rebuild, flagged outside the recorded interval;
+    ``threads``: both sides' (``None``: as the trial ran)."""
     from dse.core.measure import interleaved_speedup, machine_fingerprint
 
     baseline = config.get("baseline_config") or {}
     # The baseline is a full TrialConfig dict; one saved before the temperature knob reads as 1.0.
-    reference = runtime.load(bundle, compile=False, fp32_reference=True,
+    reference = runtime.load(bundle, compile=False, fp32_reference=True, threads=threads,
                              lm_weight=float(baseline.get("lm_weight", 0.0)),
                              temperature=TrialConfig.from_dict(baseline).temperature if baseline else None)
     reference.beam_width = baseline.get("beam_width", recognizer.beam_width)
@@ -181,7 +181,8 @@ def check_speedup(bundle: Path, recognizer, config: dict, record: dict, audio, u
                 else "(no interval: one utterance)")
     lm = f", LM weight {reference.lm_weight:g}" if reference.lm_weight else ", no LM"
     lines = [f"speedup     {ratio['speedup']:.3f} {interval} over an fp32 rebuild with beam width "
-             f"{reference.beam_width}{lm} ({ratio['samples']} utterances, {torch.get_num_threads()} thread(s))"]
+             f"{reference.beam_width}{lm} ({ratio['samples']} utterances, "
+             f"{threads or config['trial_config'].get('threads')} thread(s))"]
     stored = TrialRecord.from_user_attrs(record)
     recorded = stored.metrics.get("speedup")
     ci = stored.metrics.get("speedup_ci95")
@@ -281,7 +282,8 @@ def main(argv=None) -> int:
         if args.lite:
             print("\n".join(check_lite(bundle, record, audio, args.threads)), flush=True)
         if not args.no_speedup:
-            print("\n".join(check_speedup(bundle, recognizer, config, record, audio, args.speedup_utterances)))
+            print("\n".join(check_speedup(bundle, recognizer, config, record, audio, args.speedup_utterances,
+                                           args.threads)))
     except DSEError as exc:
         return cli_error(exc)
     if problems:
