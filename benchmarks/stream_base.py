@@ -21,8 +21,8 @@ inputs, so the ratios compare like with like on a noisy machine:
 
 RTF: compute seconds per audio second over all timed utterances (a 160 ms chunk of the base
 model is 16 frames). Ratios: medians over chunks or utterances with bootstrap 95 % intervals.
-OpenMP's wait policy is what the environment sets (recorded in the output) and ONNX Runtime
-does not spin. WER is not measured: the weights are random.
+OpenMP's wait policy is what the environment sets, and ONNX Runtime's threads spin unless it is
+PASSIVE (both printed). WER is not measured: the weights are random.
 """
 from __future__ import annotations
 

@@ -209,7 +209,7 @@ class KneserNeyRows:
     each order from the one below and the history's last ``k - 1`` characters; the
     distribution after order ``k`` therefore depends only on that suffix and is memoised
     per suffix, so a new history costs one order instead of ``order``. The arithmetic is
-    the LM's own, in the same order (doubles, then ``math.log``, then a float32 tensor).
+    the LM's own, in the same order (doubles, then ``math.log``, then float32).
     :meth:`usable` checks the result against ``lm.distribution`` on a few histories; a
     language model it does not match is served by ``lm.distribution`` instead.
     """

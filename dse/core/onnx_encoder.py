@@ -28,7 +28,8 @@ activations quantised per call). :func:`encoder_onnx` caches both by a caller-gi
 content key under ``$DSE_ONNX_CACHE`` (default ``~/.cache/dse/onnx``).
 
 Files are single ``.onnx`` files (weights inside), so models above ONNX's 2 GB
-protobuf limit are not supported; the base model is 292 MiB.
+protobuf limit are not supported; the base model's encoder is 243 MiB at fp32 (``benchmarks/stream_base.py``
+prints it).
 """
 from __future__ import annotations
 

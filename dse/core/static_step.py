@@ -24,7 +24,7 @@ class StaticInfer(torch.nn.Module):
     ``Lc`` left-context rows, and the rows not yet filled get the layer's ``negative_inf``
     before the softmax, one mask computed per chunk from ``past_length``: masked rows get
     probability exactly 0, so the result is torchaudio's up to the order of floating-point
-    sums (``tests/test_onnx_encoder.py`` compares them over 40 chunks from a zero state).
+    sums (``tests/test_onnx_encoder.py`` compares them over 48 chunks from a zero state).
     The query and key/value projections are one matrix product, the query's scaling folded into
     its weights; rows stay in time order, so the next left context is one slice per layer. State rows that are not yet
     valid (the first ``Lc - past_length``) may hold other values than torchaudio's; neither
@@ -48,7 +48,8 @@ class StaticInfer(torch.nn.Module):
         self.heads, self.dim = first.num_heads, first.input_dim
         self.neg_inf = float(first.negative_inf)
         # [query; key; value] weights of each layer, stacked once (the exporter bakes them in), the
-        # query's scaled by head_dim ** -0.5 as torchaudio scales the query (exact for a power of 2)
+        # query's scaled by head_dim ** -0.5 as torchaudio scales the query (exact when that is a power of 2,
+        # head_dim a power of 4: 64 for the base model; otherwise within rounding)
         scaling = (self.dim // self.heads) ** -0.5
         self.qkv_weight = torch.nn.ParameterList([torch.nn.Parameter(torch.cat(
             [l.attention.emb_to_query.weight * scaling, l.attention.emb_to_key_value.weight]).detach(),
