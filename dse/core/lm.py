@@ -24,7 +24,7 @@ import torch
 from torchaudio.models import RNNTBeamSearch
 
 from dse.core.errors import DSEError, ModelLoadError
-from dse.core.ngram import END, FORMAT, START, VERSION, CharNgramLM, _escape, _unescape  # noqa: F401
+from dse.core.ngram import CharNgramLM
 
 
 class FusedBeamSearch(RNNTBeamSearch):
