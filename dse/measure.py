@@ -81,6 +81,8 @@ def _threads(record: dict) -> str:
     text = f"{record['threads']} (torch {t.get('torch_threads', '?')}, OMP_WAIT_POLICY {t.get('omp_wait_policy', '?')}"
     if t.get("ort_threads") is not None:
         text += f"; ONNX Runtime {t['ort_threads']}, spinning {'on' if t['ort_spinning'] else 'off'}"
+        if t.get("ort_decoder_threads") not in (None, t["ort_threads"]):
+            text += f", predictor and joiner {t['ort_decoder_threads']}"
     return text + ")"
 
 

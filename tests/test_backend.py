@@ -112,9 +112,10 @@ def test_onnxruntime_trial_streams_the_transcripts_of_torch_fp32(tiny_model, aud
     assert [t["hyp"] for t in a["transcripts"]] == [t["hyp"] for t in b["transcripts"]]
     assert any(t["hyp"] for t in a["transcripts"])  # something was decoded
     assert a["wer"] == b["wer"]
-    assert a["threading"]["ort_threads"] == 1
+    assert a["threading"]["ort_threads"] == 1 and a["threading"]["ort_decoder_threads"] == 1
     assert a["threading"]["ort_spinning"] is (os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE")
-    assert b["threading"]["ort_threads"] is None and a["threading"]["omp_wait_policy"]
+    assert b["threading"]["ort_threads"] is None and b["threading"]["ort_decoder_threads"] is None
+    assert a["threading"]["omp_wait_policy"]
 
 
 def test_second_build_of_a_configuration_hits_the_export_cache(tiny_model):

@@ -70,6 +70,21 @@ def test_the_predictor_takes_one_token_per_hypothesis(model, exported):
         od.OrtPredictor(paths["joiner"])
 
 
+def test_a_small_decoder_runs_on_one_thread(model, exported, tmp_path):
+    from dse.core.ort_session import DECODER_ONE_THREAD_BYTES, decoder_threads
+
+    paths = exported[0]["fp32"][0]
+    assert decoder_threads(paths["predictor"], paths["joiner"], 2) == 1  # the tiny model's decoder
+    big = tmp_path / "big.onnx"
+    with open(big, "wb") as fh:
+        fh.truncate(DECODER_ONE_THREAD_BYTES)
+    assert decoder_threads(big, paths["joiner"], 2) == 2
+    ort_model = od.use_onnx_decoder(model, paths["predictor"], paths["joiner"], threads=2)
+    assert ort_model.predictor.threads == ort_model.joiner.threads == 1
+    with pytest.raises(BackendError, match="does not exist"):
+        od.use_onnx_decoder(model, tmp_path / "missing.onnx", paths["joiner"], threads=2)
+
+
 # -- greedy search over these sessions: the numpy loop the torch-free runtime shares -------------
 def searches(model, exported, precision, temperature):
     from dse.core.decoder import FastRNNTSearch

@@ -118,14 +118,18 @@ def threading_settings(recognizer=None) -> dict:
     ``torch_threads``: ``torch.get_num_threads()``; ``omp_wait_policy``: ``OMP_WAIT_POLICY`` as
     the process has it (libgomp reads it once, when torch loads; dse leaves it as the
     environment sets it); ``ort_threads`` and ``ort_spinning``: the intra-op
-    threads and spinning of an ONNX Runtime encoder (``None`` for a torch encoder).
+    threads and spinning of an ONNX Runtime encoder (``None`` for a torch encoder);
+    ``ort_decoder_threads``: those of its predictor and joiner (``None`` for torch ones).
     """
-    transcriber = getattr(getattr(recognizer, "model", None), "transcriber", None)
+    model = getattr(recognizer, "model", None)
+    transcriber = getattr(model, "transcriber", None)
+    predictor = getattr(model, "predictor", None)
     ort = hasattr(transcriber, "session")
     return {"torch_threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or OMP_DEFAULT_POLICY,
             "ort_threads": transcriber.threads if ort else None,
-            "ort_spinning": transcriber.spinning if ort else None}
+            "ort_spinning": transcriber.spinning if ort else None,
+            "ort_decoder_threads": predictor.threads if hasattr(predictor, "session") else None}
 
 
 class OtherCpuLoad:

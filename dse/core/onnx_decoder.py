@@ -39,6 +39,7 @@ import torch
 
 from dse.core.onnx_encoder import (PRECISIONS, BackendError, _quiet, _require, _summary,
                                    _write_json_atomic, default_cache_dir, open_session)
+from dse.core.ort_session import decoder_threads
 
 FILES = ("predictor", "joiner")
 FORMAT_VERSION = 1  # of the predictor and joiner graphs, in the export cache's key
@@ -165,6 +166,7 @@ class OrtPredictor(torch.nn.Module):
     def __init__(self, path, threads: int = 1, spinning: bool = False):
         super().__init__()
         self.path = Path(path)
+        self.threads = int(threads)
         self.session = open_session(self.path, threads, spinning, "predictor")
         shapes = {i.name: i.shape for i in self.session.get_inputs()}
         if set(shapes) != {"tokens", "h", "c"}:
@@ -198,6 +200,7 @@ class OrtJoiner(torch.nn.Module):
     def __init__(self, path, threads: int = 1, spinning: bool = False):
         super().__init__()
         self.path = Path(path)
+        self.threads = int(threads)
         self.session = open_session(self.path, threads, spinning, "joiner")
         names = [i.name for i in self.session.get_inputs()]
         if names != ["source", "target"]:
@@ -219,7 +222,12 @@ class OrtJoiner(torch.nn.Module):
 def use_onnx_decoder(model, predictor_path, joiner_path, threads: int = 1, spinning: bool = False):
     """A shallow copy of the RNNT ``model`` whose predictor and joiner run in ONNX Runtime (the
     original is not modified; its transcriber is shared). ``threads`` and ``spinning`` as for the
-    encoder's session (:class:`dse.core.onnx_encoder.OrtTranscriber`); spinning stops when a call ends."""
+    encoder's session (:class:`dse.core.onnx_encoder.OrtTranscriber`), except that a small decoder
+    runs on one thread (:func:`dse.core.ort_session.decoder_threads`); spinning stops when a call ends."""
+    for path in (predictor_path, joiner_path):
+        if not Path(path).is_file():
+            raise BackendError(f"ONNX decoder file {path} does not exist")
+    threads = decoder_threads(predictor_path, joiner_path, threads)
     ort_model = copy.copy(model)
     ort_model._modules = dict(model._modules)
     ort_model.predictor = OrtPredictor(predictor_path, threads, spinning)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dse.core.errors import DSEError
 
-__all__ = ["BackendError", "default_spinning", "open_session"]
+__all__ = ["BackendError", "DECODER_ONE_THREAD_BYTES", "decoder_threads", "default_spinning", "open_session"]
 
 
 class BackendError(DSEError):
@@ -68,6 +68,24 @@ def default_spinning() -> bool:
     shared cores a spinning thread holds the core another one needs; set PASSIVE there.
     """
     return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
+
+
+DECODER_ONE_THREAD_BYTES = 4 * 2**20
+
+
+def decoder_threads(predictor: Path, joiner: Path, threads: int) -> int:
+    """Intra-op threads for the predictor and joiner sessions of a configuration run with ``threads``.
+
+    Both run a handful of rows per call, so their cost is reading their weights plus a fixed
+    cost per operator. Small networks (the files together under
+    :data:`DECODER_ONE_THREAD_BYTES`) run on the calling thread: a second thread only adds a
+    wake-up and a hand-over per operator. Measured interleaved in one process, 2 threads: the
+    embedded default's fp32 decoder (2.4 MiB) streamed the default configuration 1.04x faster
+    with one-thread decoder sessions than with two, while the base model's int8 decoder (13 MiB)
+    streamed greedy search 0.94x as fast (one-off probes). Large ones get ``threads``.
+    """
+    size = sum(Path(p).stat().st_size for p in (predictor, joiner))
+    return 1 if size < DECODER_ONE_THREAD_BYTES else int(threads)
 
 
 def open_session(path: Path, threads: int, spinning: bool, what: str):

@@ -44,7 +44,7 @@ from dse.core.files import file_sha256
 from dse.core.geometry import LOG_GAIN, FeatureConfig, chunk_geometry, flush_padding_samples
 from dse.core.ngram import CharNgramLM, LMRows
 from dse.core.ort_search import search_for
-from dse.core.ort_session import default_spinning, open_session
+from dse.core.ort_session import decoder_threads, default_spinning, open_session
 from dse.deploy import bundle
 
 __all__ = ["LiteError", "LiteRecognizer", "load"]
@@ -114,8 +114,9 @@ class LiteRecognizer:
         self.chunk_frames, _ = chunk_geometry(self.segment, self.right)
         self._chunk_length = np.array([self.chunk_frames], np.int64)
         self.encoder = _session(directory / art["file"], self.threads)
-        predictor = _session(directory / art["decoder"]["predictor"]["file"], self.threads)
-        joiner = _session(directory / art["decoder"]["joiner"]["file"], self.threads)
+        decoder = [directory / art["decoder"][name]["file"] for name in ("predictor", "joiner")]
+        threads = decoder_threads(*decoder, self.threads)
+        predictor, joiner = (_session(path, threads) for path in decoder)
         self.symbols = vocabulary.get("symbols")
         self.blank = len(self.symbols) if self.symbols is not None else int(vocabulary["num_symbols"]) - 1
         self.beam_width = trial.beam_width
