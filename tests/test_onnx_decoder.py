@@ -191,3 +191,28 @@ def test_numpy_beam_search_takes_a_beam_from_the_torch_search_and_back(blank_hea
         got = (numpy_loop if i % 2 else torch_loop)._search(chunk, got, 4)  # the two take turns on one stream
     assert [h[0] for h in got] == [h[0] for h in want]
     assert [h[3] for h in got] == pytest.approx([h[3] for h in want], rel=1e-5)
+
+
+def test_top_k_breaks_ties_to_the_lower_index_on_both_paths():
+    import numpy as np
+
+    from dse.core.ort_search import _SORT_ALL, _top
+
+    rng = np.random.default_rng(0)
+    for n in (3, 7, 112, _SORT_ALL, _SORT_ALL + 1, 4 * 4096):
+        for _ in range(40):
+            values = rng.integers(0, 5, n).astype(np.float32)  # many ties
+            for k in (1, 2, 4):
+                reference = sorted(range(n), key=lambda i: (-values[i], i))[:k]
+                assert _top(values, k).tolist() == reference, (n, k)
+
+
+def test_log_softmax_is_the_plain_formula_bit_for_bit():
+    import numpy as np
+
+    from dse.core.ort_search import log_softmax
+
+    x = np.random.default_rng(1).standard_normal((5, 4097)).astype(np.float32) * 7
+    z = x - x.max(axis=-1, keepdims=True)
+    assert np.array_equal(log_softmax(x), z - np.log(np.exp(z).sum(axis=-1, keepdims=True)))
+    assert log_softmax(x).dtype == np.float32
