@@ -216,3 +216,17 @@ def test_log_softmax_is_the_plain_formula_bit_for_bit():
     z = x - x.max(axis=-1, keepdims=True)
     assert np.array_equal(log_softmax(x), z - np.log(np.exp(z).sum(axis=-1, keepdims=True)))
     assert log_softmax(x).dtype == np.float32
+
+
+def test_lazy_hypotheses_build_each_tuple_once_when_read():
+    from dse.core.decoder import LazyHypotheses
+
+    calls = []
+    beam = LazyHypotheses(3, lambda i: calls.append(i) or ([i], None, [], -float(i)))
+    assert len(beam) == 3 and calls == []
+    assert beam[0][0] == [0] and beam[-1][3] == -2.0 and beam[0] is beam[0]
+    assert calls == [0, 2]
+    assert [h[0] for h in beam] == [[0], [1], [2]] and calls == [0, 2, 1]
+    assert [h[0] for h in beam[1:]] == [[1], [2]]
+    with pytest.raises(IndexError):
+        beam[3]

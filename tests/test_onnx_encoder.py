@@ -146,6 +146,27 @@ def test_fp32_matches_torch_over_48_chunks(model, exported, torch_run):
         assert (out - want[11]).abs().max().item() < FP32_TOL
 
 
+def test_the_carried_state_is_converted_only_when_read_and_replaced(exported):
+    ort = oe.OrtTranscriber(exported["fp32"][0], threads=1)
+    xs, length = chunks(12), torch.tensor([CHUNK])
+    with torch.inference_mode():
+        state = None
+        for x in xs[:10]:
+            _, _, state = ort.infer(x, length, state)
+        assert isinstance(state, oe.OrtStates) and state.unchanged()
+        unread, _, _ = ort.infer(xs[10], length, state)          # the session's own arrays, never read
+        read = snapshot(state)                                     # read: torchaudio's layout, views
+        assert len(read) == 2 and [len(layer) for layer in read] == [4, 4]
+        assert read[0][1].shape == (8, 1, ort.dim) and read[0][3].dtype == torch.int32
+        assert state.unchanged()
+        converted, _, _ = ort.infer(xs[10], length, read)         # a plain list: converted slot by slot
+        assert torch.equal(unread, converted)
+        state[1][2] = state[1][2] + 1.0                            # a reader replaces a slot
+        assert not state.unchanged()
+        changed, _, _ = ort.infer(xs[10], length, state)          # so the next chunk sees it
+        assert not torch.equal(unread, changed)
+
+
 def test_a_model_with_memory_exports_through_torchaudio_infer(tmp_path):
     """Memory slots are not in the static-shape graph: such a model is exported through
     torchaudio's own ``infer``, and still matches torch over the first chunks and after."""

@@ -42,6 +42,7 @@ algorithm runs in numpy on their sessions (:mod:`dse.core.ort_search`; ``numpy_s
 """
 from __future__ import annotations
 
+import collections.abc
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -109,6 +110,35 @@ def _grow(buf: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
     new = buf.new_empty((capacity,) + tuple(buf.shape[1:]))
     new[:used] = buf[:used]
     return new
+
+
+class LazyHypotheses(collections.abc.Sequence):
+    """A beam in torchaudio's layout (``Hypothesis`` tuples, best first) whose tuples are built when
+    read: the ONNX Runtime searches keep their beam in their own arrays and hand it back to
+    themselves next chunk, so a stream builds only what it reads (the best hypothesis' tokens)."""
+
+    __slots__ = ("_n", "_build", "_built")
+
+    def __init__(self, n: int, build):
+        self._n, self._build, self._built = n, build, {}
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"hypothesis {i} of a beam of {self._n}")
+        hyp = self._built.get(i)
+        if hyp is None:
+            hyp = self._built[i] = self._build(i)
+        return hyp
+
+    def __repr__(self) -> str:
+        return f"LazyHypotheses({list(self)!r})"
 
 
 def _stack_hypotheses(hyps: Sequence[Hypothesis]) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
@@ -368,9 +398,13 @@ class FastRNNTSearch(torch.nn.Module):
                                    tuple(torch.stack([layer[j] for layer in state]).detach().float().contiguous().numpy()
                                          for j in (0, 1)))
         hyp = search.advance(hyp, enc_out.detach().float().contiguous().numpy())
-        h, c = (torch.from_numpy(a) for a in hyp.state)
-        out = [(list(hyp.tokens), torch.from_numpy(hyp.output[0]), [[h[i], c[i]] for i in range(h.shape[0])],
-                hyp.score)]
+
+        def torchaudio_layout(_):
+            h, c = (torch.from_numpy(a) for a in hyp.state)
+            return (list(hyp.tokens), torch.from_numpy(hyp.output[0]), [[h[i], c[i]] for i in range(h.shape[0])],
+                    hyp.score)
+
+        out = LazyHypotheses(1, torchaudio_layout)
         self._ort_out = (out, hyp)
         return out
 
@@ -391,10 +425,13 @@ class FastRNNTSearch(torch.nn.Module):
                  torch.stack([layer[0] for layer in h[2]]).detach().float().numpy(),
                  torch.stack([layer[1] for layer in h[2]]).detach().float().numpy(), h[3]) for h in hypothesis])
         state = search.advance(state, enc_out.detach().float().contiguous().numpy(), beam_width)
-        out = []
-        for tokens, pred, h, c, score in search.hypotheses(state):
+
+        def torchaudio_layout(i):
+            tokens, pred, h, c, score = search.hypothesis(state, i)
             h, c = torch.from_numpy(h), torch.from_numpy(c)
-            out.append((tokens, torch.from_numpy(pred[0]), [[h[i], c[i]] for i in range(h.shape[0])], score))
+            return tokens, torch.from_numpy(pred[0]), [[h[j], c[j]] for j in range(h.shape[0])], score
+
+        out = LazyHypotheses(len(state.beam), torchaudio_layout)
         self._ort_out = (out, state)
         return out
 

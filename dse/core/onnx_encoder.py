@@ -45,6 +45,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -242,7 +243,6 @@ class OrtTranscriber(torch.nn.Module):
     """
 
     export_info: Optional[dict] = None
-    _carried = None  # (the state last returned, slot by slot; its stacked arrays)
 
     def __init__(self, path, threads: int = 1, spinning: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -257,7 +257,10 @@ class OrtTranscriber(torch.nn.Module):
             raise BackendError(f"{self.path} is not an encoder exported by dse (no input(s) {', '.join(missing)}; "
                                f"it has {', '.join(inputs)})")
         self.use_memory = "memory" in inputs
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if not {"output", "output_lengths"} <= set(outputs):
+            raise BackendError(f"{self.path} is not an encoder exported by dse (outputs {', '.join(outputs)})")
+        self.output_names = ["output", "output_lengths"] + [n for n in outputs if n.startswith("next_")]
         self.chunk_frames, self.n_mels = inputs["input"].shape[1], inputs["input"].shape[2]
         self.num_layers, left, _, self.dim = inputs["lc_key"].shape
         self.left_context = left
@@ -286,21 +289,21 @@ class OrtTranscriber(torch.nn.Module):
         """One chunk: ``input`` ``(1, chunk_frames, n_mels)``, ``lengths`` ``(1,)``, ``states`` or None.
 
         Returns ``(output (1, S, E), output_lengths (1,), states)`` with ``states`` in
-        torchaudio's list-of-lists layout (see the module docstring).
+        torchaudio's list-of-lists layout (see the module docstring), as an :class:`OrtStates`
+        that converts only when read.
         """
         if tuple(input.shape) != (1, self.chunk_frames, self.n_mels):
             raise BackendError(f"the ONNX encoder {self.path.name} takes input of shape "
                                f"(1, {self.chunk_frames}, {self.n_mels}), got {tuple(input.shape)}")
-        if states is None:
-            states = self.initial_state()
         feeds = {
             "input": input.detach().to(torch.float32).cpu().numpy(),
             "lengths": lengths.detach().to(torch.int64).cpu().numpy().reshape(1),
         }
-        carried = self._carried  # one read: another stream may replace it
-        if carried is not None and _same_slots(states, carried[0]):
-            feeds.update(carried[1])  # the state this session returned last: its stacked arrays, not copies
+        if isinstance(states, OrtStates) and states.owner is self and states.unchanged():
+            feeds.update(states.arrays)  # the state this session returned: its stacked arrays, not copies
         else:
+            if states is None:
+                states = self.initial_state()
             feeds.update({
                 "lc_key": np.stack([s[1].detach().float().cpu().numpy() for s in states]),
                 "lc_val": np.stack([s[2].detach().float().cpu().numpy() for s in states]),
@@ -308,29 +311,56 @@ class OrtTranscriber(torch.nn.Module):
             })
             if self.use_memory:
                 feeds["memory"] = np.stack([s[0].detach().float().cpu().numpy() for s in states])
-        outs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
-        key, val, past = (torch.from_numpy(outs[n]) for n in ("next_lc_key", "next_lc_val", "next_past_length"))
-        mem = torch.from_numpy(outs["next_memory"]) if self.use_memory else None
-        empty = torch.zeros(0, 1, self.dim)
-        new_states = [[mem[i] if mem is not None else empty, key[i], val[i], past[i]] for i in range(self.num_layers)]
-        stacked = {"lc_key": outs["next_lc_key"], "lc_val": outs["next_lc_val"], "past_length": outs["next_past_length"]}
-        if self.use_memory:
-            stacked["memory"] = outs["next_memory"]
-        self._carried = ([list(layer) for layer in new_states], stacked)
-        output = torch.from_numpy(outs["output"])
+        outs = self.session.run(self.output_names, feeds)
+        arrays = {name[5:]: value for name, value in zip(self.output_names, outs) if name.startswith("next_")}
+        output = torch.from_numpy(outs[0])
         if output.dtype != self.dtype:
             output = output.to(self.dtype)
-        return output, torch.from_numpy(outs["output_lengths"]), new_states
+        return output, torch.from_numpy(outs[1]), OrtStates(self, arrays)
 
     def extra_repr(self) -> str:
         return f"path={str(self.path)!r}, threads={self.threads}, spinning={self.spinning}"
 
 
-def _same_slots(states: List[List[torch.Tensor]], previous: List[List[torch.Tensor]]) -> bool:
-    """Whether ``states`` holds exactly the tensor objects of ``previous`` (a state handed back unchanged:
-    its tensors are views of the arrays the session returned, so those arrays are its stacked form)."""
-    return len(states) == len(previous) and all(
-        len(a) == len(b) and all(x is y for x, y in zip(a, b)) for a, b in zip(states, previous))
+class OrtStates(Sequence):
+    """The state :meth:`OrtTranscriber.infer` returns: torchaudio's list over layers of ``[memory,
+    lc_key, lc_val, past_length]``, built only when something reads it (a stream just hands it to the
+    next chunk, which then feeds the session the arrays it returned, with no copies or conversions).
+
+    Read, it is that list (views of the session's arrays); if a reader then replaces a slot (as
+    torchaudio's ``infer`` does with the lists it is given), the next ``infer`` converts the slots."""
+
+    __slots__ = ("owner", "arrays", "_layers", "_built")
+
+    def __init__(self, owner: OrtTranscriber, arrays: dict):
+        self.owner = owner
+        self.arrays = arrays  # lc_key, lc_val, past_length[, memory]: the next chunk's feeds
+        self._layers = None
+        self._built = None
+
+    def _read(self) -> List[List[torch.Tensor]]:
+        if self._layers is None:
+            key, val, past = (torch.from_numpy(self.arrays[n]) for n in ("lc_key", "lc_val", "past_length"))
+            mem = torch.from_numpy(self.arrays["memory"]) if "memory" in self.arrays else None
+            empty = torch.zeros(0, 1, key.shape[-1])
+            self._layers = [[mem[i] if mem is not None else empty, key[i], val[i], past[i]]
+                            for i in range(key.shape[0])]
+            self._built = [tuple(layer) for layer in self._layers]
+        return self._layers
+
+    def unchanged(self) -> bool:
+        """Whether the slots still hold the tensors built from :attr:`arrays` (always, if never read)."""
+        return self._layers is None or (len(self._layers) == len(self._built) and all(
+            len(a) == len(b) and all(x is y for x, y in zip(a, b)) for a, b in zip(self._layers, self._built)))
+
+    def __len__(self) -> int:
+        return self.arrays["lc_key"].shape[0]
+
+    def __getitem__(self, i):
+        return self._read()[i]
+
+    def __repr__(self) -> str:
+        return f"OrtStates({self._read()!r})"
 
 
 def use_onnx_encoder(model, session_path, threads: int, spinning: bool = False):

@@ -296,6 +296,14 @@ class OrtBeamSearch:
         """The best hypothesis' tokens, blank-led."""
         return list(state.store.tokens_of[state.beam[0][0]])
 
+    @staticmethod
+    def hypothesis(state: BeamState, i: int):
+        """The beam's ``i``-th hypothesis as :meth:`hypotheses` gives it (copies)."""
+        store = state.store
+        key, slot, score = state.beam[i]
+        return (list(store.tokens_of[key]), store.out[slot: slot + 1].copy(), store.h[:, slot: slot + 1].copy(),
+                store.c[:, slot: slot + 1].copy(), score)
+
     def hypotheses(self, state: BeamState):
         """The beam as ``(tokens, output (1, 1, E), h (L, 1, H), c (L, 1, H), score)``, best first (copies)."""
         store = state.store
