@@ -350,8 +350,7 @@ class OrtBeamSearch:
                     new = (key, h[1], score)
                     b_hypos.append(new)
                     b_of_key[key] = new
-                order = np.argsort(np.array([h[2] for h in b_hypos], f32), kind="stable")
-                b_hypos = [b_hypos[i] for i in order]
+                b_hypos.sort(key=_score)  # stable, ascending; the scores are float32 values held as floats
                 if symbols_current_t == self.step_max_tokens:
                     break
                 # -- the top non-blank expansions beating the beam_width-th blank score
@@ -372,12 +371,16 @@ class OrtBeamSearch:
                 a_hypos = [tuple(e) for e in expansions]
                 symbols_current_t += 1
             # -- the beam: best by score over (tokens + 1)
-            norm = np.array([h[2] / (len(tokens_of[h[0]]) + 1) for h in b_hypos], f32)
-            b_hypos = [b_hypos[i] for i in _top(norm, beam_width).tolist()]
+            norm = np.array([h[2] / (len(tokens_of[h[0]]) + 1) for h in b_hypos], f32).tolist()
+            b_hypos = [b_hypos[i] for i in sorted(range(len(norm)), key=lambda i: -norm[i])[:beam_width]]
         return BeamState(store, b_hypos)
 
 
 _SORT_ALL = 512  # up to this many candidates one stable sort is cheaper than partitioning first
+
+
+def _score(hyp) -> float:
+    return hyp[2]
 
 
 def _top(values: np.ndarray, k: int) -> np.ndarray:
