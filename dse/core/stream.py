@@ -160,8 +160,10 @@ class StreamingRecognizer:
     def text(self) -> str:
         return self.tokenizer.decode(self.tokens)
 
+    @torch.inference_mode()
     def accept_audio(self, samples: torch.Tensor) -> list[ChunkEvent]:
-        """Feed ``samples`` ``(n,)`` float audio at the feature rate; decode every completed chunk."""
+        """Feed ``samples`` ``(n,)`` float audio at the feature rate; decode every completed chunk
+        (features included, in inference mode: no autograd bookkeeping on the front end's tensors)."""
         if self.threads is not None and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # before the clock: a deployment sets it once
         start = self.clock()
