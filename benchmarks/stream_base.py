@@ -45,6 +45,7 @@ from dse.core.stream import StreamingRecognizer
 
 WARMUP_CHUNKS = 5
 LONG = "ORT int8, long segment"
+LONG_STREAM = LONG + " + numpy greedy"
 
 
 def interleaved_chunks(infers: dict, chunk_frames: int, n_chunks: int, n_mels: int = 80) -> dict[str, list[float]]:
@@ -205,7 +206,7 @@ def main() -> None:
         "ORT int8 + numpy greedy": built["ORT int8"].recognizer,
     }
     if LONG in built:
-        streams[LONG + " + numpy greedy"] = built[LONG].recognizer
+        streams[LONG_STREAM] = built[LONG].recognizer
     names = list(streams)
     for rec in streams.values():
         stream_utterance(rec, audio.waveforms[0])  # warm-up, not counted
@@ -234,8 +235,7 @@ def main() -> None:
               f"          {enc_ms:7.2f} {search_ms:6.2f} {rest_ms:5.2f}")
     print(f"   numpy greedy loop against the torch loop, same ONNX Runtime int8 sessions: "
           f"{ratio(per_utt['ORT int8 + torch greedy loop'], per_utt['ORT int8 + numpy greedy'])}")
-    default_geometry = [n for n in names if not n.startswith(LONG)]
-    best = min(default_geometry, key=lambda n: sum(per_utt[n]))
+    best = min((n for n in names if n != LONG_STREAM), key=lambda n: sum(per_utt[n]))
     best_rtf = sum(per_utt[best]) / audio_s
     ratios = [a / b for a, b in zip(int8_ta, per_utt[best])]
     best_x = statistics.median(ratios)
@@ -247,7 +247,7 @@ def main() -> None:
     else:
         print(f"   best: {best}, RTF {best_rtf:.3f}, {best_x:.2f}x torch int8 + torchaudio greedy (the goals are the base's)")
     if LONG in built:
-        name = LONG + " + numpy greedy"
+        name = LONG_STREAM
         rtf = sum(per_utt[name]) / audio_s
         seg_ms = args.long_segment * 10
         print(f"   at {seg_ms} ms segments ({name}; algorithmic latency {seg_ms} + "

@@ -219,14 +219,40 @@ def test_log_softmax_is_the_plain_formula_bit_for_bit():
 
 
 def test_lazy_hypotheses_build_each_tuple_once_when_read():
+    import numpy as np
+
     from dse.core.decoder import LazyHypotheses
 
     calls = []
-    beam = LazyHypotheses(3, lambda i: calls.append(i) or ([i], None, [], -float(i)))
-    assert len(beam) == 3 and calls == []
+
+    class Search:  # an ONNX Runtime search's two methods LazyHypotheses reads
+        @staticmethod
+        def beam_size(state):
+            return 3
+
+        @staticmethod
+        def hypothesis(state, i):
+            calls.append(i)
+            return [i], np.zeros((1, 1, 2), np.float32), np.zeros((1, 1, 2), np.float32), np.zeros((1, 1, 2), np.float32), -float(i)
+
+    beam = LazyHypotheses(Search, "state")
+    assert len(beam) == 3 and calls == [] and beam.owner is Search and beam.state == "state"
     assert beam[0][0] == [0] and beam[-1][3] == -2.0 and beam[0] is beam[0]
     assert calls == [0, 2]
     assert [h[0] for h in beam] == [[0], [1], [2]] and calls == [0, 2, 1]
     assert [h[0] for h in beam[1:]] == [[1], [2]]
     with pytest.raises(IndexError):
         beam[3]
+
+
+def test_a_greedy_beam_goes_on_as_a_wider_beam_and_back(model, exported):
+    """The numpy greedy loop's output handed to the beam search of the same decoder (and back) is
+    converted like a beam from elsewhere: the same result as handing it over as a plain list."""
+    numpy_loop, _ = searches(model, exported, "fp32", 1.0)
+    chunks = frames(model, seed=3).split(4, dim=1)
+    for widths in ((1, 1, 4, 4, 1), (4, 1, 1, 4)):
+        carried = plain = None
+        for chunk, width in zip(chunks, widths):
+            carried = numpy_loop._search(chunk, carried, width)
+            plain = list(numpy_loop._search(chunk, list(plain) if plain is not None else None, width))
+            assert len(carried) == len(plain) and carried[0][0] == plain[0][0] and carried[0][3] == plain[0][3]

@@ -166,9 +166,9 @@ def apply_adaptation(edited: LoadedModel, config: TrialConfig,
 
 
 # -- deploy stage ---------------------------------------------------------------------------
-def weights_digest(*modules: torch.nn.Module, salt: str = "") -> str:
-    """SHA-256 of ``salt`` and the modules' weights (state dicts, names and bytes, in order)."""
-    h = hashlib.sha256(salt.encode())
+def weights_digest(*modules: torch.nn.Module) -> str:
+    """SHA-256 of the modules' weights (state dicts, names and bytes, in order)."""
+    h = hashlib.sha256(b"")
     for module in modules:
         for name, tensor in sorted(module.state_dict().items()):
             t = tensor.detach().contiguous().cpu()
@@ -208,7 +208,8 @@ def apply_backend(model: torch.nn.Module, config: TrialConfig, cache_dir=None) -
     ``~/.cache/dse/onnx``). The session's intra-op threads are ``config.threads``; they spin
     unless ``OMP_WAIT_POLICY=PASSIVE`` (:func:`~dse.core.onnx_encoder.default_spinning`), as
     torch's OpenMP threads do. The predictor and joiner are exported and quantised the same way,
-    cached by :func:`decoder_cache_key`, and run with the same threads. What the exports cost is on
+    cached by :func:`decoder_cache_key`, and run with the same threads unless they are small
+    (:func:`dse.core.ort_session.decoder_threads`: then on one). What the exports cost is on
     the transcriber's ``export_info`` (the decoder's under ``"decoder"``). A model the exporter refuses (a mixture of experts)
     raises :class:`TrialFailed` with the exporter's reason: never a silent fall-back to torch.
     """
@@ -361,8 +362,8 @@ def torch_threads(config: TrialConfig) -> int:
     search (matrices of a few rows), gets 1. A second OpenMP thread would spin beside ONNX
     Runtime's pool after every torch operator and take the core the encoder needs: on the
     base model at int8 and 2 threads the encoder's chunk took 12.0 ms with torch at 2
-    threads and 7.0 ms at 1, and the search was no slower (``benchmarks/stream_base.py``, run
-    before and after this choice).
+    threads and 7.0 ms at 1, and the search was no slower (two ``benchmarks/stream_base.py`` runs,
+    before and after this choice; the benchmark now runs only the second).
     """
     return 1 if config.backend == "onnxruntime" else config.threads
 

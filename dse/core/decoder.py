@@ -48,23 +48,21 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from dse.core.ngram import KneserNeyRows, LMRows
-from dse.core.ort_search import TokenKeys, greedy_applies
+from dse.core.ort_search import OrtBeamSearch, OrtGreedy, TokenKeys, greedy_applies
 
 Hypothesis = Tuple[List[int], torch.Tensor, List[List[torch.Tensor]], float]
 
 __all__ = ["FastRNNTSearch", "KneserNeyRows", "LMRows", "lm_log_probs"]
 
 
-def lm_log_probs(lm, history: str, columns: torch.Tensor, weight: float = 1.0,
-                 distribution=None) -> torch.Tensor:
+def lm_log_probs(lm, history: str, columns: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
     """``weight * log P_lm(c | history)`` for the symbols at ``columns`` of ``lm.distribution``.
 
     ``columns`` is ``lm.columns(symbols)``: entry ``t`` is the LM's index of token ``t``.
     The arithmetic is :class:`dse.core.lm.FusedBeamSearch`'s (weight times the selected
     log-probabilities, in float32), so the result is bit-identical to its scores.
-    ``distribution``: a replacement for ``lm.distribution`` (e.g. :class:`KneserNeyRows`).
     """
-    return weight * (distribution or lm.distribution)(history).index_select(0, columns)
+    return weight * lm.distribution(history).index_select(0, columns)
 
 
 class _Store(TokenKeys):
@@ -113,14 +111,17 @@ def _grow(buf: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
 
 
 class LazyHypotheses(collections.abc.Sequence):
-    """A beam in torchaudio's layout (``Hypothesis`` tuples, best first) whose tuples are built when
-    read: the ONNX Runtime searches keep their beam in their own arrays and hand it back to
-    themselves next chunk, so a stream builds only what it reads (the best hypothesis' tokens)."""
+    """The beam an ONNX Runtime search (``owner``, :mod:`dse.core.ort_search`) left in ``state``, in
+    torchaudio's layout (``Hypothesis`` tuples, best first), each tuple built when read. Handed back to
+    the same search, ``state`` goes on as it is; a stream builds only what it reads (the best
+    hypothesis' tokens)."""
 
-    __slots__ = ("_n", "_build", "_built")
+    __slots__ = ("owner", "state", "_n", "_built")
 
-    def __init__(self, n: int, build):
-        self._n, self._build, self._built = n, build, {}
+    def __init__(self, owner, state):
+        self.owner, self.state = owner, state
+        self._n = owner.beam_size(state)
+        self._built = {}
 
     def __len__(self) -> int:
         return self._n
@@ -134,11 +135,26 @@ class LazyHypotheses(collections.abc.Sequence):
             raise IndexError(f"hypothesis {i} of a beam of {self._n}")
         hyp = self._built.get(i)
         if hyp is None:
-            hyp = self._built[i] = self._build(i)
+            hyp = self._built[i] = _as_hypothesis(*self.owner.hypothesis(self.state, i))
         return hyp
 
     def __repr__(self) -> str:
         return f"LazyHypotheses({list(self)!r})"
+
+
+def _as_hypothesis(tokens: List[int], output, h, c, score: float) -> Hypothesis:
+    """A torchaudio ``Hypothesis`` from an ONNX Runtime search's arrays: ``output`` ``(1, 1, E)``, ``h`` and
+    ``c`` ``(L, 1, H)`` (the tensors share their memory)."""
+    h, c = torch.from_numpy(h), torch.from_numpy(c)
+    return tokens, torch.from_numpy(output[0]), [[h[j], c[j]] for j in range(h.shape[0])], score
+
+
+def _from_hypothesis(hyp: Hypothesis) -> tuple:
+    """:func:`_as_hypothesis` the other way: ``(tokens, output (1, 1, E), h (L, 1, H), c (L, 1, H), score)``
+    float32 arrays from a torchaudio ``Hypothesis``."""
+    tokens, pred, state, score = hyp
+    h, c = (torch.stack([layer[j] for layer in state]).detach().float().contiguous().numpy() for j in (0, 1))
+    return list(tokens), pred.detach().float().reshape(1, 1, -1).numpy(), h, c, float(score)
 
 
 def _stack_hypotheses(hyps: Sequence[Hypothesis]) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
@@ -190,11 +206,8 @@ class FastRNNTSearch(torch.nn.Module):
         self._store: Optional[_Store] = None
         # search over an ONNX Runtime predictor and joiner: the numpy loops of dse.core.ort_search
         self._ort_greedy = self._ort_beam = None
-        self._ort_out = None  # (the hypotheses last returned, the loop's state behind them)
         predictor, joiner = getattr(model, "predictor", None), getattr(model, "joiner", None)
         if numpy_search and hasattr(predictor, "session") and hasattr(joiner, "session"):
-            from dse.core.ort_search import OrtBeamSearch, OrtGreedy
-
             if greedy_applies(1, self._lm):
                 self._ort_greedy = OrtGreedy(predictor.session, joiner.session, blank, temperature=temperature,
                                              step_max_tokens=step_max_tokens)
@@ -298,9 +311,9 @@ class FastRNNTSearch(torch.nn.Module):
         with torch.inference_mode():
             greedy = beam_width == 1 and (hypothesis is None or len(hypothesis) == 1)
             if greedy and self._ort_greedy is not None:
-                return self._greedy_ort(enc_out, hypothesis)
+                return self._search_ort(self._ort_greedy, enc_out, hypothesis, beam_width)
             if self._ort_beam is not None:
-                return self._beam_ort(enc_out, hypothesis, beam_width)
+                return self._search_ort(self._ort_beam, enc_out, hypothesis, beam_width)
             if greedy:
                 return self._greedy_impl(enc_out, hypothesis)
             return self._search_impl(enc_out, hypothesis, beam_width)
@@ -380,60 +393,21 @@ class FastRNNTSearch(torch.nn.Module):
         return [(list(tokens_of[key]), store.pred[slot: slot + 1][0].clone(),
                  [[buf[slot: slot + 1].clone() for buf in layer] for layer in store.states], score)]
 
-    def _greedy_ort(self, enc_out: torch.Tensor, hypothesis: Optional[List[Hypothesis]]) -> List[Hypothesis]:
-        """Greedy search when the predictor and joiner run in ONNX Runtime: :class:`dse.core.ort_search.OrtGreedy`,
-        the loop the torch-free runtime runs too. The hypothesis it returned last is carried as the
-        loop's own arrays; one from elsewhere (torchaudio's layout) is converted."""
-        from dse.core.ort_search import GreedyHypothesis
-
-        search = self._ort_greedy
-        last = self._ort_out
+    @staticmethod
+    def _search_ort(search, enc_out: torch.Tensor, hypothesis: Optional[List[Hypothesis]],
+                    beam_width: int) -> LazyHypotheses:
+        """The search when the predictor and joiner run in ONNX Runtime: ``search`` is
+        :class:`dse.core.ort_search.OrtGreedy` (greedy without an LM, the torch-free runtime's loop too)
+        or :class:`~dse.core.ort_search.OrtBeamSearch`. The beam it returned is carried in its own
+        arrays; one from elsewhere (torchaudio's layout, or another search's) is converted."""
         if hypothesis is None:
-            hyp = None  # advance starts a stream
-        elif last is not None and last[0] is hypothesis:
-            hyp = last[1]
+            state = None  # advance starts a stream
+        elif isinstance(hypothesis, LazyHypotheses) and hypothesis.owner is search:
+            state = hypothesis.state
         else:
-            tokens, pred, state, score = hypothesis[0]
-            hyp = GreedyHypothesis(list(tokens), float(score), pred.detach().float().reshape(1, 1, -1).numpy(),
-                                   tuple(torch.stack([layer[j] for layer in state]).detach().float().contiguous().numpy()
-                                         for j in (0, 1)))
-        hyp = search.advance(hyp, enc_out.detach().float().contiguous().numpy())
-
-        def torchaudio_layout(_):
-            h, c = (torch.from_numpy(a) for a in hyp.state)
-            return (list(hyp.tokens), torch.from_numpy(hyp.output[0]), [[h[i], c[i]] for i in range(h.shape[0])],
-                    hyp.score)
-
-        out = LazyHypotheses(1, torchaudio_layout)
-        self._ort_out = (out, hyp)
-        return out
-
-    def _beam_ort(self, enc_out: torch.Tensor, hypothesis: Optional[List[Hypothesis]],
-                  beam_width: int) -> List[Hypothesis]:
-        """Beam search (or greedy search with an LM) when the predictor and joiner run in ONNX Runtime:
-        :class:`dse.core.ort_search.OrtBeamSearch`. The beam it returned last is carried as its own
-        store; one from elsewhere (torchaudio's layout) is converted."""
-        search = self._ort_beam
-        last = self._ort_out
-        if hypothesis is None:
-            state = None
-        elif last is not None and last[0] is hypothesis:
-            state = last[1]
-        else:
-            state = search.state_from([
-                (h[0], h[1].detach().float().reshape(1, 1, -1).numpy(),
-                 torch.stack([layer[0] for layer in h[2]]).detach().float().numpy(),
-                 torch.stack([layer[1] for layer in h[2]]).detach().float().numpy(), h[3]) for h in hypothesis])
+            state = search.state_from([_from_hypothesis(h) for h in hypothesis])
         state = search.advance(state, enc_out.detach().float().contiguous().numpy(), beam_width)
-
-        def torchaudio_layout(i):
-            tokens, pred, h, c, score = search.hypothesis(state, i)
-            h, c = torch.from_numpy(h), torch.from_numpy(c)
-            return tokens, torch.from_numpy(pred[0]), [[h[j], c[j]] for j in range(h.shape[0])], score
-
-        out = LazyHypotheses(len(state.beam), torchaudio_layout)
-        self._ort_out = (out, state)
-        return out
+        return LazyHypotheses(search, state)
 
     def _search_impl(self, enc_out: torch.Tensor, hypothesis: Optional[List[Hypothesis]],
                      beam_width: int) -> List[Hypothesis]:

@@ -18,10 +18,12 @@ width, ``V`` the vocabulary with the blank)::
 ``B``, ``T`` and ``U`` are dynamic. torchaudio's predictor state (a list over layers of
 ``[h (B, H), c (B, H)]``) is converted both ways by :class:`OrtPredictor`. int8 is
 ``onnxruntime.quantization.quantize_dynamic`` of the fp32 export, as for the encoder. The
-sessions get the encoder's threads and spinning. Hot, one thread is faster (a handful of rows
+sessions get the encoder's spinning, and its threads unless the decoder is small
+(:func:`dse.core.ort_session.decoder_threads`). Hot, one thread is faster (a handful of rows
 per product); in a stream the encoder has just pushed the decoder's weights out of the cache,
-and two spinning threads read them back faster: on the base model at int8 the predictor's
-share of a chunk fell from 2.35 to 1.86 ms with 2 threads (a one-off probe, not a benchmark in this repository).
+and two spinning threads read a large decoder's back faster: on the base model at int8 the
+predictor's share of a chunk fell from 2.35 to 1.86 ms with 2 threads (a one-off probe), though
+the whole stream was not measurably faster (``decoder_threads``' figures).
 """
 from __future__ import annotations
 
@@ -224,9 +226,6 @@ def use_onnx_decoder(model, predictor_path, joiner_path, threads: int = 1, spinn
     original is not modified; its transcriber is shared). ``threads`` and ``spinning`` as for the
     encoder's session (:class:`dse.core.onnx_encoder.OrtTranscriber`), except that a small decoder
     runs on one thread (:func:`dse.core.ort_session.decoder_threads`); spinning stops when a call ends."""
-    for path in (predictor_path, joiner_path):
-        if not Path(path).is_file():
-            raise BackendError(f"ONNX decoder file {path} does not exist")
     threads = decoder_threads(predictor_path, joiner_path, threads)
     ort_model = copy.copy(model)
     ort_model._modules = dict(model._modules)

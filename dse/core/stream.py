@@ -197,7 +197,7 @@ class StreamingRecognizer:
         return self.text
 
     # -- one chunk ----------------------------------------------------------------------
-    @torch.inference_mode()
+    # in inference mode: accept_audio, its only caller
     def _decode_chunk(self, chunk: torch.Tensor, start_ns: int) -> ChunkEvent:
         x = chunk.to(self.dtype).unsqueeze(0)
         with torch.autocast("cpu", dtype=self.autocast_dtype or torch.bfloat16,
@@ -205,8 +205,8 @@ class StreamingRecognizer:
             hyps, enc_state = self.decoder.infer(x, self._chunk_length, self.beam_width, state=self.state.encoder,
                                                  hypothesis=self.state.hypotheses)
         self.state = StreamState(enc_state, hyps)
+        tokens = self.tokens  # timed: a deployment reads them every chunk (an ONNX search's beam builds them now)
         elapsed = self.clock() - start_ns
-        tokens = self.tokens
         event = ChunkEvent(index=self.chunks_done, tokens=tokens, new_tokens=len(tokens) - self._last_len,
                            compute_ns=elapsed,
                            samples_needed=self.logmel.config.samples_for_frames(

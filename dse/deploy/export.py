@@ -461,8 +461,8 @@ def _write_readme(directory: Path, config: dict, metrics: dict) -> None:
     if art and art["kind"] == "onnx":
         lines.append(f"Encoder: `{art['file']}` ({art['precision']} ONNX, sha256 {art['sha256'][:16]}...), run with "
                      "ONNX Runtime as the study measured it (`pip install onnxruntime`)"
-                     + ("; so are the predictor and joiner (`predictor.onnx`, `joiner.onnx`), and the features and "
-                        "search run in torch" if art.get("decoder") else "; the predictor, joiner, features and search "
+                     + ("; so are the predictor and joiner (`predictor.onnx`, `joiner.onnx`), the search runs in "
+                        "numpy and the features in torch" if art.get("decoder") else "; the predictor, joiner, features and search "
                         "run in torch")
                      + ", so the runtime needs torch, torchaudio, onnxruntime, numpy and soundfile. "
                      f"`weights.pt` also holds the torch encoder, which `python -m dse.verify` uses for its fp32 "
