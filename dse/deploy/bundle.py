@@ -71,15 +71,26 @@ def verify_manifest(directory: str | os.PathLike) -> dict[str, str]:
     for name in REQUIRED_FILES:
         if name not in listed:
             raise BundleError(f"{manifest}: does not list {name}; the bundle is incomplete, export it again")
-    for name, digest in listed.items():
-        path = directory / name
-        if not path.is_file():
-            raise BundleError(f"{path}: file listed in {MANIFEST_FILE} is missing; restore it or export again")
-        actual = sha256_file(path)
-        if actual != digest:
-            raise BundleError(f"{path}: sha256 {actual[:16]}... does not match {MANIFEST_FILE} "
-                              f"({digest[:16]}...); the file was altered or corrupted, export again")
+    for name in listed:
+        check_listed(directory, listed, name)
     return listed
+
+
+def check_listed(directory: Path, listed: dict[str, str], name: str) -> Path:
+    """The bundle file ``name``, after checking that the manifest (``listed``, as :func:`read_manifest`
+    returns it) lists it and that its SHA-256 matches; raises :class:`BundleError` saying which failed."""
+    path = Path(directory) / name
+    digest = listed.get(name)
+    if digest is None:
+        raise BundleError(f"{Path(directory) / MANIFEST_FILE}: does not list {name}; the bundle is incomplete, "
+                          "export it again")
+    if not path.is_file():
+        raise BundleError(f"{path}: file listed in {MANIFEST_FILE} is missing; restore it or export again")
+    actual = sha256_file(path)
+    if actual != digest:
+        raise BundleError(f"{path}: sha256 {actual[:16]}... does not match {MANIFEST_FILE} "
+                          f"({digest[:16]}...); the file was altered or corrupted, export again")
+    return path
 
 
 def read_config(directory: str | os.PathLike) -> dict:

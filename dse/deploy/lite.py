@@ -40,7 +40,6 @@ from typing import List, Optional
 import numpy as np
 
 from dse.core.errors import DSEError
-from dse.core.files import file_sha256
 from dse.core.geometry import LOG_GAIN, FeatureConfig, chunk_geometry, flush_padding_samples
 from dse.core.ngram import CharNgramLM, LMRows
 from dse.core.ort_search import search_for
@@ -200,13 +199,13 @@ def load(directory, threads: Optional[int] = None) -> LiteRecognizer:
         raise LiteError(f"{directory}: no readable MANIFEST.sha256 ({exc}); not a dse bundle") from None
 
     def read(name: str) -> Path:  # only the files this runtime reads are hashed (not weights.pt)
-        path = directory / name
-        if name not in manifest:
-            raise LiteError(f"{directory / bundle.MANIFEST_FILE}: does not list {name}; export the bundle again")
-        if not path.is_file() or file_sha256(path) != manifest[name]:
-            raise LiteError(f"{path}: missing, or its sha256 does not match {bundle.MANIFEST_FILE}; export the "
-                            "bundle again")
-        return path
+        try:
+            return bundle.check_listed(directory, manifest, name)
+        except DSEError as exc:
+            if name not in manifest:
+                raise LiteError(str(exc)) from None
+            raise LiteError(f"{directory / name}: missing, or its sha256 does not match {bundle.MANIFEST_FILE}; "
+                            "export the bundle again") from None
 
     try:
         return _load(directory, read, threads)
