@@ -96,6 +96,7 @@ def study_snapshot(storage_url: str, study_name: str, n_trials: int, n_finished:
     return {
         "attrs": attrs,
         "rows": rows,
+        "baselines": baselines,
         "counts": logic.count_states(trials),
         "unfinished": logic.unfinished_rows(trials, attrs.get("baseline_config")),
         # pairwise bootstrap comparisons of every trial: once per study state, not on every rerun
@@ -524,7 +525,7 @@ def main() -> None:
     x, y, colour_by = choose_axes(rows, attrs)
     limits = choose_limits(rows, attrs, study_name)
     baseline_config = attrs.get("baseline_config")
-    baselines = logic.baseline_trials(rows, baseline_config)
+    baselines = snapshot["baselines"]
     pair_speedups = attrs.get("pair_speedups")
     recommended = logic.recommend(rows, x, limits, baselines, pair_speedups)
 
