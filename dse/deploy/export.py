@@ -39,7 +39,7 @@ from typing import Callable, Optional
 
 import torch
 
-from dse.deploy import runtime
+from dse.deploy import lite, runtime
 from dse.core.errors import DSEError, cli_error, redact
 from dse.core.precision import apply_precision
 from dse.core.record import TrialRecord
@@ -400,7 +400,7 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _write_readme(directory: Path, config: dict, metrics: dict) -> None:
+def _write_readme(directory: Path, config: dict, metrics: dict, trial_config, vocabulary: dict) -> None:
     m = metrics["metrics"]
 
     def f(key, spec=".4g", unit=""):
@@ -467,7 +467,7 @@ def _write_readme(directory: Path, config: dict, metrics: dict) -> None:
                      + ", so the runtime needs torch, torchaudio, onnxruntime, numpy and soundfile. "
                      f"`weights.pt` also holds the torch encoder, which `python -m dse.verify` uses for its fp32 "
                      f"reference. The ONNX file alone: {art['call']}.")
-        if art.get("decoder") and not art.get("memory"):
+        if not lite.needs_torch(config, trial_config, vocabulary):
             lines += ["", "This bundle also runs without torch, on onnxruntime and numpy alone (its search and "
                           "language model included): `from dse.deploy import lite; "
                           "lite.load(DIR).transcribe(samples)` (float32 samples at the feature rate). Its front end "
@@ -498,7 +498,8 @@ def _write_bundle(directory: Path, study, trial, storage_url: str, built, adapta
     onnx = built.config.backend == "onnxruntime"
     # An ONNX Runtime bundle's weights.pt still holds the whole torch model in the trial's precision,
     # from which verify rebuilds its fp32 timing reference.
-    torch_weights = apply_precision(loaded.model, built.config.precision) if onnx else deployed
+    torch_weights = (deployed if not onnx else loaded.model if built.config.precision == "fp32"
+                     else apply_precision(loaded.model, built.config.precision))  # fp32: no copy to make
     torch.save(torch_weights.state_dict(), directory / runtime.WEIGHTS_FILE)
     _write_json(directory / runtime.FEATURES_FILE, {"config": loaded.features.to_dict(),
                                                      "mean": loaded.mean.tolist(), "invstd": loaded.invstd.tolist()})
@@ -551,7 +552,7 @@ def _write_bundle(directory: Path, study, trial, storage_url: str, built, adapta
         "torch": torch.__version__,
     }
     _write_json(directory / runtime.CONFIG_FILE, config)
-    _write_readme(directory, config, metrics_doc)
+    _write_readme(directory, config, metrics_doc, trial_config, vocab)
     runtime.write_manifest(directory)
     _check_reload(directory, built.recognizer)
 

@@ -46,7 +46,7 @@ from dse.core.ort_search import search_for
 from dse.core.ort_session import decoder_threads, default_spinning, open_session
 from dse.deploy import bundle
 
-__all__ = ["LiteError", "LiteRecognizer", "load"]
+__all__ = ["LiteError", "LiteRecognizer", "load", "needs_torch"]
 
 
 class LiteError(DSEError):
@@ -214,10 +214,9 @@ def load(directory, threads: Optional[int] = None) -> LiteRecognizer:
                         "again") from None
 
 
-def _load(directory: Path, read, threads: Optional[int]) -> LiteRecognizer:
-    config = json.loads(read(bundle.CONFIG_FILE).read_text())
-    bundle.check_format(config, directory / bundle.CONFIG_FILE)
-    trial = bundle.trial_config(directory, config)  # refuses a newer dse's configuration
+def needs_torch(config: dict, trial, vocabulary: dict) -> List[str]:
+    """Why a bundle (its ``config.json``, resolved trial configuration and ``vocabulary.json``) needs
+    the torch runtime; empty when this one runs it. The export's README says what this says."""
     art = config.get("encoder_artifact") or {}
     why = []
     if trial.backend != "onnxruntime" or art.get("kind") != "onnx" or not art.get("decoder"):
@@ -225,12 +224,21 @@ def _load(directory: Path, read, threads: Optional[int]) -> LiteRecognizer:
                    "onnxruntime)")
     if art.get("memory"):
         why.append("an encoder with memory slots")
-    vocabulary = json.loads(read(bundle.VOCABULARY_FILE).read_text())
     if vocabulary.get("kind") not in ("chars", "numbered"):
         why.append(f"a {vocabulary.get('kind')} vocabulary")
-    lm_entry = config.get("language_model") if trial.lm_weight > 0 else None
-    if trial.lm_weight > 0 and (not lm_entry or vocabulary.get("kind") != "chars"):
+    if trial.lm_weight > 0 and (not config.get("language_model") or vocabulary.get("kind") != "chars"):
         why.append("language-model fusion without a character vocabulary and the LM file")
+    return why
+
+
+def _load(directory: Path, read, threads: Optional[int]) -> LiteRecognizer:
+    config = json.loads(read(bundle.CONFIG_FILE).read_text())
+    bundle.check_format(config, directory / bundle.CONFIG_FILE)
+    trial = bundle.trial_config(directory, config)  # refuses a newer dse's configuration
+    art = config.get("encoder_artifact") or {}
+    vocabulary = json.loads(read(bundle.VOCABULARY_FILE).read_text())
+    lm_entry = config.get("language_model") if trial.lm_weight > 0 else None
+    why = needs_torch(config, trial, vocabulary)
     if why:
         raise LiteError(f"{directory}: needs the torch runtime (dse.deploy.runtime.load): " + "; ".join(why))
     for name in (art["file"], art["decoder"]["predictor"]["file"], art["decoder"]["joiner"]["file"]):
