@@ -34,7 +34,9 @@ def main(argv=None) -> int:
                                                   "frame, full, base-latency) or a YAML path")
     p.add_argument("--n-trials", type=int, help="distinct configurations the study should hold, finished (default: "
                                                 "the space's n_trials; 0 runs none and prints the front)")
-    p.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    p.add_argument("--timeout", type=float, help="start no new trial after this many seconds from the start of the "
+                                                 "run (default: the space's timeout, if it sets one; 0: no limit); "
+                                                 "the trial in flight finishes, and the same command adds more later")
     p.add_argument("--storage", default=os.environ.get("DSE_STORAGE", DEFAULT_STORAGE),
                    help=f"Optuna storage URL (default {DEFAULT_STORAGE}; postgresql://user@host/db for many workers)")
     p.add_argument("--study-name", help="name of the study in the storage (default: the space's name)")
@@ -75,7 +77,9 @@ def _interrupt(signum, frame):
 
 def _run(args, console) -> int:
     import random
+    import time
 
+    started = time.monotonic()
     import optuna
     from dse.search.space import load_space
     from dse.search.storage import make_storage
@@ -128,8 +132,10 @@ def _run(args, console) -> int:
         enqueue_anchors(study, ctx.space, levels, log=lambda msg: console.print(f"  {msg}"))
         # Optuna logs a failed trial's traceback at WARNING; the objective prints one line itself.
         optuna.logging.set_verbosity(optuna.logging.ERROR)
+        budget = space.timeout if args.timeout is None else (args.timeout or None)
+        timeout = max(1.0, budget - (time.monotonic() - started)) if budget else None
         try:
-            study.optimize(make_objective(ctx, console, seed), n_trials=None, timeout=args.timeout,
+            study.optimize(make_objective(ctx, console, seed), n_trials=None, timeout=timeout,
                            catch=(Exception,), gc_after_trial=True, callbacks=[DistinctTrials(target)])
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]: the trial in flight is recorded as FAIL; "
@@ -139,6 +145,10 @@ def _run(args, console) -> int:
         if study.user_attrs.get("exhausted") and finished_count(study) < target:
             console.print(f"the space is exhausted: all {finished_count(study)} distinct configurations of "
                           f"{space.name} are measured (asked for {target})")
+        elif budget and finished_count(study) < target:
+            console.print(f"time budget: no new trial after {budget:.0f} s ({'--timeout' if args.timeout else space.path.name}); "
+                          f"{finished_count(study)} of {target} distinct configurations finished: run the same command "
+                          "again to add the rest (--timeout 0: no limit)")
         try:
             resolve_front(study, ctx, console)
         except KeyboardInterrupt:

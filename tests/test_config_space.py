@@ -202,3 +202,17 @@ def test_samplers_drive_a_constrained_study_past_their_start_up(sampler):
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials), \
         [t.state for t in study.trials]
     assert len(study.trials) == 8
+
+
+def test_a_space_may_set_a_time_budget(tmp_path):
+    moe = load_space("moe")
+    assert moe.timeout == 360.0
+    text = moe.path.read_text()
+    for bad in ("0", "-5", "soon", "true"):
+        path = tmp_path / f"bad{bad}.yaml"
+        path.write_text(text.replace("timeout: 360", f"timeout: {bad}"))
+        with pytest.raises(ConfigError, match="timeout: .* must be a positive number of seconds"):
+            load_space(str(path))
+    path = tmp_path / "none.yaml"
+    path.write_text(text.replace("timeout: 360\n", ""))
+    assert load_space(str(path)).timeout is None

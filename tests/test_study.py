@@ -133,6 +133,19 @@ def test_random_weights_cannot_have_wer_objective(setup, monkeypatch):
     assert t.user_attrs.get("metrics") is None or t.user_attrs["metrics"]["wer"] is None
 
 
+def test_a_time_budget_stops_starting_trials_and_says_how_to_go_on(setup, monkeypatch, capsys):
+    monkeypatch.setenv("DSE_LOCK_DIR", str(setup["tmp"]))
+    space = dict(SPACE, model=str(setup["ckpt"]), n_trials=3, timeout=0.001,
+                 params={"precision": {"choices": ["fp32", "int8", "bf16"]}})
+    setup["space"].write_text(yaml.safe_dump(space))
+    assert run.main(args(setup)) == 0
+    trials = load(setup).trials
+    finished = [t.state for t in trials].count(TrialState.COMPLETE)
+    assert 1 <= finished < 3  # a trial runs (Optuna checks the budget after each), the study stops short
+    err = " ".join(capsys.readouterr().err.split())  # the console writes to stderr, wrapped
+    assert f"time budget: no new trial after 0 s (space.yaml); {finished} of 3 distinct configurations finished" in err
+
+
 def _worker(setup, n, extra=()):
     env = dict(os.environ, DSE_LOCK_DIR=str(setup["tmp"]), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "dse.run", *args(setup, "--n-trials", str(n), *extra)],

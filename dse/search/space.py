@@ -7,6 +7,7 @@ one. Format::
     model: default            # default | base-random | <architecture>-random | <checkpoint path>
     sampler: gp               # gp (default) | tpe | nsga2 | random | grid
     n_trials: 6               # the study's default trial count
+    timeout: 420              # optional: seconds after which no new trial starts (a run's time budget)
     objectives:               # each: a metric and a direction
       - {metric: wer, direction: minimize}
       - {metric: rtf_p95, direction: minimize}
@@ -45,7 +46,7 @@ DIRECTIONS = ("minimize", "maximize")
 LEVEL_SUFFIX = "_level"   # Optuna parameter name of an ordered knob's level index
 SAMPLERS = ("gp", "tpe", "nsga2", "random", "grid")
 TOP_KEYS = {"description", "model", "sampler", "n_trials", "objectives", "constraints", "fixed", "params",
-            "prune", "baseline", "timing_utterances", "eval_limit", "anchors", "remeasure"}
+            "prune", "baseline", "timing_utterances", "eval_limit", "anchors", "remeasure", "timeout"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,7 @@ class Space:
     eval_limit: Optional[int]
     anchors: tuple = ()      # known configurations (knob -> value over ``fixed``) enqueued after the baseline
     remeasure: dict = dataclasses.field(default_factory=lambda: {"pairs": 3, "utterances": 8})
+    timeout: Optional[float] = None  # seconds after which a run starts no new trial (None: no budget)
     has_lm: bool = False  # whether the model carries a language model (for_model)
 
     @property
@@ -340,12 +342,16 @@ def parse_space(data: Any, path: Path, name: Optional[str] = None) -> Space:
     for key, v in counts.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise _err(path, key, f"{v!r} must be a whole number (0 or more)")
+    timeout = data.get("timeout")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0):
+        raise _err(path, "timeout", f"{timeout!r} must be a positive number of seconds")
     return Space(name=name or path.stem, path=path, description=str(data.get("description", "")),
                  model=str(data.get("model", "default")), sampler=sampler, n_trials=counts["n_trials"],
                  objectives=tuple(objectives), constraints=tuple(constraints), fixed=fixed, params=tuple(params),
                  prune=dict(data.get("prune") or {}), baseline=baseline,
                  timing_utterances=counts["timing_utterances"], eval_limit=data.get("eval_limit"),
-                 anchors=tuple(anchors), remeasure=remeasure)
+                 anchors=tuple(anchors), remeasure=remeasure,
+                 timeout=float(timeout) if timeout is not None else None)
 
 
 def load_space(name_or_path: str) -> Space:
