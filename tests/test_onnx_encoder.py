@@ -111,8 +111,9 @@ def torch_run(model):
 def test_export_info(exported):
     path, info = exported["fp32"]
     assert not info["hit"] and info["export_s"] > 0 and info["bytes"] == path.stat().st_size
-    assert info["inputs"] == ["input", "lengths", "lc_key", "lc_val", "past_length"]
-    assert info["outputs"] == ["output", "output_lengths", "next_lc_key", "next_lc_val", "next_past_length"]
+    state = ["past_length", "lc_key_0", "lc_key_1", "lc_val_0", "lc_val_1"]  # a tensor per layer
+    assert info["inputs"] == ["input", "lengths"] + state
+    assert info["outputs"] == ["output", "output_lengths"] + [f"next_{n}" for n in state]
     assert info["opset"] >= 18 and info["chunk_frames"] == CHUNK and info["layers"] == 2
     assert info["graph"] == "static"  # no memory, a left context: the static-shape graph
     path8, info8 = exported["int8"]
@@ -172,7 +173,7 @@ def test_a_model_with_memory_exports_through_torchaudio_infer(tmp_path):
     torchaudio's own ``infer``, and still matches torch over the first chunks and after."""
     mem_model = tiny_model(seed=3, memory=2)
     info = oe.export_encoder(mem_model, CHUNK, tmp_path / "mem.onnx")
-    assert info["graph"] == "torchaudio" and "memory" in info["inputs"]
+    assert info["graph"] == "torchaudio" and "memory_0" in info["inputs"] and "memory_1" in info["inputs"]
     want, want_states = stream(mem_model.transcriber.infer, chunks(12))
     got, got_states = stream(oe.OrtTranscriber(tmp_path / "mem.onnx", threads=1).infer, chunks(12))
     for i, (a, b) in enumerate(zip(want, got)):
@@ -284,3 +285,20 @@ def test_ort_spins_exactly_when_openmp_does(monkeypatch, policy, spins):
     else:
         monkeypatch.setenv("OMP_WAIT_POLICY", policy)
     assert oe.default_spinning() is spins
+
+
+def test_an_encoder_with_the_state_stacked_over_layers_is_refused():
+    from types import SimpleNamespace
+
+    from dse.core.ort_session import BackendError, encoder_layout
+
+    def session(inputs, outputs):
+        return SimpleNamespace(get_inputs=lambda: [SimpleNamespace(name=n, shape=s) for n, s in inputs],
+                               get_outputs=lambda: [SimpleNamespace(name=n) for n in outputs])
+
+    old = session([("input", [1, 8, 80]), ("lengths", [1]), ("lc_key", [2, 8, 1, 16]), ("lc_val", [2, 8, 1, 16]),
+                   ("past_length", [2, 1, 1])], ["output", "output_lengths", "next_lc_key"])
+    with pytest.raises(BackendError, match="stacked over layers.*ONNX format 4; export it again"):
+        encoder_layout(old, "old.onnx")
+    with pytest.raises(BackendError, match="not an encoder exported by dse"):
+        encoder_layout(session([("input", [1, 8, 80])], ["output"]), "other.onnx")

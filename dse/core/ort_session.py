@@ -12,7 +12,8 @@ from pathlib import Path
 
 from dse.core.errors import DSEError
 
-__all__ = ["BackendError", "DECODER_ONE_THREAD_BYTES", "decoder_threads", "default_spinning", "open_session"]
+__all__ = ["BackendError", "DECODER_ONE_THREAD_BYTES", "decoder_threads", "default_spinning", "encoder_layout",
+           "open_session", "state_names"]
 
 
 class BackendError(DSEError):
@@ -68,6 +69,39 @@ def default_spinning() -> bool:
     shared cores a spinning thread holds the core another one needs; set PASSIVE there.
     """
     return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
+
+
+def state_names(layers: int, use_memory: bool) -> list:
+    """An exported encoder's state inputs in order: ``past_length`` ``(L, 1, 1)`` int32, then each layer's
+    left-context keys ``lc_key_i`` and values ``lc_val_i`` ``(Lc, D)`` [and memory ``memory_i`` ``(M, D)``];
+    its outputs are the same names with ``next_`` (:mod:`dse.core.onnx_encoder`)."""
+    slots = ("lc_key", "lc_val") + (("memory",) if use_memory else ())
+    return ["past_length"] + [f"{slot}_{i}" for slot in slots for i in range(layers)]
+
+
+def encoder_layout(session, path: Path) -> dict:
+    """The geometry of an encoder session exported by dse: ``chunk_frames``, ``n_mels``, ``layers``,
+    ``left_context``, ``dim``, ``memory`` (slots, 0 for none), ``state`` (:func:`state_names`) and
+    ``outputs`` (output, output_lengths, then the next state, in the order of ``state``)."""
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    outputs = {o.name for o in session.get_outputs()}
+    if "lc_key" in inputs:
+        raise BackendError(f"{path} holds the state stacked over layers, as dse exported it before its "
+                           "ONNX format 4; export it again")
+    layers = sum(name.startswith("lc_key_") for name in inputs)
+    use_memory = "memory_0" in inputs
+    names = state_names(layers, use_memory) if layers else []
+    expected = ["input", "lengths"] + names
+    missing = [n for n in expected if n not in inputs] + [n for n in ("output", "output_lengths")
+                                                            if n not in outputs]
+    missing += [f"next_{n}" for n in names if f"next_{n}" not in outputs]
+    if not layers or missing:
+        raise BackendError(f"{path} is not an encoder exported by dse (missing {', '.join(missing) or 'lc_key_0'}; "
+                           f"it has inputs {', '.join(inputs)})")
+    left, dim = inputs["lc_key_0"]
+    return {"chunk_frames": inputs["input"][1], "n_mels": inputs["input"][2], "layers": layers,
+            "left_context": left, "dim": dim, "memory": inputs["memory_0"][0] if use_memory else 0,
+            "state": names, "outputs": ["output", "output_lengths"] + [f"next_{n}" for n in names]}
 
 
 DECODER_ONE_THREAD_BYTES = 4 * 2**20

@@ -3,7 +3,8 @@
 torchaudio's ``Emformer.infer`` reads ``past_length`` with ``.item()`` and slices by it, so
 the shapes inside a chunk depend on a value: an ONNX export carries that arithmetic as
 thousands of small nodes, and ``torch.compile`` breaks its graph there. :class:`StaticInfer`
-computes the same with fixed shapes (a mask instead of a slice); it is what the ONNX
+computes the same with fixed shapes (a mask instead of a slice), each layer's left context a
+tensor of its own (nothing stacked or unstacked in the graph); it is what the ONNX
 backend exports (:mod:`dse.core.onnx_encoder`) and what ``compile`` compiles
 (:class:`StaticTranscriberStep`, torchaudio's state layout in and out).
 """
@@ -66,16 +67,17 @@ class StaticInfer(torch.nn.Module):
         return (emformer.max_memory_size == 0 and emformer.left_context_length > 0
                 and isinstance(getattr(query, "weight", None), torch.Tensor) and query.weight.dtype == torch.float32)
 
-    def forward(self, input, lengths, lc_key, lc_val, past_length):
+    def forward(self, input, lengths, past_length, *state):
+        """``state``: each layer's left-context keys ``(Lc, D)``, then each layer's values; returns
+        ``(output (1, S, E), output_lengths, next past_length, *next keys, *next values)``."""
         D, H, Rc, S, Lc = self.dim, self.heads, self.right, self.segment, self.left
+        keys_in, vals_in = state[:len(self.layers)], state[len(self.layers):]
         # rows in time order, [utterance; right context] (torchaudio puts the right context first;
         # every row attends to every key, so only the order of the outputs and new keys depends on it)
         x = self.input_linear(input[0]).reshape(S + Rc, D)     # time reduction: stride frames per row
         # rows of the left context not yet filled: the first Lc - min(Lc, past_length)
         filled = torch.arange(Lc, device=input.device) + past_length[0, 0, 0] >= Lc
         bias = torch.cat([torch.where(filled, 0.0, self.neg_inf), input.new_zeros(S + Rc)])
-        keys_in = lc_key.reshape(-1, Lc, D).unbind(0)          # per layer (Lc, D)
-        vals_in = lc_val.reshape(-1, Lc, D).unbind(0)
         new_keys, new_vals = [], []
         for i, layer in enumerate(self.layers):
             qkv = torch.nn.functional.linear(layer.layer_norm_input(x), self.qkv_weight[i], self.qkv_bias[i])
@@ -93,11 +95,9 @@ class StaticInfer(torch.nn.Module):
             # the next left context: the last Lc rows of [left context; this segment], one slice
             new_keys.append(keys[S: S + Lc])
             new_vals.append(vals[S: S + Lc])
-        next_key = torch.stack(new_keys).unsqueeze(2)
-        next_val = torch.stack(new_vals).unsqueeze(2)
         out = self.layer_norm(self.output_linear(x[:S])).unsqueeze(0)   # (1, S, E)
         out_lengths = torch.clamp(torch.div(lengths, self.stride, rounding_mode="trunc") - Rc, min=0)
-        return out, out_lengths, next_key, next_val, past_length + S
+        return (out, out_lengths, past_length + S, *new_keys, *new_vals)
 
 
 class StaticTranscriberStep(torch.nn.Module):
@@ -115,14 +115,15 @@ class StaticTranscriberStep(torch.nn.Module):
 
     def forward(self, input: torch.Tensor, lengths: torch.Tensor,
                 states: Optional[List[List[torch.Tensor]]] = None):
+        L, Lc, D = self.layers, self.left, self.dim
         if states is None:
-            key = input.new_zeros(self.layers, self.left, 1, self.dim)
-            val = input.new_zeros(self.layers, self.left, 1, self.dim)
-            past = torch.zeros(self.layers, 1, 1, dtype=torch.int32, device=input.device)
+            zeros = input.new_zeros(Lc, D)
+            keys = vals = [zeros] * L
+            past = torch.zeros(L, 1, 1, dtype=torch.int32, device=input.device)
         else:
-            key = torch.stack([s[1] for s in states])
-            val = torch.stack([s[2] for s in states])
+            keys = [s[1].reshape(Lc, D) for s in states]
+            vals = [s[2].reshape(Lc, D) for s in states]
             past = torch.stack([s[3] for s in states])
-        out, out_lengths, key, val, past = self.step(input, lengths, key, val, past)
-        empty = input.new_zeros(0, 1, self.dim)
-        return out, out_lengths, [[empty, key[i], val[i], past[i]] for i in range(self.layers)]
+        out, out_lengths, past, *state = self.step(input, lengths, past, *keys, *vals)
+        empty = input.new_zeros(0, 1, D)
+        return out, out_lengths, [[empty, state[i].unsqueeze(1), state[L + i].unsqueeze(1), past[i]] for i in range(L)]

@@ -312,17 +312,15 @@ def _write_onnx_encoder(directory: Path, transcriber, precision: str) -> dict:
     in config.json and, as every file's, in MANIFEST.sha256."""
     path = directory / ONNX_FILE
     shutil.copyfile(transcriber.path, path)
+    memory = bool(getattr(transcriber, "use_memory", False))
     artifact = {"file": ONNX_FILE, "kind": "onnx", "backend": "onnxruntime", "precision": precision,
                 "sha256": runtime.sha256_file(path), "bytes": path.stat().st_size,
                 "call": "onnxruntime.InferenceSession(file) with inputs input (1, frames, n_mels) float32, lengths (1,) "
-                        "int64, lc_key and lc_val (layers, left context, 1, dim) float32, past_length (layers, 1, 1) "
-                        "int32 -> output, output_lengths, next_lc_key, next_lc_val, next_past_length "
-                        "(dse.core.onnx_encoder.OrtTranscriber runs it); this is what the runtime streams",
-                "memory": bool(getattr(transcriber, "use_memory", False))}
-    if artifact["memory"]:
-        artifact["call"] = artifact["call"].replace("past_length (layers, 1, 1) int32 ->", "past_length (layers, 1, 1) "
-                                                    "int32, memory (layers, slots, 1, dim) float32 ->").replace(
-            "next_past_length", "next_past_length, next_memory")
+                        "int64, past_length (layers, 1, 1) int32, lc_key_i and lc_val_i (left context, dim) float32 for "
+                        "each layer i" + (", memory_i (slots, dim) float32" if memory else "") + " -> output, "
+                        "output_lengths and the same state named next_* (dse.core.onnx_encoder.OrtTranscriber runs it; "
+                        "dse.core.ort_session.state_names lists it); this is what the runtime streams",
+                "memory": memory}
     decoder = (getattr(transcriber, "export_info", None) or {}).get("decoder")
     if decoder:  # the predictor and joiner the trial ran in ONNX Runtime
         files = {}

@@ -43,7 +43,7 @@ from dse.core.errors import DSEError
 from dse.core.geometry import LOG_GAIN, FeatureConfig, chunk_geometry, flush_padding_samples
 from dse.core.ngram import CharNgramLM, LMRows
 from dse.core.ort_search import search_for
-from dse.core.ort_session import decoder_threads, default_spinning, open_session
+from dse.core.ort_session import BackendError, decoder_threads, default_spinning, encoder_layout, open_session
 from dse.deploy import bundle
 
 __all__ = ["LiteError", "LiteRecognizer", "load", "needs_torch"]
@@ -121,18 +121,20 @@ class LiteRecognizer:
         self.beam_width = trial.beam_width
         rows = LMRows(lm, self.symbols, self.blank, trial.lm_weight) if lm is not None else None
         self.search = search_for(predictor, joiner, self.blank, self.beam_width, trial.temperature, rows)
-        inputs = {i.name: i.shape for i in self.encoder.get_inputs()}
-        if "memory" in inputs:
+        try:
+            self.layout = encoder_layout(self.encoder, directory / art["file"])
+        except BackendError as exc:
+            raise LiteError(f"{directory}: {exc}") from None
+        if self.layout["memory"]:
             raise LiteError(f"{directory}: an encoder with memory slots needs the torch runtime")
-        self.state_shape = inputs["lc_key"]
         self.reset()
 
     # -- the stream ------------------------------------------------------------------------
     def reset(self) -> None:
-        layers, left, _, dim = self.state_shape
-        self._enc = {"lc_key": np.zeros((layers, left, 1, dim), np.float32),
-                     "lc_val": np.zeros((layers, left, 1, dim), np.float32),
-                     "past_length": np.zeros((layers, 1, 1), np.int32)}
+        lay = self.layout
+        zeros = np.zeros((lay["left_context"], lay["dim"]), np.float32)  # never written to: shared
+        self._enc = dict.fromkeys(lay["state"][1:], zeros)
+        self._enc["past_length"] = np.zeros((lay["layers"], 1, 1), np.int32)
         self._buffer = np.zeros(0, np.float32)
         self._pending = np.zeros((0, self.logmel.n_mels), np.float32)
         self.samples_in = 0
@@ -184,8 +186,8 @@ class LiteRecognizer:
     # -- one chunk -----------------------------------------------------------------------------
     def _decode_chunk(self, chunk: np.ndarray) -> None:
         feeds = dict(self._enc, input=chunk[None], lengths=self._chunk_length)  # features are float32
-        out, _, key, val, past = self.encoder.run(None, feeds)
-        self._enc = {"lc_key": key, "lc_val": val, "past_length": past}
+        out, _, *state = self.encoder.run(self.layout["outputs"], feeds)
+        self._enc = dict(zip(self.layout["state"], state))
         self._hyp = self.search.advance(self._hyp, out, self.beam_width)
 
 
