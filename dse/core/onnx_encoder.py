@@ -297,7 +297,7 @@ class OrtTranscriber(torch.nn.Module):
             "lengths": lengths.detach().to(torch.int64).cpu().numpy().reshape(1),
         }
         if isinstance(states, OrtStates) and states.owner is self and states.unchanged():
-            feeds.update(states.arrays)  # the state this session returned: its stacked arrays, not copies
+            feeds.update(states.arrays)  # the state this session returned: its arrays, not copies
         else:
             if states is None:
                 states = self.initial_state()
