@@ -51,13 +51,13 @@ LONG_STREAM = LONG + " + numpy greedy"
 def interleaved_chunks(infers: dict, chunk_frames: int, n_chunks: int, n_mels: int = 80) -> dict[str, list[float]]:
     """Per-chunk seconds of each ``infer(x (1, chunk_frames, n_mels), lengths (1,), state)``, state
     carried, the order rotating every chunk; the first :data:`WARMUP_CHUNKS` are not kept."""
-    gen = torch.Generator().manual_seed(0)
-    xs = torch.randn(n_chunks + WARMUP_CHUNKS, 1, chunk_frames, n_mels, generator=gen)
-    length = torch.tensor([chunk_frames])
     names = list(infers)
     states = dict.fromkeys(names)
     times: dict[str, list[float]] = {n: [] for n in names}
-    with torch.inference_mode():
+    length = torch.tensor([chunk_frames])  # as a recognizer holds it, and its features made in inference mode
+    with torch.inference_mode():           # as a stream makes them: a compiled graph guards on which
+        gen = torch.Generator().manual_seed(0)
+        xs = torch.randn(n_chunks + WARMUP_CHUNKS, 1, chunk_frames, n_mels, generator=gen)
         for i, x in enumerate(xs):
             for name in names[i % len(names):] + names[:i % len(names)]:
                 t0 = time.perf_counter_ns()
@@ -126,10 +126,10 @@ def profile_chunks(infer, chunk_frames: int, n_mels: int, n: int = 8, top: int =
     """Top operators by self CPU time per chunk over ``n`` steady-state chunks, and the share of GEMMs."""
     from torch.profiler import ProfilerActivity, profile
 
-    gen = torch.Generator().manual_seed(1)
-    xs = torch.randn(12 + n, 1, chunk_frames, n_mels, generator=gen)
     length, state = torch.tensor([chunk_frames]), None
     with torch.inference_mode():
+        gen = torch.Generator().manual_seed(1)
+        xs = torch.randn(12 + n, 1, chunk_frames, n_mels, generator=gen)
         for x in xs[:12]:  # past the left context: the steady state
             _, _, state = infer(x, length, state)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
