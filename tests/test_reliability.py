@@ -5,11 +5,13 @@ dashboard visitor asking for files or storages it must not touch.
 The commands run as subprocesses (``python -m dse.<cmd>``), as a user runs them: each case checks
 the exit status, the message, and that nothing was written or half-written.
 """
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -297,6 +299,47 @@ def test_read_only_is_fine_for_readers(tmp_path):
 
 
 # -- 11. nothing but a bundle is replaced; the dashboard stays on its machine and folder ------
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_locked_heartbeat_is_tried_again_and_never_kills_the_heartbeat_thread(tmp_path, monkeypatch):
+    """SQLite refuses a heartbeat's read-then-write at once ("database is locked") while another
+    worker waits for the write lock; Optuna's heartbeat thread died of it and the trial was failed
+    under a live worker. The storage tries again, skips a beat the lock outlasts, and lets any
+    other error through."""
+    import sqlalchemy
+    from optuna.exceptions import StorageInternalError
+    from optuna.storages import RDBStorage
+
+    storage = storage_module.make_storage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_s=1, grace_s=5)
+    study = optuna.create_study(storage=storage, study_name="hb")
+    trial_id = study.ask()._trial_id
+    record, calls = RDBStorage.record_heartbeat, []
+
+    def flaky(self, tid, failures=2, error="database is locked"):
+        calls.append(tid)
+        if len(calls) <= failures:
+            try:
+                raise sqlalchemy.exc.OperationalError("UPDATE trial_heartbeats", {}, Exception(error))
+            except sqlalchemy.exc.OperationalError as exc:  # as Optuna's scoped session re-raises it
+                raise StorageInternalError("An exception is raised during the commit.") from exc
+        return record(self, tid)
+
+    monkeypatch.setattr(storage_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(RDBStorage, "record_heartbeat", flaky)
+    storage.record_heartbeat(trial_id)  # two locked attempts, then recorded
+    assert len(calls) == 3
+    with contextlib.closing(sqlite3.connect(tmp_path / "hb.db")) as db:
+        assert db.execute("SELECT COUNT(*) FROM trial_heartbeats WHERE trial_id = ?", (trial_id,)).fetchone()[0] == 1
+    calls.clear()
+    monkeypatch.setattr(RDBStorage, "record_heartbeat", lambda self, tid: flaky(self, tid, failures=99))
+    storage.record_heartbeat(trial_id)  # locked throughout: the beat is skipped, nothing raised
+    assert len(calls) == storage_module.HEARTBEAT_TRIES
+    calls.clear()
+    monkeypatch.setattr(RDBStorage, "record_heartbeat", lambda self, tid: flaky(self, tid, error="disk I/O error"))
+    with pytest.raises(StorageInternalError):
+        storage.record_heartbeat(trial_id)  # any other error is not hidden
+    assert len(calls) == 1
+
+
 def test_force_never_deletes_a_folder_that_is_not_a_bundle(study, tmp_path):
     out_dir = tmp_path / "photos"
     out_dir.mkdir()

@@ -7,6 +7,7 @@ SQLite file, a server that cannot be reached.
 """
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,7 @@ DEFAULT_STORAGE = f"sqlite:///{PROJECT_ROOT / 'studies.db'}"
 HEARTBEAT_S = 20
 GRACE_S = 60
 _RETRIED = ("IntegrityError", "ProgrammingError", "OperationalError")
+HEARTBEAT_TRIES = 5  # attempts at one heartbeat while SQLite reports the database locked
 _READ_ONLY = ("readonly database", "read-only", "read only")
 _CORRUPT = ("file is not a database", "malformed", "not a database", "file is encrypted")
 
@@ -143,13 +145,44 @@ class _StaleTrial:
         self.retry(study, trial)
 
 
+def _locked(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is SQLite's "database is locked"."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if "database is locked" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _rdb_storage_class():
-    """Optuna's ``RDBStorage``, able to note why a trial it has already failed failed: Optuna fails
-    a silent worker's trial before any callback runs, and refuses to annotate a finished trial."""
+    """Optuna's ``RDBStorage``, able to note why a trial it has already failed failed (Optuna fails
+    a silent worker's trial before any callback runs, and refuses to annotate a finished trial),
+    and whose heartbeats survive a locked SQLite file.
+
+    A heartbeat reads its row and then writes it. When another worker is waiting for the write
+    lock at that moment, SQLite refuses the upgrade at once with "database is locked" (waiting
+    could deadlock, so the busy timeout does not apply), and Optuna's heartbeat thread dies of
+    the exception: the worker goes on, its trial looks like a dead worker's to the others and is
+    failed under it. Here a locked heartbeat is tried again (:data:`HEARTBEAT_TRIES` times,
+    shortly apart), and if the lock persists the beat is skipped, not the thread: the next comes
+    one interval later, well within the grace period."""
     from optuna.storages import RDBStorage
 
     class Storage(RDBStorage):
         _annotating = False
+
+        def record_heartbeat(self, trial_id: int) -> None:
+            for attempt in range(HEARTBEAT_TRIES):
+                try:
+                    return super().record_heartbeat(trial_id)
+                except Exception as exc:
+                    if not _locked(exc):
+                        raise
+                    if attempt + 1 < HEARTBEAT_TRIES:
+                        time.sleep(0.05 * (attempt + 1) + random.random() * 0.05)
+            return None  # this beat is skipped; the thread goes on
 
         def check_trial_is_updatable(self, trial_id, trial_state):
             if not self._annotating:
