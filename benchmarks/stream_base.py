@@ -19,6 +19,10 @@ inputs, so the ratios compare like with like on a noisy machine:
    whose sherpa-onnx figures the goal quotes, "chunk-16" at its 50 Hz frame rate). A chunk then reads
    the encoder's weights once per 320 ms instead of per 160 ms, at 160 ms more algorithmic latency;
    the goals' verdict is for the default segment, and this row's RTF is printed beside it;
+   then, at both segments, the torch-free runtime a bundle of that configuration deploys
+   (:mod:`dse.deploy.lite`: numpy front end, the same ONNX Runtime sessions and numpy search,
+   no torch tensors between them), timed as a deployment feeds it (every ``accept_audio`` call
+   of the same arrival pieces, and ``finish``);
 3. ``torch.compile`` (mode default) of the torch fp32 encoder: compile time, graphs compiled,
    recompiles while timed, compiled vs eager per chunk, and where a chunk's time goes
    (profile of both).
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import types
 
 import torch
 
@@ -46,6 +51,8 @@ from dse.core.stream import StreamingRecognizer
 WARMUP_CHUNKS = 5
 LONG = "ORT int8, long segment"
 LONG_STREAM = LONG + " + numpy greedy"
+LITE = "torch-free runtime, ORT int8"
+LITE_LONG = LITE + ", long segment"
 
 
 def interleaved_chunks(infers: dict, chunk_frames: int, n_chunks: int, n_mels: int = 80) -> dict[str, list[float]]:
@@ -90,6 +97,70 @@ def torch_loop(recognizer: StreamingRecognizer, temperature: float) -> Streaming
     r = with_search(recognizer, "vectorised", temperature)
     r.decoder = FastRNNTSearch.from_tokenizer(r.model, r.tokenizer, temperature=temperature, numpy_search=False)
     return r
+
+
+def lite_recognizer(built, threads: int):
+    """The torch-free runtime (:class:`dse.deploy.lite.LiteRecognizer`) over the files ``built``
+    (an ONNX Runtime configuration) runs: its encoder, predictor and joiner from the export cache,
+    its front end's statistics and vocabulary, as a bundle of that trial would hold them."""
+    import os
+    from pathlib import Path
+
+    from dse.deploy.lite import LiteRecognizer
+
+    info = built.export_info
+    encoder, decoder = Path(info["path"]), {k: Path(v) for k, v in info["decoder"]["paths"].items()}
+    directory = Path(os.path.commonpath([encoder, *decoder.values()]))
+    config = {"encoder_artifact": {"file": str(encoder.relative_to(directory)),
+                                   "decoder": {k: {"file": str(v.relative_to(directory))} for k, v in decoder.items()}}}
+    loaded = built.loaded
+    features = {"config": loaded.features.to_dict(), "mean": loaded.mean.tolist(), "invstd": loaded.invstd.tolist()}
+    return LiteRecognizer(directory, config, features, loaded.tokenizer.to_dict(), built.config, threads=threads)
+
+
+class LiteStream:
+    """Streams an utterance through a torch-free recognizer as :func:`stream_utterance` streams one
+    through the torch runtime (the same arrival pieces), timing every ``accept_audio`` call and
+    ``finish``, with the seconds in the encoder's and the search's calls (``seconds``) and the
+    chunks decoded (``chunks``)."""
+
+    def __init__(self, lite, pieces_of):
+        self.lite, self.pieces_of = lite, pieces_of
+        self.seconds = {"encoder": 0.0, "search": 0.0}
+        self.chunks = 0
+        encoder_run, advance = lite.encoder.run, lite.search.advance
+
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return encoder_run(*args, **kwargs)
+            finally:
+                self.seconds["encoder"] += time.perf_counter() - t0
+                self.chunks += 1
+
+        def search(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return advance(*args, **kwargs)
+            finally:
+                self.seconds["search"] += time.perf_counter() - t0
+
+        lite.encoder = types.SimpleNamespace(run=run)  # the recognizer calls nothing else of either
+        lite.search = types.SimpleNamespace(advance=search, best_tokens=lite.search.best_tokens)
+
+    def __call__(self, waveform: torch.Tensor) -> tuple[float, str]:
+        """Compute seconds for ``waveform`` and the text."""
+        samples = waveform.numpy()
+        lite, total = self.lite, 0.0
+        lite.reset()
+        for start, end in self.pieces_of(samples.shape[0]):
+            t0 = time.perf_counter_ns()
+            lite.accept_audio(samples[start:end])
+            total += time.perf_counter_ns() - t0
+        t0 = time.perf_counter_ns()
+        lite.finish()
+        total += time.perf_counter_ns() - t0
+        return total / 1e9, lite.text
 
 
 class Breakdown:
@@ -207,20 +278,36 @@ def main() -> None:
     }
     if LONG in built:
         streams[LONG_STREAM] = built[LONG].recognizer
-    names = list(streams)
+    lites = {LITE: LiteStream(lite_recognizer(built["ORT int8"], args.threads), built["ORT int8"].recognizer.arrival_pieces)}
+    if LONG in built:
+        lites[LITE_LONG] = LiteStream(lite_recognizer(built[LONG], args.threads), built[LONG].recognizer.arrival_pieces)
+    names = list(streams) + list(lites)
     for rec in streams.values():
         stream_utterance(rec, audio.waveforms[0])  # warm-up, not counted
+    for lite in lites.values():
+        lite(audio.waveforms[0])
     per_utt: dict[str, list[float]] = {n: [] for n in names}
-    parts = {n: Breakdown(streams[n]) for n in names}
+    texts: dict[str, list[str]] = {n: [] for n in names}
+    parts = {n: Breakdown(streams[n]) for n in streams}
+    for lite in lites.values():
+        lite.seconds, lite.chunks = dict.fromkeys(lite.seconds, 0.0), 0
     chunks = dict.fromkeys(names, 0)
     with OtherCpuLoad() as load:
         for i, w in enumerate(audio.waveforms):
             for name in names[i % len(names):] + names[:i % len(names)]:
+                if name in lites:
+                    seconds, text = lites[name](w)
+                    per_utt[name].append(seconds)
+                    texts[name].append(text)
+                    continue
                 run = stream_utterance(streams[name], w)
                 per_utt[name].append(sum(run.chunk_compute_s))
+                texts[name].append(run.text)
                 chunks[name] += len(run.chunk_compute_s)
     for b in parts.values():
         b.detach()
+    for name, lite in lites.items():
+        chunks[name] = lite.chunks
     base, int8_ta = per_utt[names[0]], per_utt[names[1]]
     print(f"\n2. whole stream (features + encoder + search), {len(audio.waveforms)} utterances, interleaved; "
           f"other processes' load {load.other_cores:.2f} cores" + (" (BUSY: absolute times are inflated)"
@@ -229,13 +316,19 @@ def main() -> None:
           f"ms/chunk: {'encoder':>7} {'search':>6} {'rest':>5}")
     for name in names:
         rtf = sum(per_utt[name]) / audio_s
-        enc_ms, search_ms = (parts[name].seconds[k] * 1000 / chunks[name] for k in ("encoder", "search"))
+        seconds = lites[name].seconds if name in lites else parts[name].seconds
+        enc_ms, search_ms = (seconds[k] * 1000 / chunks[name] for k in ("encoder", "search"))
         rest_ms = sum(per_utt[name]) * 1000 / chunks[name] - enc_ms - search_ms
         print(f"   {name:<32} {rtf:6.3f}   {ratio(base, per_utt[name]):>22}   {ratio(int8_ta, per_utt[name]):>26}   "
               f"          {enc_ms:7.2f} {search_ms:6.2f} {rest_ms:5.2f}")
     print(f"   numpy greedy loop against the torch loop, same ONNX Runtime int8 sessions: "
           f"{ratio(per_utt['ORT int8 + torch greedy loop'], per_utt['ORT int8 + numpy greedy'])}")
-    best = min((n for n in names if n != LONG_STREAM), key=lambda n: sum(per_utt[n]))
+    for name, same_as in ((LITE, "ORT int8 + numpy greedy"), (LITE_LONG, LONG_STREAM)):
+        if name in lites:
+            same = sum(a == b for a, b in zip(texts[name], texts[same_as]))
+            print(f"   {name} against the torch runtime on the same files: {ratio(per_utt[same_as], per_utt[name])}; "
+                  f"the same transcript {same}/{len(texts[name])} (the numpy front end rounds differently)")
+    best = min((n for n in names if n not in (LONG_STREAM, LITE_LONG)), key=lambda n: sum(per_utt[n]))
     best_rtf = sum(per_utt[best]) / audio_s
     ratios = [a / b for a, b in zip(int8_ta, per_utt[best])]
     best_x = statistics.median(ratios)
@@ -247,7 +340,7 @@ def main() -> None:
     else:
         print(f"   best: {best}, RTF {best_rtf:.3f}, {best_x:.2f}x torch int8 + torchaudio greedy (the goals are the base's)")
     if LONG in built:
-        name = LONG_STREAM
+        name = min((LONG_STREAM, LITE_LONG), key=lambda n: sum(per_utt[n]))
         rtf = sum(per_utt[name]) / audio_s
         seg_ms = args.long_segment * 10
         print(f"   at {seg_ms} ms segments ({name}; algorithmic latency {seg_ms} + "
