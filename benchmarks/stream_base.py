@@ -99,6 +99,19 @@ def torch_loop(recognizer: StreamingRecognizer, temperature: float) -> Streaming
     return r
 
 
+def timed(fn, seconds: dict, key: str, calls: dict = None):
+    """``fn``, adding the seconds of every call to ``seconds[key]`` (and counting it in ``calls[key]``)."""
+    def call(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds[key] += time.perf_counter() - t0
+            if calls is not None:
+                calls[key] += 1
+    return call
+
+
 def lite_recognizer(built, threads: int):
     """The torch-free runtime (:class:`dse.deploy.lite.LiteRecognizer`) over the files ``built``
     (an ONNX Runtime configuration) runs: its encoder, predictor and joiner from the export cache,
@@ -127,26 +140,19 @@ class LiteStream:
     def __init__(self, lite, pieces_of):
         self.lite, self.pieces_of = lite, pieces_of
         self.seconds = {"encoder": 0.0, "search": 0.0}
-        self.chunks = 0
-        encoder_run, advance = lite.encoder.run, lite.search.advance
+        self.calls = dict.fromkeys(self.seconds, 0)
+        # all the recognizer calls of its encoder session and its search
+        lite.encoder = types.SimpleNamespace(run=timed(lite.encoder.run, self.seconds, "encoder", self.calls))
+        lite.search = types.SimpleNamespace(advance=timed(lite.search.advance, self.seconds, "search", self.calls),
+                                            best_tokens=lite.search.best_tokens)
 
-        def run(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return encoder_run(*args, **kwargs)
-            finally:
-                self.seconds["encoder"] += time.perf_counter() - t0
-                self.chunks += 1
+    @property
+    def chunks(self) -> int:
+        return self.calls["encoder"]
 
-        def search(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return advance(*args, **kwargs)
-            finally:
-                self.seconds["search"] += time.perf_counter() - t0
-
-        lite.encoder = types.SimpleNamespace(run=run)  # the recognizer calls nothing else of either
-        lite.search = types.SimpleNamespace(advance=search, best_tokens=lite.search.best_tokens)
+    def clear(self) -> None:
+        for key in self.seconds:
+            self.seconds[key], self.calls[key] = 0.0, 0
 
     def __call__(self, waveform: torch.Tensor) -> tuple[float, str]:
         """Compute seconds for ``waveform`` and the text."""
@@ -173,16 +179,7 @@ class Breakdown:
         self._seconds = {"infer": 0.0, "search": 0.0}
         self.decoder = recognizer.decoder
         for name in ("infer", "_search"):
-            setattr(self.decoder, name, self._timed(getattr(self.decoder, name), name.strip("_")))
-
-    def _timed(self, fn, part: str):
-        def call(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._seconds[part] += time.perf_counter() - t0
-        return call
+            setattr(self.decoder, name, timed(getattr(self.decoder, name), self._seconds, name.strip("_")))
 
     @property
     def seconds(self) -> dict:
@@ -290,7 +287,7 @@ def main() -> None:
     texts: dict[str, list[str]] = {n: [] for n in names}
     parts = {n: Breakdown(streams[n]) for n in streams}
     for lite in lites.values():
-        lite.seconds, lite.chunks = dict.fromkeys(lite.seconds, 0.0), 0
+        lite.clear()
     chunks = dict.fromkeys(names, 0)
     with OtherCpuLoad() as load:
         for i, w in enumerate(audio.waveforms):
@@ -327,7 +324,8 @@ def main() -> None:
         if name in lites:
             same = sum(a == b for a, b in zip(texts[name], texts[same_as]))
             print(f"   {name} against the torch runtime on the same files: {ratio(per_utt[same_as], per_utt[name])}; "
-                  f"the same transcript {same}/{len(texts[name])} (the numpy front end rounds differently)")
+                  f"the same transcript {same}/{len(texts[name])}"
+                  + (" (its numpy front end rounds differently)" if same < len(texts[name]) else ""))
     best = min((n for n in names if n not in (LONG_STREAM, LITE_LONG)), key=lambda n: sum(per_utt[n]))
     best_rtf = sum(per_utt[best]) / audio_s
     ratios = [a / b for a, b in zip(int8_ta, per_utt[best])]
