@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from dse.core.onnx_encoder import (PRECISIONS, BackendError, _quiet, _require, _summary,
-                                   _write_json_atomic, default_cache_dir, open_session)
+                                   _write_json_atomic, default_cache_dir, open_session, quantize_graph)
 from dse.core.ort_session import decoder_threads
 
 FILES = ("predictor", "joiner")
@@ -139,17 +139,10 @@ def decoder_onnx(model, precision: str = "fp32", cache_dir=None, key: str = "") 
         info = export_decoder(model, staging)
         info.update(quantize_s=0.0, precision=precision)
         if precision == "int8":
-            quantization = _require("onnxruntime.quantization")
-            start = time.perf_counter()
             for name in FILES:
                 src, dst = staging / f"{name}.onnx", staging / f"{name}.int8.onnx"
-                try:
-                    with _quiet():
-                        quantization.quantize_dynamic(str(src), str(dst), weight_type=quantization.QuantType.QInt8)
-                except Exception as exc:
-                    raise BackendError(f"int8 quantisation of the {name} failed: {_summary(exc)}") from exc
+                info["quantize_s"] += quantize_graph(src, dst)["quantize_s"]
                 os.replace(dst, src)
-            info["quantize_s"] = time.perf_counter() - start
         for name in FILES:
             os.replace(staging / f"{name}.onnx", paths[name])
     finally:

@@ -198,8 +198,9 @@ INTEGER_OPS = ("MatMulInteger", "DynamicQuantizeLinear", "ConvInteger", "Dynamic
                "DynamicQuantizeMatMul", "QAttention", "QGemm", "DequantizeLinear", "QuantizeLinear")
 
 
-def quantize_encoder(fp32_path, int8_path) -> dict:
-    """Dynamic int8 quantisation (weights QInt8, activations per call) of an exported encoder.
+def quantize_graph(fp32_path, int8_path) -> dict:
+    """Dynamic int8 quantisation (weights QInt8, activations per call) of an exported graph (the
+    encoder, the predictor, the joiner).
 
     Returns ``{"quantize_s", "bytes", "fp32_bytes", "quantized_ops": {op: count},
     "float_matmuls_left": int}``: ``quantized_ops`` counts the integer/quantisation nodes
@@ -424,7 +425,7 @@ def _cached(model, chunk_frames: int, precision: str, cache_dir: Path, stem: str
         fp32_path, fp32_info = _cached(model, chunk_frames, "fp32", cache_dir, stem)
         tmp = _atomic_tmp(path)
         try:
-            q = quantize_encoder(fp32_path, tmp)
+            q = quantize_graph(fp32_path, tmp)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

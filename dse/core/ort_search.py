@@ -68,14 +68,12 @@ class GreedyHypothesis(NamedTuple):
     state: Tuple[np.ndarray, np.ndarray]
 
 
-class OrtGreedy:
-    """Greedy search with a predictor and a joiner in ONNX Runtime sessions.
+class _Sessions:
+    """What both searches hold: the predictor and joiner sessions, the blank (the last token id, the
+    joiner's last output, as in the torch search), the temperature (float32), the most tokens a frame
+    may add and one hypothesis' predictor state shape ``(L, 1, H)``."""
 
-    ``blank`` must be the last token id (the joiner's last output), as in the torch search.
-    """
-
-    def __init__(self, predictor, joiner, blank: int, temperature: float = 1.0,
-                 step_max_tokens: int = STEP_MAX_TOKENS):
+    def __init__(self, predictor, joiner, blank: int, temperature: float, step_max_tokens: int):
         self.predictor = predictor
         self.joiner = joiner
         self.blank = int(blank)
@@ -83,6 +81,14 @@ class OrtGreedy:
         self.step_max_tokens = int(step_max_tokens)
         layers, _, hidden = predictor.get_inputs()[1].shape
         self.state_shape = (int(layers), 1, int(hidden))
+
+
+class OrtGreedy(_Sessions):
+    """Greedy search with a predictor and a joiner in ONNX Runtime sessions."""
+
+    def __init__(self, predictor, joiner, blank: int, temperature: float = 1.0,
+                 step_max_tokens: int = STEP_MAX_TOKENS):
+        super().__init__(predictor, joiner, blank, temperature, step_max_tokens)
         self._token = np.zeros((1, 1), np.int64)
 
     @staticmethod
@@ -247,7 +253,7 @@ class BeamState(NamedTuple):
     beam: List[Tuple[int, int, float]]
 
 
-class OrtBeamSearch:
+class OrtBeamSearch(_Sessions):
     """torchaudio's ``RNNTBeamSearch`` (with LM fusion as :class:`dse.core.lm.FusedBeamSearch`
     adds it) over ONNX Runtime predictor and joiner sessions, in numpy.
 
@@ -268,16 +274,10 @@ class OrtBeamSearch:
     def __init__(self, predictor, joiner, blank: int, temperature: float = 1.0,
                  step_max_tokens: int = STEP_MAX_TOKENS, lm=None, cache_predictor: bool = True,
                  max_slots: int = 2048):
-        self.predictor = predictor
-        self.joiner = joiner
-        self.blank = int(blank)
-        self.temperature = np.float32(temperature)
-        self.step_max_tokens = int(step_max_tokens)
+        super().__init__(predictor, joiner, blank, temperature, step_max_tokens)
         self.lm = lm
         self.cache_predictor = cache_predictor
         self.max_slots = max_slots
-        layers, _, hidden = predictor.get_inputs()[1].shape
-        self.state_shape = (int(layers), 1, int(hidden))
 
     def _predict(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
         return self.predictor.run(None, {"tokens": tokens, "h": h, "c": c})
