@@ -20,8 +20,8 @@ the new expansions. Predictor outputs and LSTM states live in rows ("slots") of 
 buffers, gathered with one ``index_select`` per tensor (torchaudio stacks, concatenates
 and slices per hypothesis); token sequences are interned as integer keys (torchaudio
 compares ``str(tokens)``); the LM scores of all hypotheses of a step come from a table
-with one weighted row per LM history in one ``index_select``; the LM rows themselves are
-computed by :class:`KneserNeyRows`, which memoises the n-gram model's lower orders.
+with one weighted row per LM history in one ``index_select``; the LM rows themselves come from
+the n-gram model, which memoises its lower orders (:meth:`dse.core.ngram.CharNgramLM.log_probs`).
 
 ``cache_predictor`` (default on): the predictor output and state of a token sequence are
 computed once per stream and reused whenever the search expands to that sequence again
@@ -47,12 +47,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from dse.core.ngram import KneserNeyRows, LMRows
+from dse.core.ngram import LMRows
 from dse.core.ort_search import OrtBeamSearch, OrtGreedy, TokenKeys, greedy_applies
 
 Hypothesis = Tuple[List[int], torch.Tensor, List[List[torch.Tensor]], float]
 
-__all__ = ["FastRNNTSearch", "KneserNeyRows", "LMRows", "lm_log_probs"]
+__all__ = ["FastRNNTSearch", "LMRows", "lm_log_probs"]
 
 
 def lm_log_probs(lm, history: str, columns: torch.Tensor, weight: float = 1.0) -> torch.Tensor:

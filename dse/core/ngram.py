@@ -50,7 +50,8 @@ class CharNgramLM:
         self.info = dict(info or {})
         # Per history: (total count, number of distinct followers).
         self._totals = [{h: (sum(f.values()), len(f)) for h, f in table.items()} for table in tables]
-        self._cache: dict = {}  # history -> distribution
+        self._cache: dict = {}  # history -> log-probabilities (float32)
+        self._memo: Dict[str, List[float]] = {}  # history suffix -> probabilities after its orders
 
     # -- building -----------------------------------------------------------------------
     @classmethod
@@ -101,7 +102,7 @@ class CharNgramLM:
         h = (START * (self.order - 1) + history)[-(self.order - 1):] if self.order > 1 else ""
         cached = self._cache.get(h)
         if cached is None:
-            cached = np.array([math.log(p) for p in self._probabilities(h)], np.float32)
+            cached = np.array([math.log(p) for p in self._after(h)], np.float32)
             cached.flags.writeable = False
             if len(self._cache) > 200_000:
                 self._cache.clear()
@@ -114,21 +115,47 @@ class CharNgramLM:
 
         return torch.tensor(self.log_probs(history))
 
-    def _probabilities(self, history: str) -> list[float]:
-        probs = [1.0 / len(self.vocab)] * len(self.vocab)
-        for k in range(1, self.order + 1):
-            h = history[len(history) - (k - 1):] if k > 1 else ""
-            followers = self.tables[k - 1].get(h)
-            if not followers:
-                continue
-            total, distinct = self._totals[k - 1][h]
-            backoff = self.discount * distinct / total
-            new = [backoff * p for p in probs]
-            for c, n in followers.items():
-                i = self._index.get(c)
-                if i is not None:
-                    new[i] += max(n - self.discount, 0.0) / total
-            probs = new
+    MEMO_ENTRIES = 400_000  # history suffixes whose probabilities are kept (then all are dropped)
+
+    def _after(self, h: str) -> List[float]:
+        """Probabilities (doubles) of each symbol and the end mark after the padded history ``h``
+        (its last ``order - 1`` characters): interpolated absolute discounting, order by order.
+
+        Order 0 is the uniform distribution; order ``k`` scales order ``k - 1``'s by the backoff
+        weight of the history's last ``k - 1`` characters (``discount * distinct followers /
+        total``) and adds each follower's ``(count - discount) / total``; a history never seen
+        at that order leaves the distribution as it is. The distribution after order ``k``
+        depends only on that suffix, so it is memoised per suffix: a new history costs the
+        orders of its suffixes not seen yet, usually one. The suffixes not yet memoised are
+        computed from the longest one that is, shortest first."""
+        memo = self._memo
+        probs = memo.get(h)
+        if probs is not None:
+            return probs
+        chain = [h]  # h and its suffixes down to the first one memoised (or "" and the uniform start)
+        while True:
+            s = chain[-1]
+            if not s:
+                probs = [1.0 / len(self.vocab)] * len(self.vocab)
+                break
+            probs = memo.get(s[1:])
+            if probs is not None:
+                break
+            chain.append(s[1:])
+        if len(memo) + len(chain) > self.MEMO_ENTRIES:
+            memo.clear()
+        tables, totals, index, d = self.tables, self._totals, self._index, self.discount
+        for s in reversed(chain):
+            followers = tables[len(s)].get(s)
+            if followers:
+                total, distinct = totals[len(s)][s]
+                backoff = d * distinct / total
+                probs = [backoff * p for p in probs]
+                for c, n in followers.items():
+                    i = index.get(c)
+                    if i is not None and n > d:  # max(n - d, 0) adds nothing otherwise
+                        probs[i] += (n - d) / total
+            memo[s] = probs
         return probs
 
     def log_prob(self, text: str) -> float:
@@ -202,86 +229,6 @@ def _unescape(s: str) -> str:
     return "".join(out)
 
 
-class KneserNeyRows:
-    """``CharNgramLM.distribution`` with the lower orders memoised: bit-identical, cheaper.
-
-    ``CharNgramLM._probabilities`` builds the distribution after a history order by order,
-    each order from the one below and the history's last ``k - 1`` characters; the
-    distribution after order ``k`` therefore depends only on that suffix and is memoised
-    per suffix, so a new history costs one order instead of ``order``. The arithmetic is
-    the LM's own, in the same order (doubles, then ``math.log``, then float32).
-    :meth:`usable` checks the result against ``lm.distribution`` on a few histories; a
-    language model it does not match is served by ``lm.distribution`` instead.
-    """
-
-    def __init__(self, lm, max_entries: int = 400_000):
-        self.lm = lm
-        self.max_entries = max_entries
-        self._memo: Dict[str, List[float]] = {}
-        self._pad = START * (lm.order - 1) if lm.order > 1 else ""
-
-    def usable(self) -> bool:
-        lm = self.lm
-        try:
-            probes = ["", "th", "the qu", "zzq' x", "a" * (lm.order + 2)]
-            return all((self.log_probs(h) == lm.log_probs(h)).all() for h in probes)
-        except Exception:  # an LM without the expected tables
-            return False
-        finally:
-            self._memo.clear()
-
-    def _after(self, h: str) -> List[float]:
-        """Probabilities after the orders up to ``len(h) + 1`` for the (padded) history suffix ``h``.
-
-        Order ``k`` takes the list of order ``k - 1`` (the suffix one character shorter; below
-        order 1 the uniform distribution), scales it by the history's backoff weight and adds each
-        follower's discounted count over the total: ``_probabilities``' arithmetic, in its order.
-        The suffixes not yet memoised are computed from the longest one that is, shortest first."""
-        memo = self._memo
-        probs = memo.get(h)
-        if probs is not None:
-            return probs
-        lm = self.lm
-        chain = [h]  # h and its suffixes down to the first one memoised (or "" and the uniform start)
-        while True:
-            s = chain[-1]
-            if not s:
-                probs = [1.0 / len(lm.vocab)] * len(lm.vocab)
-                break
-            probs = memo.get(s[1:])
-            if probs is not None:
-                break
-            chain.append(s[1:])
-        if len(memo) + len(chain) > self.max_entries:
-            memo.clear()
-        tables, totals, index, d = lm.tables, lm._totals, lm._index, lm.discount
-        for s in reversed(chain):
-            followers = tables[len(s)].get(s)
-            if followers:
-                total, distinct = totals[len(s)][s]
-                backoff = d * distinct / total
-                probs = [backoff * p for p in probs]
-                for c, n in followers.items():
-                    i = index.get(c)
-                    if i is not None and n > d:  # max(n - d, 0) adds nothing otherwise
-                        probs[i] += (n - d) / total
-            memo[s] = probs
-        return probs
-
-    def distribution(self, history: str):
-        """``lm.distribution(history)``, bit for bit (a torch tensor; :meth:`log_probs` in numpy)."""
-        import torch
-
-        return torch.from_numpy(self.log_probs(history))
-
-    def log_probs(self, history: str) -> np.ndarray:
-        """:meth:`distribution` as a float32 numpy array (the same values: ``math.log`` of the
-        doubles, rounded to float32 once)."""
-        pad = self._pad
-        h = (pad + history)[-len(pad):] if pad else ""
-        return np.array([math.log(p) for p in self._after(h)], np.float32)
-
-
 class LMRows:
     """Weighted LM log-prob vectors over the non-blank tokens, one table row per LM history.
 
@@ -302,8 +249,6 @@ class LMRows:
         self._columns = np.array(lm.column_indices(self.symbols))
         self.context = max(0, lm.order - 1)
         self.max_rows = max_rows
-        fast = KneserNeyRows(lm)
-        self._log_probs = fast.log_probs if fast.usable() else lm.log_probs
         self._reset()
 
     def _reset(self) -> None:
@@ -332,7 +277,7 @@ class LMRows:
             self._table = np.concatenate([self._table, np.empty_like(self._table)])
         # dse.core.decoder.lm_log_probs (FusedBeamSearch's torch arithmetic) in numpy: the same float32
         # products (numpy, as torch, multiplies a float32 array by a Python float in float32)
-        self._table[r] = self.weight * self._log_probs(h)[self._columns]
+        self._table[r] = self.weight * self.lm.log_probs(h)[self._columns]
         self._n += 1
         self._row_of[h] = r
         return r
