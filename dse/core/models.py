@@ -24,6 +24,7 @@ from torchaudio.models import RNNT, emformer_rnnt_model
 from dse.core.errors import ModelLoadError
 from dse.core.files import file_sha256
 from dse.core.features import FeatureConfig, LogMel
+from dse.core.vocab import CharTokenizer, NumberedTokenizer
 
 CHECKPOINT_FORMAT = "dse-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -54,30 +55,6 @@ BASE_NUM_SYMBOLS = 4097
 
 TORCHAUDIO_BUNDLE_FILES = ("emformer_rnnt_base_librispeech.pt", "global_stats_rnnt_librispeech.json",
                            "spm_bpe_4096_librispeech.model")
-
-
-class CharTokenizer:
-    """Characters ``symbols[i]`` -> id ``i``; the blank is the last id, ``len(symbols)``."""
-
-    kind = "chars"
-
-    def __init__(self, symbols: Sequence[str] = tuple(" 'abcdefghijklmnopqrstuvwxyz")):
-        self.symbols = list(symbols)
-        self._index = {s: i for i, s in enumerate(self.symbols)}
-        self.blank = len(self.symbols)
-
-    @property
-    def num_symbols(self) -> int:
-        return len(self.symbols) + 1
-
-    def encode(self, text: str) -> list[int]:
-        return [self._index[c] for c in text if c in self._index]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return " ".join("".join(self.symbols[i] for i in ids if i < self.blank).split())
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "symbols": self.symbols}
 
 
 class SentencePieceTokenizer:
@@ -204,34 +181,12 @@ def random_model(name: str = "base", seed: int = 0, tokenizer=None) -> LoadedMod
     """Randomly initialised model, for latency work only."""
     arch = architecture(name)
     if tokenizer is None:
-        tokenizer = _NumberedTokenizer(BASE_NUM_SYMBOLS) if name == "base" else CharTokenizer()
+        tokenizer = NumberedTokenizer(BASE_NUM_SYMBOLS) if name == "base" else CharTokenizer()
     torch.manual_seed(seed)
     model = build(arch, tokenizer.num_symbols).eval()
     n_mels = arch["input_dim"]
     return LoadedModel(name, arch, model, tokenizer, FeatureConfig(n_mels=n_mels), torch.zeros(n_mels),
                        torch.ones(n_mels), "random")
-
-
-class _NumberedTokenizer:
-    """Stand-in vocabulary of ``n - 1`` anonymous symbols for randomly initialised models."""
-
-    kind = "numbered"
-
-    def __init__(self, num_symbols: int):
-        self.blank = num_symbols - 1
-
-    @property
-    def num_symbols(self) -> int:
-        return self.blank + 1
-
-    def encode(self, text: str) -> list[int]:
-        return []
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return " ".join(f"<{i}>" for i in ids if i < self.blank)
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "num_symbols": self.num_symbols}
 
 
 def save_checkpoint(path: str | os.PathLike, loaded: LoadedModel, half: bool = False, extra: Optional[dict] = None) -> None:
@@ -291,11 +246,12 @@ def with_lm(loaded: LoadedModel, lm_path: Optional[str]) -> LoadedModel:
 
 def tokenizer_from_dict(data: dict, where: str = "tokenizer"):
     """Rebuild a tokenizer from its ``to_dict()`` form."""
+    from dse.core import vocab
+
     kind = data.get("kind")
-    if kind == "chars":
-        return CharTokenizer(data["symbols"])
-    if kind == "numbered":
-        return _NumberedTokenizer(data["num_symbols"])
+    simple = vocab.from_dict(data)
+    if simple is not None:
+        return simple
     if kind == "sentencepiece":
         return SentencePieceTokenizer(data["model_path"])
     raise ModelLoadError(f"{where}: unsupported tokenizer kind {kind!r} (known: chars, numbered, sentencepiece)")

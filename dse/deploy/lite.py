@@ -39,6 +39,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from dse.core import vocab
 from dse.core.errors import DSEError
 from dse.core.geometry import LOG_GAIN, FeatureConfig, chunk_geometry, flush_padding_samples
 from dse.core.ngram import CharNgramLM, LMRows
@@ -116,8 +117,9 @@ class LiteRecognizer:
         decoder = [directory / art["decoder"][name]["file"] for name in ("predictor", "joiner")]
         threads = decoder_threads(*decoder, self.threads)
         predictor, joiner = (_session(path, threads) for path in decoder)
-        self.symbols = vocabulary.get("symbols")
-        self.blank = len(self.symbols) if self.symbols is not None else int(vocabulary["num_symbols"]) - 1
+        self.tokenizer = vocab.from_dict(vocabulary)  # needs_torch refused the other kinds
+        self.symbols = getattr(self.tokenizer, "symbols", None)
+        self.blank = self.tokenizer.blank
         self.beam_width = trial.beam_width
         rows = LMRows(lm, self.symbols, self.blank, trial.lm_weight) if lm is not None else None
         self.search = search_for(predictor, joiner, self.blank, self.beam_width, trial.temperature, rows)
@@ -178,10 +180,7 @@ class LiteRecognizer:
 
     @property
     def text(self) -> str:
-        ids = [t for t in self.tokens[1:] if t != self.blank]
-        if self.symbols is None:
-            return " ".join(f"<{i}>" for i in ids)
-        return " ".join("".join(self.symbols[i] for i in ids).split())
+        return self.tokenizer.decode(self.tokens[1:])
 
     # -- one chunk -----------------------------------------------------------------------------
     def _decode_chunk(self, chunk: np.ndarray) -> None:
