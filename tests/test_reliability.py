@@ -298,13 +298,12 @@ def test_read_only_is_fine_for_readers(tmp_path):
     assert optuna.get_all_study_names(storage_module.make_storage(url, writable=False)) == ["old"]
 
 
-# -- 11. nothing but a bundle is replaced; the dashboard stays on its machine and folder ------
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_locked_heartbeat_is_tried_again_and_never_kills_the_heartbeat_thread(tmp_path, monkeypatch):
-    """SQLite refuses a heartbeat's read-then-write at once ("database is locked") while another
-    worker waits for the write lock; Optuna's heartbeat thread died of it and the trial was failed
-    under a live worker. The storage tries again, skips a beat the lock outlasts, and lets any
-    other error through."""
+    """SQLite refuses a heartbeat's lock upgrade at once ("database is locked") while another worker
+    waits to commit; Optuna's heartbeat thread died of it and the trial was failed under a live
+    worker. The storage tries a quick refusal again, skips a beat the lock outlasts (and one refused
+    only after the busy timeout), and lets any other error through."""
     import sqlalchemy
     from optuna.exceptions import StorageInternalError
     from optuna.storages import RDBStorage
@@ -334,12 +333,17 @@ def test_a_locked_heartbeat_is_tried_again_and_never_kills_the_heartbeat_thread(
     storage.record_heartbeat(trial_id)  # locked throughout: the beat is skipped, nothing raised
     assert len(calls) == storage_module.HEARTBEAT_TRIES
     calls.clear()
+    monkeypatch.setattr(storage_module, "HEARTBEAT_QUICK_S", 0.0)  # every refusal as if after the busy timeout
+    storage.record_heartbeat(trial_id)  # not tried again: the next try would wait as long
+    assert len(calls) == 1
+    calls.clear()
     monkeypatch.setattr(RDBStorage, "record_heartbeat", lambda self, tid: flaky(self, tid, error="disk I/O error"))
     with pytest.raises(StorageInternalError):
         storage.record_heartbeat(trial_id)  # any other error is not hidden
     assert len(calls) == 1
 
 
+# -- 11. nothing but a bundle is replaced; the dashboard stays on its machine and folder ------
 def test_force_never_deletes_a_folder_that_is_not_a_bundle(study, tmp_path):
     out_dir = tmp_path / "photos"
     out_dir.mkdir()

@@ -7,6 +7,7 @@ SQLite file, a server that cannot be reached.
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ DEFAULT_STORAGE = f"sqlite:///{PROJECT_ROOT / 'studies.db'}"
 HEARTBEAT_S = 20
 GRACE_S = 60
 _RETRIED = ("IntegrityError", "ProgrammingError", "OperationalError")
-HEARTBEAT_TRIES = 5  # attempts at one heartbeat while SQLite reports the database locked
+HEARTBEAT_TRIES = 5  # attempts at one heartbeat that SQLite refuses at once as locked
+HEARTBEAT_QUICK_S = 1.0  # a refusal faster than this came without waiting: a lock-upgrade deadlock
 _READ_ONLY = ("readonly database", "read-only", "read only")
 _CORRUPT = ("file is not a database", "malformed", "not a database", "file is encrypted")
 
@@ -161,13 +163,16 @@ def _rdb_storage_class():
     a silent worker's trial before any callback runs, and refuses to annotate a finished trial),
     and whose heartbeats survive a locked SQLite file.
 
-    A heartbeat reads its row and then writes it. When another worker is waiting for the write
-    lock at that moment, SQLite refuses the upgrade at once with "database is locked" (waiting
-    could deadlock, so the busy timeout does not apply), and Optuna's heartbeat thread dies of
-    the exception: the worker goes on, its trial looks like a dead worker's to the others and is
-    failed under it. Here a locked heartbeat is tried again (:data:`HEARTBEAT_TRIES` times,
-    shortly apart), and if the lock persists the beat is skipped, not the thread: the next comes
-    one interval later, well within the grace period."""
+    A heartbeat's UPDATE takes SQLite's shared lock and then asks for the reserved (write) one.
+    When another worker holds the reserved lock and is already waiting to commit, the two would
+    wait for each other, so SQLite refuses the heartbeat at once with "database is locked"
+    (sqlite3_busy_handler: the busy timeout is not applied to a deadlock). Optuna's heartbeat
+    thread died of that exception: the worker went on, its trial looked like a dead worker's to
+    the others and was failed under it. Here a refusal that came at once (under
+    :data:`HEARTBEAT_QUICK_S`) is tried again, :data:`HEARTBEAT_TRIES` times shortly apart; one
+    that came after waiting out the busy timeout is not (the next beat would wait as long). A beat
+    still refused is skipped with a warning, and the thread goes on: the next beat comes one
+    interval later."""
     from optuna.storages import RDBStorage
 
     class Storage(RDBStorage):
@@ -175,14 +180,17 @@ def _rdb_storage_class():
 
         def record_heartbeat(self, trial_id: int) -> None:
             for attempt in range(HEARTBEAT_TRIES):
+                start = time.perf_counter()
                 try:
                     return super().record_heartbeat(trial_id)
                 except Exception as exc:
                     if not _locked(exc):
                         raise
-                    if attempt + 1 < HEARTBEAT_TRIES:
-                        time.sleep(0.05 * (attempt + 1) + random.random() * 0.05)
-            return None  # this beat is skipped; the thread goes on
+                    if attempt + 1 == HEARTBEAT_TRIES or time.perf_counter() - start >= HEARTBEAT_QUICK_S:
+                        break
+                    time.sleep(0.05 * (attempt + 1) + random.random() * 0.05)
+            logging.getLogger(__name__).warning(
+                "heartbeat of trial %s skipped: the study database stayed locked (the next one follows)", trial_id)
 
         def check_trial_is_updatable(self, trial_id, trial_state):
             if not self._annotating:
