@@ -115,7 +115,7 @@ class CharNgramLM:
 
         return torch.tensor(self.log_probs(history))
 
-    MEMO_ENTRIES = 400_000  # history suffixes whose probabilities are kept (then all are dropped)
+    MEMO_ENTRIES = 100_000  # history suffixes whose probabilities are kept, then all dropped (~1 KB each)
 
     def _after(self, h: str) -> List[float]:
         """Probabilities (doubles) of each symbol and the end mark after the padded history ``h``
