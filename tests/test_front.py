@@ -201,6 +201,29 @@ def test_a_space_smaller_than_n_ends_exhausted(cheap_trials, tmp_path):
 
 
 
+def test_a_space_is_exhausted_only_when_nothing_claimed_still_waits():
+    """Two workers: one queued the last configuration, the other then drew a repeat. That is not
+    the end of the space (all workers would stop and the queued one would never be measured);
+    once the last one is measured, it is."""
+    import random
+
+    from dse.search.study import enqueue_configuration, queue_after_repeat
+
+    space = parse_space(SPACE, Path("s.yaml"), name="s")  # 2 precisions x 2 thread counts
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    configs = list(space.configurations())
+    for cfg in configs[:-1]:
+        study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, values=[0.2, 0.1],
+                                                  user_attrs={"config_key": cfg.key()}))
+    enqueue_configuration(study, space, configs[-1], levels=True)  # queued by one worker, not yet taken
+    assert queue_after_repeat(study, space, True, random.Random(0)) == (None, False)
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1  # nothing queued twice
+    last = study.ask()  # a worker takes it ...
+    assert last.user_attrs["dse_config"]["_key"] == configs[-1].key()
+    study.tell(last, [0.2, 0.1])  # ... and measures it
+    assert queue_after_repeat(study, space, True, random.Random(0)) == (None, True)
+
+
 def test_two_trials_claiming_one_configuration_at_once_measure_it_once():
     from dse.search.study import repeat_of
     study = optuna.create_study(directions=["minimize", "minimize"])

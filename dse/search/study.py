@@ -368,6 +368,21 @@ def enqueue_unmeasured(study, space, levels: bool, rng) -> Optional[object]:
     return cfg
 
 
+def queue_after_repeat(study, space, levels: bool, rng) -> tuple[Optional[object], bool]:
+    """After a trial stepped aside as a repeat: ``(configuration queued in its place, exhausted)``.
+
+    When every configuration is claimed, nothing is queued; the space is exhausted only if no
+    claimed one is still waiting for a worker. Otherwise the queued ones are what is left: with
+    several workers, one that drew a repeat while another's queued configuration waited would
+    otherwise stop them all, and that configuration would never be measured."""
+    from optuna.trial import TrialState
+
+    nxt = enqueue_unmeasured(study, space, levels, rng)
+    if nxt is not None:
+        return nxt, False
+    return None, not study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+
+
 class DistinctTrials:
     """Optuna callback: stop once the study holds ``target`` distinct finished configurations,
     or when the space is exhausted (a duplicate found nothing left to queue)."""
@@ -515,12 +530,15 @@ def make_objective(ctx, console, seed: Optional[int] = None):
         if twin is None:
             return
         trial.set_user_attr("duplicate_of", twin)
-        nxt = enqueue_unmeasured(trial.study, space, levels, rng)
-        if nxt is None:
+        nxt, exhausted = queue_after_repeat(trial.study, space, levels, rng)
+        if exhausted:
             trial.study.set_user_attr("exhausted", True)
             trial.study.stop()
             console.print(f"  trial {trial.number}: {describe(config)} repeats trial {twin}; the space is "
                           f"exhausted (every configuration of {space.name} has been measured)")
+        elif nxt is None:
+            console.print(f"  trial {trial.number}: repeats trial {twin} ({describe(config)}); what is left of "
+                          f"the space is queued")
         else:
             console.print(f"  trial {trial.number}: repeats trial {twin} ({describe(config)}); queued an "
                           f"unmeasured configuration instead: {describe(nxt)}")
