@@ -258,8 +258,9 @@ def test_three_workers_on_postgresql(setup, postgres):
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     trials = load(setup).trials
+    states = [(t.number, t.state.name, t.user_attrs.get("duplicate_of")) for t in trials]  # shown on failure
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 5 and len({t.user_attrs["config_key"] for t in complete}) == 5
+    assert len(complete) == 5 and len({t.user_attrs["config_key"] for t in complete}) == 5, (states, outs)
     assert len({t.number for t in trials}) == len(trials)
     others = [t for t in trials if t.state != TrialState.COMPLETE]
-    assert all(t.state == TrialState.PRUNED and t.user_attrs["duplicate_of"] is not None for t in others)
+    assert all(t.state == TrialState.PRUNED and t.user_attrs["duplicate_of"] is not None for t in others), states
