@@ -125,6 +125,7 @@ def lite_recognizer(built, threads: int):
     import os
     from pathlib import Path
 
+    from dse.deploy.export import features_record
     from dse.deploy.lite import LiteRecognizer
 
     info = built.export_info
@@ -132,9 +133,8 @@ def lite_recognizer(built, threads: int):
     directory = Path(os.path.commonpath([encoder, *decoder.values()]))
     config = {"encoder_artifact": {"file": str(encoder.relative_to(directory)),
                                    "decoder": {k: {"file": str(v.relative_to(directory))} for k, v in decoder.items()}}}
-    loaded = built.loaded
-    features = {"config": loaded.features.to_dict(), "mean": loaded.mean.tolist(), "invstd": loaded.invstd.tolist()}
-    return LiteRecognizer(directory, config, features, loaded.tokenizer.to_dict(), built.config, threads=threads)
+    return LiteRecognizer(directory, config, features_record(built.loaded), built.loaded.tokenizer.to_dict(),
+                          built.config, threads=threads)
 
 
 class LiteStream:

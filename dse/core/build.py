@@ -362,8 +362,8 @@ def torch_threads(config: TrialConfig) -> int:
     search (matrices of a few rows), gets 1. A second OpenMP thread would spin beside ONNX
     Runtime's pool after every torch operator and take the core the encoder needs: on the
     base model at int8 and 2 threads the encoder's chunk took 12.0 ms with torch at 2
-    threads and 7.0 ms at 1, and the search was no slower (two ``benchmarks/stream_base.py`` runs,
-    before and after this choice; the benchmark now runs only the second).
+    threads and 7.0 ms at 1, and the search was no slower (a one-off comparison: two
+    ``benchmarks/stream_base.py`` runs before and after this choice; the benchmark now runs only the second).
     """
     return 1 if config.backend == "onnxruntime" else config.threads
 

@@ -138,6 +138,10 @@ class LazyHypotheses(collections.abc.Sequence):
             hyp = self._built[i] = _as_hypothesis(*self.owner.hypothesis(self.state, i))
         return hyp
 
+    def best_tokens(self) -> List[int]:
+        """The best hypothesis' tokens, blank-led, without building the hypothesis."""
+        return self.owner.best_tokens(self.state)
+
     def __repr__(self) -> str:
         return f"LazyHypotheses({list(self)!r})"
 

@@ -24,6 +24,7 @@ from torchaudio.models import RNNT, emformer_rnnt_model
 from dse.core.errors import ModelLoadError
 from dse.core.files import file_sha256
 from dse.core.features import FeatureConfig, LogMel
+from dse.core import vocab
 from dse.core.vocab import CharTokenizer, NumberedTokenizer
 
 CHECKPOINT_FORMAT = "dse-checkpoint"
@@ -246,8 +247,6 @@ def with_lm(loaded: LoadedModel, lm_path: Optional[str]) -> LoadedModel:
 
 def tokenizer_from_dict(data: dict, where: str = "tokenizer"):
     """Rebuild a tokenizer from its ``to_dict()`` form."""
-    from dse.core import vocab
-
     kind = data.get("kind")
     simple = vocab.from_dict(data)
     if simple is not None:

@@ -155,7 +155,8 @@ class CharNgramLM:
                     i = index.get(c)
                     if i is not None and n > d:  # max(n - d, 0) adds nothing otherwise
                         probs[i] += (n - d) / total
-            memo[s] = probs
+            if len(s) < len(h) or not h:  # a full history's row is log_probs' cache
+                memo[s] = probs
         return probs
 
     def log_prob(self, text: str) -> float:

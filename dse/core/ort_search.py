@@ -318,14 +318,15 @@ class OrtBeamSearch(_Sessions):
 
     @staticmethod
     def hypothesis(state: BeamState, i: int):
-        """The beam's ``i``-th hypothesis as :meth:`hypotheses` gives it (copies)."""
+        """The beam's ``i``-th hypothesis as :meth:`hypotheses` gives it (views of the store: a store only
+        ever writes past the slots it has handed out, and a grown or rebuilt store is new arrays)."""
         store = state.store
         key, slot, score = state.beam[i]
-        return (list(store.tokens_of[key]), store.out[slot: slot + 1].copy(), store.h[:, slot: slot + 1].copy(),
-                store.c[:, slot: slot + 1].copy(), score)
+        return (list(store.tokens_of[key]), store.out[slot: slot + 1], store.h[:, slot: slot + 1],
+                store.c[:, slot: slot + 1], score)
 
     def hypotheses(self, state: BeamState):
-        """The beam as ``(tokens, output (1, 1, E), h (L, 1, H), c (L, 1, H), score)``, best first (copies)."""
+        """The beam as ``(tokens, output (1, 1, E), h (L, 1, H), c (L, 1, H), score)``, best first (views)."""
         return [self.hypothesis(state, i) for i in range(len(state.beam))]
 
     def _log_probs(self, enc_t: np.ndarray, out: np.ndarray, lm_rows) -> np.ndarray:
@@ -386,7 +387,8 @@ class OrtBeamSearch(_Sessions):
                     store.place(expansions, todo, store.append(out, h, c))
                 a_hypos = [tuple(e) for e in expansions]
                 symbols_current_t += 1
-            # -- the beam: best by score over (tokens + 1)
+            # -- the beam: best by score over (tokens + 1); _top's rule (largest first, ties to the lower
+            # index), in Python: a beam's few candidates sort faster as a list than through numpy
             norm = np.array([h[2] / (len(tokens_of[h[0]]) + 1) for h in b_hypos], f32).tolist()
             b_hypos = [b_hypos[i] for i in sorted(range(len(norm)), key=lambda i: -norm[i])[:beam_width]]
         return BeamState(store, b_hypos)

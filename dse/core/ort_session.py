@@ -119,8 +119,9 @@ def decoder_threads(predictor: Path, joiner: Path, threads: int) -> int:
     decoder (13 MiB) streamed greedy search 0.94x [0.86, 1.02] as fast, no gain (one-off probes).
     Large ones get ``threads``.
     """
-    size = sum(Path(p).stat().st_size for p in (predictor, joiner) if Path(p).is_file())  # a missing one:
-    return 1 if size < DECODER_ONE_THREAD_BYTES else int(threads)                      # open_session says so
+    # a missing file counts 0 here: open_session names it
+    size = sum(Path(p).stat().st_size for p in (predictor, joiner) if Path(p).is_file())
+    return 1 if size < DECODER_ONE_THREAD_BYTES else int(threads)
 
 
 def open_session(path: Path, threads: int, spinning: bool, what: str):

@@ -152,9 +152,11 @@ class StreamingRecognizer:
 
     @property
     def tokens(self) -> list[int]:
-        if not self.state.hypotheses:
+        hyps = self.state.hypotheses
+        if not hyps:
             return []
-        return [t for t in self.state.hypotheses[0][0] if t != self.tokenizer.blank]
+        best = hyps.best_tokens() if hasattr(hyps, "best_tokens") else hyps[0][0]  # an ONNX search's beam
+        return [t for t in best if t != self.tokenizer.blank]
 
     @property
     def text(self) -> str:

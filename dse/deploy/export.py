@@ -487,6 +487,11 @@ def _write_readme(directory: Path, config: dict, metrics: dict, trial_config, vo
     (directory / runtime.README_FILE).write_text("\n".join(lines) + "\n")
 
 
+def features_record(loaded) -> dict:
+    """A bundle's ``features.json``: the front end's configuration and normalisation statistics."""
+    return {"config": loaded.features.to_dict(), "mean": loaded.mean.tolist(), "invstd": loaded.invstd.tolist()}
+
+
 def _write_bundle(directory: Path, study, trial, storage_url: str, built, adaptation: dict) -> None:
     loaded = built.loaded
     deployed = built.recognizer.model
@@ -499,8 +504,7 @@ def _write_bundle(directory: Path, study, trial, storage_url: str, built, adapta
     torch_weights = (deployed if not onnx else loaded.model if built.config.precision == "fp32"
                      else apply_precision(loaded.model, built.config.precision))  # fp32: no copy to make
     torch.save(torch_weights.state_dict(), directory / runtime.WEIGHTS_FILE)
-    _write_json(directory / runtime.FEATURES_FILE, {"config": loaded.features.to_dict(),
-                                                     "mean": loaded.mean.tolist(), "invstd": loaded.invstd.tolist()})
+    _write_json(directory / runtime.FEATURES_FILE, features_record(loaded))
     vocab = loaded.tokenizer.to_dict()
     if vocab["kind"] == "sentencepiece":
         shutil.copyfile(vocab.pop("model_path"), directory / "vocabulary.model")

@@ -7,7 +7,7 @@ one. Format::
     model: default            # default | base-random | <architecture>-random | <checkpoint path>
     sampler: gp               # gp (default) | tpe | nsga2 | random | grid
     n_trials: 6               # the study's default trial count
-    timeout: 420              # optional: seconds after which no new trial starts (a run's time budget)
+    timeout: 360              # optional: seconds after which no new trial starts (a run's time budget)
     objectives:               # each: a metric and a direction
       - {metric: wer, direction: minimize}
       - {metric: rtf_p95, direction: minimize}
