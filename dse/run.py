@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
 from dse.core.errors import DSEError, cli_error, redact
+from dse.search.interrupts import INTERRUPTS
 from dse.search.storage import DEFAULT_STORAGE
 
 def main(argv=None) -> int:
@@ -59,20 +59,17 @@ def main(argv=None) -> int:
     from rich.console import Console
 
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)  # a terminated worker stops like Ctrl-C
     # An interrupt that lands inside a storage query makes SQLAlchemy log "Error closing cursor"
     # with a traceback; the interruption itself is reported in one line below.
     logging.getLogger("sqlalchemy").setLevel(logging.CRITICAL)
-    try:
-        return _run(args, console)
-    except DSEError as exc:
-        return cli_error(exc)
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    with INTERRUPTS.installed():  # SIGTERM stops a worker as Ctrl-C does
+        try:
+            return _run(args, console)
+        except DSEError as exc:
+            return cli_error(exc)
+        except KeyboardInterrupt:  # before the study started (loading) or after (the summary)
+            console.print("[yellow]interrupted[/yellow]: no trial was in flight; run the same command again")
+            return 130
 
 
 def _run(args, console) -> int:
@@ -135,8 +132,10 @@ def _run(args, console) -> int:
         budget = space.timeout if args.timeout is None else (args.timeout or None)
         timeout = max(1.0, budget - (time.monotonic() - started)) if budget else None
         try:
-            study.optimize(make_objective(ctx, console, seed), n_trials=None, timeout=timeout,
-                           catch=(Exception,), gc_after_trial=True, callbacks=[DistinctTrials(target)])
+            with INTERRUPTS.held():  # a signal in Optuna's bookkeeping waits for a safe point
+                study.optimize(make_objective(ctx, console, seed), n_trials=None, timeout=timeout,
+                               catch=(Exception,), gc_after_trial=True,
+                               callbacks=[DistinctTrials(target), INTERRUPTS.check])
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]: the trial in flight is recorded as FAIL; "
                           "run the same command again to resume")

@@ -550,3 +550,85 @@ def test_a_stopped_worker_leaves_no_trial_running_and_no_traceback(study, tmp_pa
     assert trials and not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
     stopped = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     assert stopped and stopped[0].user_attrs["fail_reason"].startswith("interrupted")
+
+
+# A signal that lands in Optuna's own bookkeeping around a trial: right after a trial is asked,
+# right after its heartbeat thread starts (an interrupt there left the thread running, and the
+# process never exited), right after it is told. The process sends the signal to itself there.
+SIGNAL_INSIDE = """
+import os, signal, sys
+import optuna
+from optuna.storages import _heartbeat
+from optuna.study import _optimize
+where, sig = sys.argv[1], int(sys.argv[2])
+sent = []
+
+def after(call):
+    def patched(*args, **kwargs):
+        result = call(*args, **kwargs)
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), sig)
+        return result
+    return patched
+
+if where == "ask":
+    optuna.Study.ask = after(optuna.Study.ask)
+elif where == "heartbeat":
+    _heartbeat.HeartbeatThread.start = after(_heartbeat.HeartbeatThread.start)
+else:
+    _optimize._tell_with_warning = after(_optimize._tell_with_warning)
+from dse import run
+sys.exit(run.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["ask", "heartbeat", "tell"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_in_optunas_bookkeeping_is_held_until_it_is_safe(study, tmp_path, where, sig):
+    space = dict(STUDY_SPACE, model=str(study.checkpoint))
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), DSE_LOCK_DIR=str(tmp_path))
+    args = [sys.executable, "-c", SIGNAL_INSIDE, where, str(int(sig)),
+            *map(str, study_args(tmp_path, space, manifest=study.manifest))]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"the worker did not exit after the signal:\n{err}")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    trials = optuna.load_study(study_name="space", storage=f"sqlite:///{tmp_path / 's.db'}").trials
+    assert trials and not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    for t in trials:  # a trial the signal ended is recorded as interrupted, and retried by the next run
+        if t.state == optuna.trial.TrialState.FAIL:
+            assert t.user_attrs["fail_reason"].startswith("interrupted")
+    if where == "tell":  # held past the trial it landed after: that trial finished, the next never started
+        assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]
+
+
+def test_a_held_signal_is_raised_at_the_next_safe_point_and_a_second_one_at_once():
+    from dse.search.interrupts import Interrupts
+
+    interrupts = Interrupts()
+    with pytest.raises(KeyboardInterrupt):  # held in the block, raised where it ends
+        with interrupts.held():
+            interrupts.handler(signal.SIGTERM, None)
+            ran_on = True
+    assert ran_on and not interrupts.pending
+    with pytest.raises(KeyboardInterrupt):  # the user insists: the second is raised where it lands
+        with interrupts.held():
+            interrupts.handler(signal.SIGINT, None)
+            interrupts.handler(signal.SIGINT, None)
+    with interrupts.held():
+        interrupts.handler(signal.SIGTERM, None)
+        with pytest.raises(KeyboardInterrupt):  # a trial's work starts: the held signal lands there
+            with interrupts.raised():
+                pytest.fail("the trial's work must not start")
+        with pytest.raises(KeyboardInterrupt):  # and inside it, signals are raised at once
+            with interrupts.raised():
+                interrupts.handler(signal.SIGTERM, None)
+        assert interrupts.holding and not interrupts.pending
+    with pytest.raises(KeyboardInterrupt):  # no study running: raised at once
+        interrupts.handler(signal.SIGTERM, None)

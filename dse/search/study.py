@@ -33,6 +33,7 @@ import torch
 from dse.core.config import TrialConfig
 from dse.core.errors import DSEError
 from dse.core.record import STORED_METRICS, TrialRecord
+from dse.search.interrupts import INTERRUPTS
 from dse.search.storage import STALE_REASON
 from dse.core.measure import EvalAudio, interleaved_speedup, machine_fingerprint, measure
 from dse.core.models import LoadedModel
@@ -545,6 +546,14 @@ def make_objective(ctx, console, seed: Optional[int] = None):
         raise optuna.TrialPruned(f"duplicate of trial {twin}")
 
     def objective(trial):
+        try:
+            with INTERRUPTS.raised():  # a signal held while Optuna started this trial lands here
+                return work(trial)
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", INTERRUPTED)
+            raise
+
+    def work(trial):
         from dse.core.config import TrialConfig
 
         levels = not isinstance(trial.study.sampler, optuna.samplers.GridSampler)
@@ -595,9 +604,6 @@ def make_objective(ctx, console, seed: Optional[int] = None):
             trial.set_user_attr("prune_reason", str(exc))
             console.print(f"  trial {trial.number}: [yellow]pruned[/yellow]: {exc}")
             raise optuna.TrialPruned(str(exc)) from None
-        except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", INTERRUPTED)
-            raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             trial.set_user_attr("fail_reason", reason[:2000])
