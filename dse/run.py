@@ -36,7 +36,8 @@ def main(argv=None) -> int:
                                                 "the space's n_trials; 0 runs none and prints the front)")
     p.add_argument("--timeout", type=float, help="start no new trial after this many seconds from the start of the "
                                                  "run (default: the space's timeout, if it sets one; 0: no limit); "
-                                                 "the trial in flight finishes, and the same command adds more later")
+                                                 "the trial in flight finishes, at least one trial starts, and the "
+                                                 "same command adds more later")
     p.add_argument("--storage", default=os.environ.get("DSE_STORAGE", DEFAULT_STORAGE),
                    help=f"Optuna storage URL (default {DEFAULT_STORAGE}; postgresql://user@host/db for many workers)")
     p.add_argument("--study-name", help="name of the study in the storage (default: the space's name)")
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.n_trials is not None and args.n_trials < 0:
         p.error(f"--n-trials {args.n_trials}: give 0 or more distinct configurations")
+    if args.timeout is not None and not 0 <= args.timeout < float("inf"):
+        p.error(f"--timeout {args.timeout}: give 0 (no limit) or a positive number of seconds")
 
     from rich.console import Console
 
@@ -130,6 +133,7 @@ def _run(args, console) -> int:
         # Optuna logs a failed trial's traceback at WARNING; the objective prints one line itself.
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         budget = space.timeout if args.timeout is None else (args.timeout or None)
+        # loading may have spent the budget: one trial still starts (Optuna checks before each)
         timeout = max(1.0, budget - (time.monotonic() - started)) if budget else None
         try:
             with INTERRUPTS.held():  # a signal in Optuna's bookkeeping waits for a safe point

@@ -517,6 +517,14 @@ def test_n_trials_zero_runs_nothing(study, tmp_path):
     assert negative.returncode == 2 and "--n-trials -1" in negative.stderr
 
 
+@pytest.mark.parametrize("value", ["-5", "nan", "inf"])
+def test_a_timeout_that_is_not_a_budget_is_refused(study, tmp_path, value):
+    space = dict(STUDY_SPACE, model=str(study.checkpoint))
+    out = cli("run", *study_args(tmp_path, space, f"--timeout={value}", manifest=study.manifest), cwd=tmp_path)
+    assert out.returncode == 2 and f"--timeout {float(value)}" in out.stderr, out.stderr
+    assert not (tmp_path / "s.db").exists()
+
+
 def test_missing_eval_set_leaves_no_study_behind(study, tmp_path):
     space = dict(STUDY_SPACE, model=str(study.checkpoint))
     out = cli("run", *study_args(tmp_path, space), cwd=tmp_path)
