@@ -109,6 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit {args.limit}: give 1 or more utterances")
     try:
         from dse.core.models import DEFAULT_EVAL, load_model, with_lm
 

@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.n_trials is not None and args.n_trials < 0:
         p.error(f"--n-trials {args.n_trials}: give 0 or more distinct configurations")
+    if args.eval_limit is not None and args.eval_limit < 1:
+        p.error(f"--eval-limit {args.eval_limit}: give 1 or more utterances")
     if args.timeout is not None and not 0 <= args.timeout < float("inf"):
         p.error(f"--timeout {args.timeout}: give 0 (no limit) or a positive number of seconds")
 

@@ -487,6 +487,7 @@ def study_args(root: Path, space: dict, *extra, manifest: Optional[Path] = None)
     ({"precision": {"choices": ["fp32"]}}, {"n_trials": "many"}, "n_trials: 'many' must be a whole number"),
     ({"moe_experts": {"choices": [0, 4]}, "moe_hidden": {"choices": [4096]}}, {},
      "params.moe_hidden: 4096: moe_hidden=4096 exceeds the dense FFN width"),
+    ({"precision": {"choices": ["fp32"]}}, {"eval_limit": -3}, "eval_limit: -3 must be a whole number of utterances"),
 ])
 def test_a_space_value_no_trial_could_run_is_refused_before_any_trial(study, tmp_path, params, top, message):
     space = dict(STUDY_SPACE, model=str(study.checkpoint), params=params, **top)
@@ -515,6 +516,25 @@ def test_n_trials_zero_runs_nothing(study, tmp_path):
     assert optuna.load_study(study_name="space", storage=f"sqlite:///{tmp_path / 's.db'}").trials == []
     negative = cli("run", *study_args(tmp_path, space, "--n-trials", "-1", manifest=study.manifest), cwd=tmp_path)
     assert negative.returncode == 2 and "--n-trials -1" in negative.stderr
+
+
+@pytest.mark.parametrize("command, flag", [("run", "--eval-limit"), ("measure", "--limit"), ("verify", "--limit")])
+@pytest.mark.parametrize("value", [-3, 0])
+def test_an_utterance_limit_below_one_is_refused(study, tmp_path, command, flag, value):
+    # a negative limit sliced [:-3]: every utterance but the last three, silently
+    if command == "run":
+        args = study_args(tmp_path, dict(STUDY_SPACE, model=str(study.checkpoint)), f"{flag}={value}",
+                          manifest=study.manifest)
+    elif command == "measure":
+        args = ["--model", study.checkpoint, "--eval-set", study.manifest, f"{flag}={value}"]
+    else:
+        args = [study.bundle, f"{flag}={value}"]
+    out = cli(command, *args, cwd=tmp_path)
+    assert out.returncode == 2 and f"{flag} {value}" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "s.db").exists()
+    from dse.core.measure import load_eval_audio
+    with pytest.raises(DSEError, match=f"limit of {value}"):
+        load_eval_audio(study.manifest, value)
 
 
 @pytest.mark.parametrize("value", ["-5", "nan", "inf"])

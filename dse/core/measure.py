@@ -255,6 +255,8 @@ def load_eval_audio(source, limit: Optional[int] = None, progress: bool = False)
     from dse.core.audio import read_audio
     from dse.core.datasets import iter_checked, load_eval_set
 
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DSEError(f"an utterance limit of {limit!r}: give a whole number of 1 or more")  # [:-3] drops the last 3
     utts = load_eval_set(source)[:limit]
     out = EvalAudio([], [], [], [], [])
     it = iter_checked(utts, read_audio)

@@ -249,7 +249,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     bundle = Path(args.bundle)
     try:
-        for flag, value in (("--threads", args.threads), ("--speedup-utterances", args.speedup_utterances)):
+        for flag, value in (("--threads", args.threads), ("--speedup-utterances", args.speedup_utterances),
+                            ("--limit", args.limit)):
             if value is not None and value < 1:
                 raise DSEError(f"{flag} {value} must be at least 1")
         recognizer = runtime.load(bundle, threads=args.threads)  # it sets torch's threads when it decodes

@@ -342,6 +342,9 @@ def parse_space(data: Any, path: Path, name: Optional[str] = None) -> Space:
     for key, v in counts.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise _err(path, key, f"{v!r} must be a whole number (0 or more)")
+    eval_limit = data.get("eval_limit")
+    if eval_limit is not None and (not isinstance(eval_limit, int) or isinstance(eval_limit, bool) or eval_limit < 1):
+        raise _err(path, "eval_limit", f"{eval_limit!r} must be a whole number of utterances (1 or more)")
     timeout = data.get("timeout")
     if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0):
         raise _err(path, "timeout", f"{timeout!r} must be a positive number of seconds")
