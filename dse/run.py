@@ -157,7 +157,10 @@ def _run(args, console) -> int:
         try:
             resolve_front(study, ctx, console)
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/yellow] while re-measuring the front")
+            console.print("[yellow]interrupted[/yellow] while re-measuring the front: every trial is recorded; "
+                          "the pairs not re-measured are left to the noise")
+            _report(study, space, console)
+            return 130
     _report(study, space, console)
     from optuna.trial import TrialState
     states = [t.state for t in study.get_trials(deepcopy=False)]
