@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from dse.core.errors import DSEError, cli_error, redact
-from dse.search.interrupts import INTERRUPTS
+from dse.core.interrupts import INTERRUPTS
 from dse.search.storage import DEFAULT_STORAGE
 
 def main(argv=None) -> int:

@@ -643,8 +643,43 @@ def test_a_signal_in_optunas_bookkeeping_is_held_until_it_is_safe(study, tmp_pat
         assert "interrupted while re-measuring the front" in err
 
 
+EXPORT_STOPPED = """
+import os, signal, sys, time
+from dse.deploy import export
+sig, where = int(sys.argv[1]), sys.argv[2]
+if where == "writing":
+    export._write_bundle = lambda *args: (os.kill(os.getpid(), sig), time.sleep(30))
+else:  # as the finished bundle is swapped for the old one: the swap completes, and so does the export
+    move = export._move_into_place
+    def patched(tmp, out, force):
+        os.kill(os.getpid(), sig)
+        move(tmp, out, force)
+    export._move_into_place = patched
+sys.exit(export.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["writing", "moving"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_export_leaves_the_old_bundle_or_the_new_one_and_nothing_partial(study, tmp_path, sig, where):
+    out = shutil.copytree(study.bundle, tmp_path / "bundle")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    proc = subprocess.run([sys.executable, "-c", EXPORT_STOPPED, str(int(sig)), where, "--storage", study.storage,
+                           "--study", "space", "--trial", str(study.trial.number), "--out", str(out), "--force"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no partial or old folder left beside it
+    if where == "writing":
+        assert proc.returncode == 130 and "interrupted: nothing written" in proc.stderr, proc.stderr
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    else:
+        assert proc.returncode == 0 and "exported trial" in proc.stdout, proc.stderr
+        assert (out / "MANIFEST.sha256").exists()
+
+
 def test_a_held_signal_is_raised_at_the_next_safe_point_and_a_second_one_at_once():
-    from dse.search.interrupts import Interrupts
+    from dse.core.interrupts import Interrupts
 
     interrupts = Interrupts()
     with pytest.raises(KeyboardInterrupt):  # held in the block, raised where it ends

@@ -41,6 +41,7 @@ import torch
 
 from dse.deploy import lite, runtime
 from dse.core.errors import DSEError, cli_error, redact
+from dse.core.interrupts import INTERRUPTS
 from dse.core.precision import apply_precision
 from dse.core.record import TrialRecord
 
@@ -667,7 +668,8 @@ def export_bundle(storage_url: str, study_name: str, out_dir, trial: Optional[in
         os.chmod(tmp, 0o755)
         log(f"writing {out}")
         _write_bundle(tmp, study, chosen, storage_url, built, adaptation)
-        _move_into_place(tmp, out, force)
+        with INTERRUPTS.held(last=True):  # never half-way between the old bundle and the new one
+            _move_into_place(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -697,10 +699,14 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr)
 
     try:
-        out = export_bundle(args.storage, args.study, args.out, trial=args.trial, pick=args.pick,
-                            minimize=args.minimize, force=args.force, cache_dir=args.cache_dir, log=log)
+        with INTERRUPTS.installed():  # SIGTERM stops an export as Ctrl-C does: the partial folder is removed
+            out = export_bundle(args.storage, args.study, args.out, trial=args.trial, pick=args.pick,
+                                minimize=args.minimize, force=args.force, cache_dir=args.cache_dir, log=log)
     except DSEError as exc:
         return cli_error(exc)
+    except KeyboardInterrupt:
+        log(f"interrupted: nothing written to {args.out}")
+        return 130
     config = json.loads((out / runtime.CONFIG_FILE).read_text())
     art = config["encoder_artifact"]
     print(f"exported trial {config['study']['trial']} of study {args.study!r} to {out}")

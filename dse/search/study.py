@@ -33,7 +33,7 @@ import torch
 from dse.core.config import TrialConfig
 from dse.core.errors import DSEError
 from dse.core.record import STORED_METRICS, TrialRecord
-from dse.search.interrupts import INTERRUPTS
+from dse.core.interrupts import INTERRUPTS
 from dse.search.storage import STALE_REASON
 from dse.core.measure import EvalAudio, interleaved_speedup, machine_fingerprint, measure
 from dse.core.models import LoadedModel

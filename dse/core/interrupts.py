@@ -1,4 +1,4 @@
-"""Stopping a worker (Ctrl-C, SIGTERM) without leaving Optuna's books half kept.
+"""Stopping a command (Ctrl-C, SIGTERM) without leaving its work half done.
 
 Python raises ``KeyboardInterrupt`` wherever the main thread happens to be. Inside a trial's
 work that is what a user wants: the trial ends at once and is recorded as interrupted. Inside
@@ -13,6 +13,7 @@ So while a study runs (:meth:`Interrupts.held`), a first signal that lands outsi
 work is held and raised at the next safe point: when the next trial's work starts (that trial
 is recorded as interrupted), after a trial's callbacks (:meth:`Interrupts.check` is one), or
 when the study returns. A second signal while one is held is raised at once, wherever it lands.
+An export holds a signal the same way while it swaps the finished bundle for an old one.
 """
 from __future__ import annotations
 
@@ -44,8 +45,10 @@ class Interrupts:
                 signal.signal(s, h)
 
     @contextlib.contextmanager
-    def held(self):
-        """Hold a first signal in this block (a study's run); raise it at the end if no safe point did."""
+    def held(self, last: bool = False):
+        """Hold a first signal in this block (a study's run); raise it at the end if no safe point did.
+        ``last``: the block finishes the work (a finished bundle moved into place), so a signal
+        held in it has nothing left to stop and is dropped."""
         holding, self.holding = self.holding, True
         try:
             yield
@@ -54,6 +57,8 @@ class Interrupts:
             raise
         finally:
             self.holding = holding
+        if last:
+            self.pending = False
         self.check()
 
     @contextlib.contextmanager
