@@ -702,3 +702,15 @@ def test_a_held_signal_is_raised_at_the_next_safe_point_and_a_second_one_at_once
         assert interrupts.holding and not interrupts.pending
     with pytest.raises(KeyboardInterrupt):  # no study running: raised at once
         interrupts.handler(signal.SIGTERM, None)
+
+
+@pytest.mark.parametrize("out, message", [("", "--out is empty"), (".", "is the folder this command runs in"),
+                                          ("a.wav/sub", "a.wav is not a folder")])
+def test_an_export_target_that_cannot_be_a_bundle_is_refused_and_the_folder_kept(study, tmp_path, out, message):
+    here = shutil.copytree(study.bundle, tmp_path / "here")  # --force would replace the folder it runs in
+    (here / "a.wav").write_bytes(b"RIFF")
+    before = sorted(p.name for p in here.iterdir())
+    res = cli("export", "--storage", study.storage, "--study", "space", "--trial", study.trial.number,
+              "--out", out, "--force", cwd=here)
+    assert res.returncode == 2 and message in one_error_line(res), res.stderr
+    assert sorted(p.name for p in here.iterdir()) == before and sorted(p.name for p in tmp_path.iterdir()) == ["here"]

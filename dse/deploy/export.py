@@ -597,6 +597,14 @@ def not_a_bundle(directory: Path) -> Optional[str]:
 
 
 def _check_target(out: Path, force: bool) -> None:
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise DSEError(f"--out {out} is the folder this command runs in, or holds it; choose another path")
+    ancestor = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
+    if ancestor != out and not ancestor.is_dir():
+        raise DSEError(f"--out {out}: {ancestor} is not a folder; choose another path")
+    if ancestor != out and not os.access(ancestor, os.W_OK | os.X_OK):
+        raise DSEError(f"--out {out}: this user may not create folders in {ancestor}; choose another path")
     if out.exists() and not out.is_dir():
         raise DSEError(f"--out {out} exists and is not a directory; choose another path")
     if out.is_dir() and any(out.iterdir()):
@@ -655,6 +663,8 @@ def export_bundle(storage_url: str, study_name: str, out_dir, trial: Optional[in
     study or weights, or an existing non-empty ``out_dir`` without ``force``.
     """
     log = log or (lambda msg: None)
+    if not str(out_dir).strip():
+        raise DSEError("--out is empty; give the folder to write the bundle to")
     out = Path(out_dir).absolute()
     _check_target(out, force)
     study = load_study(storage_url, study_name)
@@ -662,8 +672,11 @@ def export_bundle(storage_url: str, study_name: str, out_dir, trial: Optional[in
     if pick is not None:
         log(f"{pick_note(study, chosen)} ({minimize}={TrialRecord.of_trial(chosen).metrics[minimize]:.4g})")
     built, adaptation = _rebuild(study, chosen, cache_dir, log)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise DSEError(f"--out {out}: cannot create a folder in {out.parent} ({exc.strerror})") from None
     try:
         os.chmod(tmp, 0o755)
         log(f"writing {out}")
