@@ -177,8 +177,43 @@ def test_cli_builds_and_scores(tmp_path, capsys):
     assert lm_build.main(["score", str(out), str(manifest)]) == 0
     bits = float(capsys.readouterr().out.split(": ")[1].split()[0])
     assert 0 < bits < math.log2(len(SYMBOLS) + 1)
-    assert lm_build.main(["build", "--out", str(out), "--texts", str(tmp_path / "none.txt")]) == 2
+    assert lm_build.main(["build", "--out", str(tmp_path / "y.lm.gz"), "--texts", str(tmp_path / "none.txt")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_cli_refuses_what_it_cannot_count_or_must_not_overwrite(tmp_path, capsys):
+    texts = tmp_path / "t.txt"
+    texts.write_text("\n".join(TEXTS) + "\n")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)))
+    (tmp_path / "empty.txt").write_text("")
+    victim = tmp_path / "victim.wav"
+    victim.write_bytes(b"RIFF....WAVE")
+    (tmp_path / "folder").mkdir()
+    lm = tmp_path / "x.lm.gz"
+    assert lm_build.main(["build", "--out", str(lm), "--order", "3", "--texts", str(texts)]) == 0
+    capsys.readouterr()
+    for args, message in [
+        (["--out", str(victim)], "exists; pass --force"),
+        (["--out", str(victim), "--force"], "is not a dse language model"),  # --force replaces only an LM
+        (["--out", str(lm)], "exists; pass --force"),
+        (["--out", str(tmp_path / "folder")], "is a directory"),
+        (["--out", str(victim / "x.lm.gz")], "victim.wav is not a folder"),
+        (["--out", ""], "--out is empty"),
+        (["--out", str(tmp_path / "n.lm.gz"), "--order", "0"], "--order 0"),
+        (["--out", str(tmp_path / "n.lm.gz"), "--texts", str(tmp_path / "binary.txt")], "is not UTF-8 text"),
+        (["--out", str(tmp_path / "n.lm.gz"), "--texts", str(tmp_path / "empty.txt")], "no sentences"),
+        (["--out", str(tmp_path / "n.lm.gz"), "--texts", str(tmp_path / "folder")], "is a directory"),
+    ]:
+        argv = ["build", *args] if "--texts" in args else ["build", *args, "--texts", str(texts)]
+        assert lm_build.main(argv) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert victim.read_bytes() == b"RIFF....WAVE"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.txt", "empty.txt", "folder", "t.txt", "victim.wav",
+                                                           "x.lm.gz"]  # nothing half-written beside them
+    assert lm_build.main(["build", "--out", str(lm), "--order", "2", "--texts", str(texts), "--force"]) == 0
+    assert CharNgramLM.load(lm).order == 2
+    assert lm_build.main(["score", str(lm), str(tmp_path / "empty.txt")]) == 2
+    assert "no sentences" in capsys.readouterr().err
 
 
 # -- a study that fuses the LM, exported and served ------------------------------------------

@@ -182,13 +182,17 @@ class CharNgramLM:
         header = {"format": FORMAT, "version": VERSION, "order": self.order, "discount": self.discount,
                   "symbols": self.symbols, **self.info}
         tmp = path.with_name(path.name + ".tmp")
-        with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=9) as fh:
-            fh.write(json.dumps(header) + "\n")
-            for k, table in enumerate(self.tables, start=1):
-                for h in sorted(table):
-                    for c in sorted(table[h]):
-                        fh.write(f"{k}\t{_escape(h)}\t{_escape(c)}\t{table[h][c]}\n")
-        os.replace(tmp, path)
+        try:
+            with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=9) as fh:
+                fh.write(json.dumps(header) + "\n")
+                for k, table in enumerate(self.tables, start=1):
+                    for h in sorted(table):
+                        for c in sorted(table[h]):
+                            fh.write(f"{k}\t{_escape(h)}\t{_escape(c)}\t{table[h][c]}\n")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # no half-written file left beside the target
+            raise
         return path
 
     @classmethod

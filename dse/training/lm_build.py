@@ -40,18 +40,50 @@ def default_texts() -> list[str]:
 def read_texts(path: str | os.PathLike) -> list[str]:
     """Sentences from a JSONL manifest (its ``text`` fields) or a plain text file (one per line)."""
     p = Path(path)
+    if not str(path).strip():
+        raise DSEError("a text source is an empty path; give a JSONL manifest or a text file")
+    if p.is_dir():
+        raise DSEError(f"text source {p} is a directory; give a JSONL manifest or a text file")
     if not p.is_file():
         raise DSEError(f"text source {p} not found")
+    try:
+        content = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DSEError(f"text source {p} is not UTF-8 text (byte {exc.start}); give a JSONL manifest or a text "
+                       "file") from None
+    except OSError as exc:
+        raise DSEError(f"text source {p}: {exc.strerror}") from None
     if p.suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(p.read_text().splitlines(), 1):
+        for n, line in enumerate(content.splitlines(), 1):
             if line.strip():
                 try:
                     texts.append(normalise_text(json.loads(line)["text"]))
                 except (ValueError, KeyError, TypeError) as exc:
                     raise DSEError(f"{p}:{n}: not a manifest line with a 'text' field ({exc})") from exc
         return texts
-    return [normalise_text(line) for line in p.read_text(errors="replace").splitlines() if line.strip()]
+    return [normalise_text(line) for line in content.splitlines() if line.strip()]
+
+
+def check_out(out: str, force: bool) -> None:
+    """Refuse an ``--out`` the build cannot or must not write: an empty path, a folder, a file
+    under a file, or an existing file unless ``force`` (and then only a language model)."""
+    if not str(out).strip():
+        raise DSEError("--out is empty; give the language model file to write, e.g. my.lm.gz")
+    path = Path(out)
+    if path.is_dir():
+        raise DSEError(f"--out {path} is a directory; give a file, e.g. {path / 'model.lm.gz'}")
+    ancestor = next(p for p in path.absolute().parents if p.exists() or p == p.parent)
+    if not ancestor.is_dir():
+        raise DSEError(f"--out {path}: {ancestor} is not a folder")
+    if path.exists():
+        if not force:
+            raise DSEError(f"--out {path} exists; pass --force to replace it, or choose another path")
+        try:
+            CharNgramLM.load(path)
+        except DSEError:
+            raise DSEError(f"--out {path} is not a dse language model; --force replaces only one: choose "
+                           "another path") from None
 
 
 def main(argv=None) -> int:
@@ -63,6 +95,8 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="count texts into a character n-gram model file")
     b.add_argument("--out", required=True, help="output file, e.g. model.lm.gz (beside model.pt to travel with it)")
+    b.add_argument("--force", action="store_true", help="replace an existing --out language model (never another "
+                                                         "kind of file)")
     b.add_argument("--order", type=int, default=8, help="n-gram order in characters (default 8)")
     b.add_argument("--discount", type=float, default=0.85, help="Kneser-Ney discount in (0, 1) (default 0.85)")
     b.add_argument("--texts", action="append", default=[],
@@ -76,7 +110,12 @@ def main(argv=None) -> int:
         if args.command == "build":
             from dse.core.models import CharTokenizer
 
+            if args.order < 1:
+                raise DSEError(f"--order {args.order}: give 1 or more characters")
+            check_out(args.out, args.force)
             texts = [t for src in args.texts for t in read_texts(src)] if args.texts else default_texts()
+            if not texts:
+                raise DSEError(f"no sentences in {', '.join(args.texts)}; nothing to count")
             t0 = time.perf_counter()
             lm = CharNgramLM.train(texts, CharTokenizer().symbols, order=args.order, discount=args.discount)
             lm.save(args.out)
@@ -87,9 +126,13 @@ def main(argv=None) -> int:
         else:
             lm = CharNgramLM.load(args.lm)
             texts = [t for src in args.texts for t in read_texts(src)]
+            if not texts:
+                raise DSEError(f"no sentences in {', '.join(args.texts)}; nothing to score")
             print(f"{args.lm}: {lm.bits_per_char(texts):.3f} bits per character over {len(texts)} sentences")
     except DSEError as exc:
         return cli_error(exc)
+    except OSError as exc:  # --out in a folder this user may not write, a full disk
+        return cli_error(DSEError(f"--out {args.out}: {exc.strerror or exc}"))
     return 0
 
 
