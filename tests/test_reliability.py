@@ -125,6 +125,22 @@ def test_password_in_driver_text_is_masked_even_outside_a_url():
     assert "ss-word" not in str(error) and "postgresql://u:***@db/x" in str(error)
 
 
+@pytest.mark.parametrize("url, shown", [
+    (f"postgresql://127.0.0.1:1/x?user=u&password={PASSWORD}", "postgresql://127.0.0.1:1/x?user=u&password=***"),
+    (f"postgresql:///x?host=127.0.0.1&port=1&password={PASSWORD}", "&password=***"),
+    (f"postgresql://u:{PASSWORD[:4]}@{PASSWORD[4:]}@127.0.0.1:1/x", "its password holds an '@'; write it as %40"),
+])
+def test_a_password_in_the_query_or_holding_an_at_is_masked(tmp_path, url, shown):
+    out = cli("run", "--study", "precision", "--storage", url, cwd=tmp_path)
+    assert out.returncode == 2
+    line = one_error_line(out)
+    assert shown in line and PASSWORD[:4] not in out.stdout + out.stderr and PASSWORD[4:] not in out.stderr, line
+    # what a driver says of such a URL, should one be given it: the password's tail read as the host
+    driver_text = f"failed to resolve host '{PASSWORD[4:]}@127.0.0.1'" if "%40" in shown else f"bad {PASSWORD}"
+    error = storage_module.storage_error(url, RuntimeError(driver_text))
+    assert PASSWORD[4:] not in str(error) and PASSWORD[:4] not in str(error), error
+
+
 def test_postgres_scheme_is_refused_with_the_right_one(tmp_path):
     out = cli("run", "--study", "precision", "--storage", f"postgres://u:{PASSWORD}@127.0.0.1:1/x", cwd=tmp_path)
     assert out.returncode == 2

@@ -27,12 +27,16 @@ class ConfigError(DSEError):
     """A trial configuration or search space is invalid."""
 
 
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]*)@")
+# the password runs to the last '@' before the host: an unencoded '@' inside it is still masked
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^/\s]*)@")
+_QUERY_PASSWORD = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd|sslpassword)=)[^&\s'\"]*")
 
 
 def redact(text: str) -> str:
-    """``text`` with the password of every ``scheme://user:password@host`` URL replaced by ``***``."""
-    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+    """``text`` with the password of every ``scheme://user:password@host`` URL, and every
+    ``?password=`` (or ``&password=``) query value, replaced by ``***``."""
+    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+    return _QUERY_PASSWORD.sub(lambda m: f"{m['key']}***", text)
 
 
 def cli_error(exc: BaseException) -> int:

@@ -29,18 +29,26 @@ _CORRUPT = ("file is not a database", "malformed", "not a database", "file is en
 def redact_storage(text: str, url: str) -> str:
     """``text`` with the password of ``url`` masked wherever it appears: in a URL (``redact``), and
     literally or percent-encoded (drivers and SQLAlchemy may quote the URL's parts on their own)."""
+    from urllib.parse import quote, unquote
+
     out = redact(str(text))
+    secrets = set()
     try:
         from sqlalchemy.engine import make_url
 
-        password = make_url(url).password
-    except Exception:  # an unparsable URL: the pattern above is all there is
-        password = None
-    if password and len(password) >= 3:  # shorter ones would mask letters of ordinary words
-        from urllib.parse import quote
-
-        for form in {password, quote(password, safe="")}:
-            out = out.replace(form, "***")
+        parsed = make_url(url)
+        secrets |= {parsed.password, parsed.query.get("password")}
+    except Exception:  # an unparsable URL: the patterns are all there is
+        pass
+    # as written: an unencoded '@' in the password makes drivers read its tail as the host
+    authority = url.split("://", 1)[-1].split("/", 1)[0]
+    if "@" in authority and ":" in authority.rsplit("@", 1)[0]:
+        raw = authority.rsplit("@", 1)[0].split(":", 1)[1]
+        secrets |= {raw, unquote(raw), *raw.split("@")}
+    for secret in sorted((s for s in secrets if isinstance(s, str)), key=len, reverse=True):
+        if len(secret) >= 3:  # shorter ones would mask letters of ordinary words
+            for form in {secret, quote(secret, safe="")}:
+                out = out.replace(form, "***")
     return out
 
 
@@ -54,6 +62,8 @@ def check_url(url: str) -> None:
     if not scheme:
         raise DSEError(f"storage {redact(url)!r} is not a URL; expected sqlite:///path/studies.db or "
                        "postgresql://user@host/db")
+    if url.split("://", 1)[1].split("/", 1)[0].count("@") > 1:  # the driver would take the password's tail for the host
+        raise DSEError(f"storage URL {redact(url)!r}: its password holds an '@'; write it as %40")
 
 
 def sqlite_path(url: str) -> Optional[Path]:
