@@ -111,6 +111,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error(f"--limit {args.limit}: give 1 or more utterances")
+    if not 0 <= args.seed < 2**63:
+        p.error(f"--seed {args.seed}: give a whole number from 0 to {2**63 - 1}")
+    if args.eval_set is not None and not args.eval_set.strip():
+        p.error("--eval-set is empty; give a JSONL manifest or a LibriSpeech directory")
+    if args.adapt_steps:
+        p.error(f"--adapt-steps {args.adapt_steps}: dse.measure measures weights as they are; adaptation runs in a "
+                "study (python -m dse.run with adapt_steps in its space), and dse.export writes the adapted weights")
     try:
         from dse.core.models import DEFAULT_EVAL, load_model, with_lm
 

@@ -56,6 +56,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.n_trials is not None and args.n_trials < 0:
         p.error(f"--n-trials {args.n_trials}: give 0 or more distinct configurations")
+    if args.study_name is not None and not args.study_name.strip():
+        p.error("--study-name is empty; give a name, or leave it out for the space's name")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        p.error(f"--seed {args.seed}: give a whole number from 0 to {2**32 - 1}")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        p.error(f"--device {args.device!r}: give cpu or cuda (cuda:N for one device)")
+    if args.device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error(f"--device {args.device}: this machine has no CUDA device torch can use; adapt on cpu")
     if args.eval_limit is not None and args.eval_limit < 1:
         p.error(f"--eval-limit {args.eval_limit}: give 1 or more utterances")
     if args.timeout is not None and not 0 <= args.timeout < float("inf"):

@@ -515,11 +515,13 @@ def test_a_space_value_no_trial_could_run_is_refused_before_any_trial(study, tmp
 
 
 def test_a_study_in_which_every_trial_failed_exits_non_zero(tmp_path, manifest):
-    # random weights cannot give the WER objective: every trial fails, and the command says so
-    space = dict(STUDY_SPACE, model="tiny-random")
+    # the torch backend exports nothing: an export-time objective is never measured, every trial
+    # fails, and the command says so, with each trial's reason
+    space = dict(STUDY_SPACE, model="tiny-random", objectives=[{"metric": "export_s", "direction": "minimize"}])
     out = cli("run", *study_args(tmp_path, space, manifest=manifest), cwd=tmp_path)
     assert out.returncode == 1, out.stderr
     assert "every trial failed" in out.stderr and "Traceback" not in out.stderr
+    assert "failed: objective export_s was not measured" in out.stderr
     trials = optuna.load_study(study_name="space", storage=f"sqlite:///{tmp_path / 's.db'}").trials
     assert trials and all(t.state == optuna.trial.TrialState.FAIL for t in trials if t.user_attrs.get("duplicate_of") is None)
 
@@ -730,3 +732,28 @@ def test_an_export_target_that_cannot_be_a_bundle_is_refused_and_the_folder_kept
               "--out", out, "--force", cwd=here)
     assert res.returncode == 2 and message in one_error_line(res), res.stderr
     assert sorted(p.name for p in here.iterdir()) == before and sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
+@pytest.mark.parametrize("command, flags, message", [
+    ("run", ["--study-name", ""], "--study-name is empty"),
+    ("run", ["--seed", "-1"], "--seed -1: give a whole number from 0"),
+    ("run", ["--seed", str(2**32)], f"--seed {2**32}"),
+    ("run", ["--device", "bogus"], "--device 'bogus': give cpu or cuda"),
+    ("run", ["--eval-set", ""], "--eval-set is empty"),
+    ("run", ["--adapt-set", ""], "--adapt-set is empty"),
+    ("measure", ["--seed", str(10**20)], f"--seed {10**20}"),
+    ("measure", ["--eval-set", ""], "--eval-set is empty"),
+    ("measure", ["--adapt-steps", "5"], "dse.measure measures weights as they are"),
+    ("verify", ["--eval-set", ""], "--eval-set is empty"),
+])
+def test_a_flag_value_that_would_be_ignored_or_crash_is_refused(study, tmp_path, command, flags, message):
+    # each was silently replaced by a default (an empty name or path, a device) or ended in a traceback (a seed)
+    if command == "run":
+        args = ["--study", "precision", "--storage", f"sqlite:///{tmp_path / 's.db'}", *flags]
+    elif command == "measure":
+        args = ["--model", study.checkpoint, *flags]
+    else:
+        args = [study.bundle, *flags]
+    out = cli(command, *args, cwd=tmp_path)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "s.db").exists()

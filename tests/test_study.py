@@ -123,14 +123,27 @@ def test_space_value_no_trial_could_run_is_refused_before_any_trial(setup, monke
     assert not (setup["tmp"] / "s.db").exists()  # nothing written
 
 
-def test_random_weights_cannot_have_wer_objective(setup, monkeypatch):
+@pytest.mark.parametrize("change, key", [
+    ({}, "objectives[0]: wer: tiny-random has random weights, whose WER is not measured"),
+    ({"objectives": [{"metric": "rtf_p95", "direction": "minimize"}], "constraints": [{"metric": "cer", "max": 0.5}]},
+     "constraints[0]: cer: tiny-random has random weights"),
+    ({"objectives": [{"metric": "rtf_p95", "direction": "minimize"}], "fixed": {"adapt_steps": 10}},
+     "fixed.adapt_steps: adapting needs trained weights and an adaptation split, and tiny-random has random weights"),
+])
+def test_what_random_weights_cannot_give_is_refused_before_any_trial(setup, monkeypatch, capsys, change, key):
     monkeypatch.setenv("DSE_LOCK_DIR", str(setup["tmp"]))
-    space = dict(SPACE, model="tiny-random", n_trials=1, params={"precision": {"choices": ["fp32"]}})
+    space = dict(SPACE, model="tiny-random", n_trials=1, params={"precision": {"choices": ["fp32"]}}, **change)
     setup["space"].write_text(yaml.safe_dump(space))
-    run.main(args(setup, "--n-trials", "1", "--timeout", "60"))
-    t = load(setup).trials[0]
-    assert t.state == TrialState.FAIL and "not measurable" in t.user_attrs["fail_reason"]
-    assert t.user_attrs.get("metrics") is None or t.user_attrs["metrics"]["wer"] is None
+    assert run.main(args(setup, "--n-trials", "1", "--timeout", "60")) == 2
+    assert key in " ".join(capsys.readouterr().err.split())
+    assert not (setup["tmp"] / "s.db").exists()  # nothing written
+
+
+def test_adapting_without_an_adaptation_split_is_refused_before_any_trial(setup, monkeypatch, capsys):
+    space = dict(SPACE, model=str(setup["ckpt"]), n_trials=1, params={"adapt_steps": {"choices": [0, 10]}})
+    setup["space"].write_text(yaml.safe_dump(space))
+    assert run.main(args(setup, "--adapt-set", str(setup["tmp"] / "typo.jsonl"))) == 2
+    assert "adapt set" in capsys.readouterr().err and not (setup["tmp"] / "s.db").exists()
 
 
 def test_a_time_budget_stops_starting_trials_and_says_how_to_go_on(setup, monkeypatch, capsys):

@@ -249,6 +249,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     bundle = Path(args.bundle)
     try:
+        if args.eval_set is not None and not args.eval_set.strip():
+            raise DSEError("--eval-set is empty; give the eval set's manifest, or leave it out for the recorded one")
         for flag, value in (("--threads", args.threads), ("--speedup-utterances", args.speedup_utterances),
                             ("--limit", args.limit)):
             if value is not None and value < 1:

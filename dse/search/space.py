@@ -215,6 +215,26 @@ class Space:
             except ConfigError as exc:
                 raise _err(self.path, key, f"{exc}; change it in the space file") from None
 
+    def check_weights(self, model: str, trained: bool, can_adapt: bool) -> None:
+        """What random weights cannot give, refused before any trial: a word error rate to search
+        on or to limit, and adaptation (``can_adapt``: trained weights and an adaptation split)."""
+        if not trained:
+            named = [(f"objectives[{i}]", o.metric) for i, o in enumerate(self.objectives)]
+            named += [(f"constraints[{i}]", c.metric) for i, c in enumerate(self.constraints)]
+            for key, metric in named:
+                if metric in ("wer", "cer"):
+                    raise _err(self.path, key, f"{metric}: {model} has random weights, whose {metric.upper()} is not "
+                                               "measured; use trained weights (model: default, or a checkpoint) or "
+                                               "speed metrics only (rtf_p95, ttft_s, ...)")
+        adapting = [("fixed.adapt_steps", self.fixed.get("adapt_steps", 0))]
+        adapting += [(f"params.adapt_steps: {v!r}", v) for p in self.params if p.knob == "adapt_steps" for v in p.values()]
+        adapting += [(f"anchors[{i}].adapt_steps", a.get("adapt_steps", 0)) for i, a in enumerate(self.anchors)]
+        for key, steps in adapting:
+            if steps and not can_adapt:
+                why = "has random weights" if not trained else "has no adaptation split (--adapt-set)"
+                raise _err(self.path, key, f"adapting needs trained weights and an adaptation split, and {model} "
+                                           f"{why}; set adapt_steps 0")
+
     def grid(self) -> dict[str, list]:
         return {p.knob: p.values() for p in self.params}
 

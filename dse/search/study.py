@@ -626,6 +626,7 @@ def make_objective(ctx, console, seed: Optional[int] = None):
                 msg = f"objective {o.metric} was not measured" + (
                     " (random weights: WER is not measurable)" if o.metric in ("wer", "cer") else "")
                 trial.set_user_attr("fail_reason", msg)
+                console.print(f"  trial {trial.number}: [red]failed[/red]: {msg}")
                 raise DSEError(msg)
             values.append(float(v))
         console.print(f"  trial {trial.number}: " + ", ".join(f"{o.metric}={v:.4g}" for o, v in zip(space.objectives, values))
@@ -765,10 +766,27 @@ def eval_set_of(args) -> str:
     """The eval set a worker uses (``--eval-set`` or the shipped split), checked to exist."""
     from dse.core.models import DEFAULT_EVAL
 
+    if args.eval_set is not None and not args.eval_set.strip():
+        raise DSEError("--eval-set is empty; give a JSONL manifest or a LibriSpeech directory")
     eval_set = args.eval_set or DEFAULT_EVAL
     if not os.path.exists(eval_set):
         raise DSEError(f"eval set {eval_set} not found; pass --eval-set MANIFEST_OR_DIR")
     return str(eval_set)
+
+
+def adapt_set_of(args) -> Optional[str]:
+    """The adaptation split a worker uses: ``--adapt-set``, checked to exist, or the shipped split
+    where it is present (``None`` where it is not)."""
+    from dse.core.models import DEFAULT_ADAPT
+
+    given = getattr(args, "adapt_set", None)
+    if given is None:
+        return str(DEFAULT_ADAPT) if os.path.exists(DEFAULT_ADAPT) else None
+    if not given.strip():
+        raise DSEError("--adapt-set is empty; give the manifest of the adaptation split")
+    if not os.path.isfile(given):
+        raise DSEError(f"adapt set {given} not found (or not a file); pass --adapt-set MANIFEST")
+    return given
 
 
 def load_worker_model(space, args):
@@ -786,12 +804,12 @@ def load_worker_model(space, args):
         loaded = load_model(model_arg, None, weights_seed)
     loaded = with_lm(loaded, getattr(args, "lm", None))
     space.check_for(loaded.arch, loaded.lm_path is not None)
+    space.check_weights(model_arg, loaded.trained, loaded.trained and adapt_set_of(args) is not None)
     return loaded
 
 
 def load_context(space, args, loaded=None):
     from dse.core.measure import load_eval_audio
-    from dse.core.models import DEFAULT_ADAPT
 
     loaded = loaded or load_worker_model(space, args)
     space = space.for_model(loaded.lm_path is not None)
@@ -799,8 +817,8 @@ def load_context(space, args, loaded=None):
     limit = args.eval_limit or space.eval_limit
     audio = load_eval_audio(eval_set, limit, progress=True)
     adapt_fn = None
-    adapt_set = args.adapt_set or DEFAULT_ADAPT
-    if loaded.trained and os.path.exists(adapt_set):
+    adapt_set = adapt_set_of(args)
+    if loaded.trained and adapt_set is not None:
         from dse.search.adapt import Adapter
         adapt_fn = Adapter(loaded, adapt_set, cache_dir=args.cache_dir, device=args.device)
     ctx = TrialContext(loaded=loaded, audio=audio, space=space, adapt_fn=adapt_fn, profile=args.profile)
