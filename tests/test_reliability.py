@@ -504,6 +504,8 @@ def study_args(root: Path, space: dict, *extra, manifest: Optional[Path] = None)
     ({"moe_experts": {"choices": [0, 4]}, "moe_hidden": {"choices": [4096]}}, {},
      "params.moe_hidden: 4096: moe_hidden=4096 exceeds the dense FFN width"),
     ({"precision": {"choices": ["fp32"]}}, {"eval_limit": -3}, "eval_limit: -3 must be a whole number of utterances"),
+    ({"precision": {"choices": ["fp32"]}}, {"timing_utterances": 0}, "timing_utterances: 0 must be a whole number (1 or more)"),
+    ({"precision": {"choices": ["fp32"]}}, {"fixed": {"threads": 0}}, "fixed.threads: 0 must be an integer"),
 ])
 def test_a_space_value_no_trial_could_run_is_refused_before_any_trial(study, tmp_path, params, top, message):
     space = dict(STUDY_SPACE, model=str(study.checkpoint), params=params, **top)
@@ -756,4 +758,16 @@ def test_a_flag_value_that_would_be_ignored_or_crash_is_refused(study, tmp_path,
         args = [study.bundle, *flags]
     out = cli(command, *args, cwd=tmp_path)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "s.db").exists()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "is a directory"),
+    (lambda p: p.write_bytes(b"RIFF\x00\xff\xfeWAVE"), "not a YAML text file"),
+    (lambda p: p.write_text("sampler: grid\nparams: {precision: {choices: [fp32\n"), "not valid YAML at line 3"),
+])
+def test_a_space_file_that_is_not_yaml_is_one_line(tmp_path, make, message):
+    make(tmp_path / "space.yaml")
+    out = cli("run", "--study", tmp_path / "space.yaml", "--storage", f"sqlite:///{tmp_path / 's.db'}", cwd=tmp_path)
+    assert out.returncode == 2 and message in one_error_line(out), out.stderr
     assert not (tmp_path / "s.db").exists()

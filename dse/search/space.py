@@ -277,10 +277,10 @@ def _err(path, key, msg) -> ConfigError:
     return ConfigError(f"{path}: {key}: {msg}")
 
 
-def _check_knob_value(path, knob, value):
+def _check_knob_value(path, knob, value, section: str = "params"):
     problem = knob_problem(knob, value)
     if problem:
-        raise _err(path, f"params.{knob}", f"{value!r} {problem}")
+        raise _err(path, f"{section}.{knob}", f"{value!r} {problem}")
 
 
 def parse_space(data: Any, path: Path, name: Optional[str] = None) -> Space:
@@ -335,7 +335,7 @@ def parse_space(data: Any, path: Path, name: Optional[str] = None) -> Space:
     for knob, v in fixed.items():
         if knob not in KNOBS:
             raise _err(path, f"fixed.{knob}", f"unknown knob; allowed knobs: {', '.join(KNOBS)}")
-        _check_knob_value(path, knob, v)
+        _check_knob_value(path, knob, v, "fixed")
     baseline = dict(data.get("baseline") or {})
     for knob in baseline:
         if knob not in KNOBS:
@@ -351,7 +351,7 @@ def parse_space(data: Any, path: Path, name: Optional[str] = None) -> Space:
         for knob, v in a.items():
             if knob not in KNOBS:
                 raise _err(path, f"anchors[{i}].{knob}", f"unknown knob; allowed knobs: {', '.join(KNOBS)}")
-            _check_knob_value(path, knob, v)
+            _check_knob_value(path, knob, v, f"anchors[{i}]")
         try:
             canonical(dict(fixed, **a))
         except ConfigError as exc:
@@ -360,8 +360,9 @@ def parse_space(data: Any, path: Path, name: Optional[str] = None) -> Space:
     counts = {"n_trials": data.get("n_trials", 10), "timing_utterances": data.get("timing_utterances", 24),
               "remeasure.pairs": remeasure["pairs"], "remeasure.utterances": remeasure["utterances"]}
     for key, v in counts.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise _err(path, key, f"{v!r} must be a whole number (0 or more)")
+        least = 1 if key == "timing_utterances" else 0  # a trial is timed on at least one utterance
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise _err(path, key, f"{v!r} must be a whole number ({least} or more)")
     eval_limit = data.get("eval_limit")
     if eval_limit is not None and (not isinstance(eval_limit, int) or isinstance(eval_limit, bool) or eval_limit < 1):
         raise _err(path, "eval_limit", f"{eval_limit!r} must be a whole number of utterances (1 or more)")
@@ -387,8 +388,16 @@ def load_space(name_or_path: str) -> Space:
     if not path.exists():
         known = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
         raise ConfigError(f"no search space {name_or_path!r} ({path} not found); known: {', '.join(known)}")
+    if path.is_dir():
+        raise ConfigError(f"search space {path} is a directory; give a YAML file or a name in {SPACES_DIR}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a YAML text file (byte {exc.start} is not UTF-8)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"{path}: not valid YAML{at} ({getattr(exc, 'problem', None) or exc})") from None
     return parse_space(data, path)
