@@ -97,7 +97,8 @@ def _run(args, console) -> int:
     from dse.search.space import load_space
     from dse.search.storage import make_storage
     from dse.search.study import (DistinctTrials, enqueue_anchors, eval_set_of, finished_count, load_context,
-                                  load_worker_model, make_objective, make_sampler, model_identity, resolve_front)
+                                  load_worker_model, make_objective, make_sampler, model_identity, resolve_front,
+                                  resume_conflicts)
 
     space = load_space(args.study)
     eval_set_of(args)  # a missing eval set is refused before the storage is touched
@@ -116,6 +117,11 @@ def _run(args, console) -> int:
                                   optuna.study.StudyDirection.MAXIMIZE for d in space.directions]:
         raise DSEError(f"study {study_name!r} in {where} has other objectives than {space.path}; "
                        "use another --study-name")
+    levels = not isinstance(study.sampler, optuna.samplers.GridSampler)
+    conflicts = resume_conflicts(study, space, levels)
+    if conflicts:
+        raise DSEError(f"study {study_name!r} in {where} was searched with other choices than {space.path.name} "
+                       f"gives now ({'; '.join(conflicts)}); put them back, or run under another --study-name")
     study.set_metric_names([o.metric for o in space.objectives])
     study.set_user_attr("space", space.name)
     study.set_user_attr("objectives", [o.__dict__ for o in space.objectives])
@@ -141,7 +147,6 @@ def _run(args, console) -> int:
         study.set_user_attr("model", model_identity(ctx.loaded))
         console.print(f"model {ctx.loaded.name} ({ctx.loaded.weights}), {len(ctx.audio.waveforms)} eval utterances"
                       + (f", {len(ctx.audio.skipped)} skipped" if ctx.audio.skipped else ""))
-        levels = not isinstance(study.sampler, optuna.samplers.GridSampler)
         enqueue_anchors(study, ctx.space, levels, log=lambda msg: console.print(f"  {msg}"))
         # Optuna logs a failed trial's traceback at WARNING; the objective prints one line itself.
         optuna.logging.set_verbosity(optuna.logging.ERROR)

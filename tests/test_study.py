@@ -277,3 +277,27 @@ def test_three_workers_on_postgresql(setup, postgres):
     assert len({t.number for t in trials}) == len(trials)
     others = [t for t in trials if t.state != TrialState.COMPLETE]
     assert all(t.state == TrialState.PRUNED and t.user_attrs["duplicate_of"] is not None for t in others), states
+
+
+@pytest.mark.parametrize("sampler, before, after, message", [
+    ("grid", {"precision": {"choices": ["fp32", "int8"]}}, {"precision": {"choices": ["fp32", "bf16"]}},
+     "precision: ['fp32', 'int8'] then, ['fp32', 'bf16'] now"),
+    ("random", {"beam_width": {"choices": [1, 4]}}, {"beam_width": {"choices": [1, 2, 4]}}, "beam_width: trial "),
+])
+def test_a_study_resumed_with_other_choices_is_refused_before_any_trial(setup, monkeypatch, capsys, sampler, before,
+                                                                        after, message):
+    # Optuna failed every new trial on changed categories, and a level silently meant another value
+    monkeypatch.setenv("DSE_LOCK_DIR", str(setup["tmp"]))
+    space = dict(SPACE, model=str(setup["ckpt"]), sampler=sampler, params=before, fixed={"threads": 1},
+                 baseline={"beam_width": 4, "precision": "fp32"})
+    setup["space"].write_text(yaml.safe_dump(space))
+    assert run.main(args(setup, "--n-trials", "1")) == 0
+    n = len(load(setup).trials)
+    setup["space"].write_text(yaml.safe_dump(dict(space, params=after)))
+    capsys.readouterr()
+    assert run.main(args(setup, "--n-trials", "2")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err and "another --study-name" in err, err
+    assert len(load(setup).trials) == n
+    setup["space"].write_text(yaml.safe_dump(dict(space, params=dict(before, threads={"choices": [1, 2]}))))
+    assert run.main(args(setup, "--n-trials", "1")) == 0  # adding a knob is no conflict

@@ -789,6 +789,34 @@ def adapt_set_of(args) -> Optional[str]:
     return given
 
 
+def resume_conflicts(study, space, levels: bool) -> list[str]:
+    """Why ``space`` cannot go on with ``study``'s trials, one line per knob (empty: it can).
+
+    Optuna refuses other choices for a categorical parameter (every new trial would fail), and
+    an ordered knob's level (see :meth:`Space.suggest`) would silently mean another value where
+    a choice was inserted or removed below it."""
+    params = {}
+    for p in space.params:
+        if p.choices is not None and levels and p.ordered:
+            params[p.level_name] = (p.knob, sorted(p.choices), True)
+        elif p.choices is not None:
+            params[p.knob] = (p.knob, list(p.choices), False)
+    problems: dict[str, str] = {}
+    for t in study.get_trials(deepcopy=False):
+        for name, dist in t.distributions.items():
+            if name not in params or params[name][0] in problems:
+                continue
+            knob, choices, level = params[name]
+            if level:
+                value = (t.user_attrs.get("config") or {}).get(knob)
+                now = choices[t.params[name]] if t.params[name] < len(choices) else None
+                if value is not None and now != value:
+                    problems[knob] = f"{knob}: trial {t.number}'s level {t.params[name]} was {value}, now it is {now}"
+            elif list(getattr(dist, "choices", choices)) != choices:
+                problems[knob] = f"{knob}: {list(dist.choices)} then, {choices} now"
+    return list(problems.values())
+
+
 def load_worker_model(space, args):
     """The model a worker measures (``--model`` or the space's), with its language model; the
     space is checked against it before any trial (:meth:`dse.search.space.Space.check_for`)."""
