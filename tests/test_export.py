@@ -196,6 +196,7 @@ def test_pick_exports_the_matching_trial_with_least_rtf(study, tmp_path, capsys)
     ({"pick": "wer<0.5"}, "no COMPLETE trial of study 'space' satisfies wer<0.5"),
     ({"pick": "wr<=0.5"}, "metric 'wr' is not recorded"),
     ({"pick": "wer=<0.5"}, "is not METRIC OP NUMBER"),
+    ({"pick": "rtf_p95<nan"}, "'nan' is not a number"),  # nothing compares true with NaN
     ({"pick": "wer<=0.5", "minimize": "latency"}, "metric 'latency' is not recorded"),
     ({"trial": 99}, "has no trial 99"),
     ({}, "give exactly one of"),
@@ -203,6 +204,14 @@ def test_pick_exports_the_matching_trial_with_least_rtf(study, tmp_path, capsys)
 def test_bad_choice_is_a_clear_error_and_writes_nothing(study, tmp_path, kwargs, message):
     with pytest.raises(DSEError, match=message):
         export.export_bundle(study.storage, study.name, tmp_path / "out", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_minimize_with_a_trial_number_is_refused(study, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:  # it ranks --pick's matches: with --trial it was silently ignored
+        export.main(["--storage", study.storage, "--study", study.name, "--trial", "0", "--minimize", "wer",
+                     "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and "nothing to rank" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -26,6 +26,7 @@ import datetime
 import io
 import json
 import logging
+import math
 import operator
 import os
 import re
@@ -80,6 +81,8 @@ def parse_pick(text: str) -> list[Condition]:
         try:
             value = float(m.group(3))
         except ValueError:
+            value = math.nan
+        if math.isnan(value):  # no metric compares true with NaN: nothing would ever match
             raise DSEError(f"--pick condition {part.strip()!r}: {m.group(3)!r} is not a number") from None
         conditions.append(Condition(m.group(1), m.group(2), value))
     return conditions
@@ -699,7 +702,7 @@ def main(argv=None) -> int:
     which.add_argument("--trial", type=int, metavar="N", help="number of the COMPLETE trial to export")
     which.add_argument("--pick", metavar="CONDITIONS", help="comma-separated conditions on recorded metrics, e.g. 'wer<=0.08,ttft_s<0.5'; "
                                       "exports the matching COMPLETE trial with the least --minimize")
-    p.add_argument("--minimize", default="rtf_p95", metavar="METRIC",
+    p.add_argument("--minimize", metavar="METRIC",
                    help="metric that ranks the trials --pick matches, smallest wins (default rtf_p95)")
     p.add_argument("--out", required=True, metavar="DIR", help="bundle directory to create (must not exist, or be empty)")
     p.add_argument("--storage", default=os.environ.get("DSE_STORAGE", DEFAULT_STORAGE), metavar="URL",
@@ -707,6 +710,8 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="replace an existing --out bundle (never a folder that is not a dse bundle)")
     p.add_argument("--cache-dir", metavar="DIR", help="adaptation cache the study used (default ~/.cache/dse/adapted)")
     args = p.parse_args(argv)
+    if args.trial is not None and args.minimize is not None:
+        p.error("--minimize ranks the trials --pick matches; with --trial N there is nothing to rank")
 
     def log(msg):
         print(msg, file=sys.stderr)
@@ -714,7 +719,7 @@ def main(argv=None) -> int:
     try:
         with INTERRUPTS.installed():  # SIGTERM stops an export as Ctrl-C does: the partial folder is removed
             out = export_bundle(args.storage, args.study, args.out, trial=args.trial, pick=args.pick,
-                                minimize=args.minimize, force=args.force, cache_dir=args.cache_dir, log=log)
+                                minimize=args.minimize or "rtf_p95", force=args.force, cache_dir=args.cache_dir, log=log)
     except DSEError as exc:
         return cli_error(exc)
     except KeyboardInterrupt:
