@@ -771,3 +771,14 @@ def test_a_space_file_that_is_not_yaml_is_one_line(tmp_path, make, message):
     out = cli("run", "--study", tmp_path / "space.yaml", "--storage", f"sqlite:///{tmp_path / 's.db'}", cwd=tmp_path)
     assert out.returncode == 2 and message in one_error_line(out), out.stderr
     assert not (tmp_path / "s.db").exists()
+
+
+def test_verify_says_when_a_bundle_records_nothing_to_compare(tmp_path, manifest):
+    # random weights record no error rate and no transcript: "accuracy identical" would claim a check never made
+    space = dict(STUDY_SPACE, model="tiny-random", objectives=[{"metric": "rtf_p95", "direction": "minimize"}],
+                 n_trials=1, params={"precision": {"choices": ["fp32"]}})
+    assert cli("run", *study_args(tmp_path, space, manifest=manifest), cwd=tmp_path).returncode == 0
+    export.export_bundle(f"sqlite:///{tmp_path / 's.db'}", "space", tmp_path / "bundle", trial=0)
+    out = cli("verify", tmp_path / "bundle", "--no-speedup", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "accuracy not compared" in out.stdout and "accuracy identical" not in out.stdout
