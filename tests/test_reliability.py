@@ -782,3 +782,21 @@ def test_verify_says_when_a_bundle_records_nothing_to_compare(tmp_path, manifest
     out = cli("verify", tmp_path / "bundle", "--no-speedup", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "accuracy not compared" in out.stdout and "accuracy identical" not in out.stdout
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("measure", ["--lm", "{dir}"], "is a directory; give the .lm.gz file"),
+    ("measure", ["--model", "{dir}"], "is a directory, not a checkpoint file"),
+    ("measure", ["--model", ""], "--model is empty"),
+    ("measure", ["--model", "base", "--weights", ""], "--weights is empty"),
+    ("run", ["--study", "precision", "--storage", "sqlite:///{dir}"], "is a directory, not an SQLite file"),
+    ("export", ["--study", "s", "--trial", "0", "--out", "o", "--storage", "sqlite:///{dir}"],
+     "is a directory, not an SQLite file"),
+    ("transcribe", ["", "a.wav"], "the bundle path is empty"),
+])
+def test_a_folder_or_an_empty_path_is_named_as_such(tmp_path, command, args, message):
+    # they read "not found", or another file's problem: a folder given for a file, or "" read as "."
+    (tmp_path / "folder").mkdir()
+    out = cli(command, *[a.replace("{dir}", str(tmp_path / "folder")) for a in args], cwd=tmp_path)
+    assert out.returncode == 2 and message in one_error_line(out), out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]

@@ -21,6 +21,8 @@ def read_audio(path: str | os.PathLike, target_rate_hz: int = TARGET_RATE_HZ) ->
     """
     import soundfile
 
+    if not str(path).strip():
+        raise AudioError("an audio path is empty; give a file")
     path = Path(path)
     if not path.exists():
         raise AudioError(f"{path}: audio file not found")

@@ -211,6 +211,9 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: checkpoint not found")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory, not a checkpoint file (a torchaudio asset directory goes "
+                             "to --weights)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -240,6 +243,10 @@ def with_lm(loaded: LoadedModel, lm_path: Optional[str]) -> LoadedModel:
     """``loaded`` with the language model at ``lm_path`` (``None``: unchanged)."""
     if lm_path is None:
         return loaded
+    if not str(lm_path).strip():
+        raise ModelLoadError("--lm is empty; give a language model file (.lm.gz)")
+    if Path(lm_path).is_dir():
+        raise ModelLoadError(f"language model {lm_path} is a directory; give the .lm.gz file")
     if not Path(lm_path).is_file():
         raise ModelLoadError(f"language model {lm_path} not found (build one with python -m dse.lm build)")
     return dataclasses.replace(loaded, lm_path=str(lm_path))
@@ -303,12 +310,16 @@ def load_model(model: Optional[str] = None, weights: Optional[str] = None, seed:
     """
     if model is None and weights is None:
         return load_checkpoint(DEFAULT_CHECKPOINT) if default_available() else random_model("base", seed)
+    if model is not None and not model.strip():
+        raise ModelLoadError("--model is empty; give an architecture name (base, small, tiny) or a checkpoint")
     if model is not None and model not in ARCHITECTURES:
         if weights not in (None,):
             raise ModelLoadError(f"--model {model!r} is a path; do not pass --weights with it")
         return load_checkpoint(model)
     if weights is None or weights == "random":
         return random_model(model or "base", seed)
+    if not weights.strip():
+        raise ModelLoadError("--weights is empty; give 'random', a checkpoint or a torchaudio asset directory")
     wpath = Path(weights)
     if wpath.is_dir():
         if model not in (None, "base"):

@@ -177,6 +177,9 @@ def load_study(storage_url: str, study_name: str):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     path = sqlite_path(storage_url)
+    if path is not None and path.is_dir():
+        raise DSEError(f"storage {redact(storage_url)!r}: {path} is a directory, not an SQLite file; pass --storage "
+                       "with the URL the study was run with")
     if path is not None and not path.is_file():
         raise DSEError(f"storage {redact(storage_url)!r}: file {path} not found; pass --storage with the URL "
                        "the study was run with")

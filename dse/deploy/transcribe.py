@@ -95,6 +95,8 @@ def main(argv=None) -> int:
                    help="run the encoder eagerly even if the trial was timed with torch.compile")
     args = p.parse_args(argv)
     try:
+        if not args.bundle.strip():
+            raise DSEError("the bundle path is empty; give the folder dse.export wrote")
         if args.inputs.count("-") > 1:
             raise DSEError("'-' (standard input) can be given only once")
         if args.threads is not None and args.threads < 1:

@@ -107,6 +107,8 @@ def storage_problem(url: str, exc: BaseException) -> Optional[str]:
     if any(s in lowered for s in _CORRUPT):
         return (f"{path.name} is not a valid SQLite database (corrupt?): {path} ({detail}); restore it from "
                 "a backup, or pass --storage with another file")
+    if path.is_dir():
+        return f"{path} is a directory, not an SQLite file; give a file path, e.g. sqlite:///{path / 'studies.db'}"
     if "unable to open database file" in lowered:
         return (f"{path.name} cannot be opened: {path} ({detail}); check that its folder exists and that "
                 "this user may write there")
