@@ -111,6 +111,7 @@ def _run(args, console) -> int:
     # must not propose the same start-up configurations.
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     sampler = make_sampler(args.sampler or space.sampler, space, seed)
+    created = study_name not in optuna.get_all_study_names(storage=storage)
     study = optuna.create_study(storage=storage, study_name=study_name, directions=space.directions,
                                 sampler=sampler, load_if_exists=True)
     if list(study.directions) != [optuna.study.StudyDirection.MINIMIZE if d == "minimize" else
@@ -131,7 +132,12 @@ def _run(args, console) -> int:
     console.print(f"study [bold]{study_name}[/bold] in {where}: {finished_count(study)} distinct configurations "
                   f"finished, {max(0, remaining)} to run (sampler seed {seed})")
     if remaining > 0:
-        ctx = load_context(space, args, loaded)
+        try:
+            ctx = load_context(space, args, loaded)
+        except DSEError:  # an eval set whose audio is unusable: leave no empty study behind
+            if created and not study.get_trials(deepcopy=False):
+                optuna.delete_study(study_name=study_name, storage=storage)
+            raise
         baseline = ctx.space.baseline_config().to_dict()
         before = study.user_attrs.get("baseline_config")
         changed = sorted(k for k in baseline if before and k in before and before[k] != baseline[k])

@@ -800,3 +800,12 @@ def test_a_folder_or_an_empty_path_is_named_as_such(tmp_path, command, args, mes
     out = cli(command, *[a.replace("{dir}", str(tmp_path / "folder")) for a in args], cwd=tmp_path)
     assert out.returncode == 2 and message in one_error_line(out), out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+def test_an_eval_set_without_usable_audio_leaves_no_study_behind(study, tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "x", "path": "nope.wav", "duration": 1.0, "text": "hi"}) + "\n")
+    space = dict(STUDY_SPACE, model=str(study.checkpoint))
+    out = cli("run", *study_args(tmp_path, space, manifest=manifest), cwd=tmp_path)
+    assert out.returncode == 2 and "no usable utterances" in out.stderr, out.stderr
+    assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 's.db'}") == []
