@@ -62,11 +62,6 @@ def main(argv=None) -> int:
         p.error(f"--seed {args.seed}: give a whole number from 0 to {2**32 - 1}")
     if args.device != "cpu" and not args.device.startswith("cuda"):
         p.error(f"--device {args.device!r}: give cpu or cuda (cuda:N for one device)")
-    if args.device != "cpu":
-        import torch
-
-        if not torch.cuda.is_available():
-            p.error(f"--device {args.device}: this machine has no CUDA device torch can use; adapt on cpu")
     if args.eval_limit is not None and args.eval_limit < 1:
         p.error(f"--eval-limit {args.eval_limit}: give 1 or more utterances")
     if args.timeout is not None and not 0 <= args.timeout < float("inf"):
@@ -111,7 +106,11 @@ def _run(args, console) -> int:
     # must not propose the same start-up configurations.
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     sampler = make_sampler(args.sampler or space.sampler, space, seed)
-    created = study_name not in optuna.get_all_study_names(storage=storage)
+    target = space.n_trials if args.n_trials is None else args.n_trials
+    ctx = None
+    if target > 0 and study_name not in optuna.get_all_study_names(storage=storage):
+        # a new study is created only once its eval audio is read: unusable audio leaves none behind
+        ctx = load_context(space, args, loaded)
     study = optuna.create_study(storage=storage, study_name=study_name, directions=space.directions,
                                 sampler=sampler, load_if_exists=True)
     if list(study.directions) != [optuna.study.StudyDirection.MINIMIZE if d == "minimize" else
@@ -120,24 +119,18 @@ def _run(args, console) -> int:
                        "use another --study-name")
     levels = not isinstance(study.sampler, optuna.samplers.GridSampler)
     conflicts = resume_conflicts(study, space, levels)
-    if conflicts:
+    if conflicts and target > finished_count(study):  # with nothing to run, the front is still printed
         raise DSEError(f"study {study_name!r} in {where} was searched with other choices than {space.path.name} "
                        f"gives now ({'; '.join(conflicts)}); put them back, or run under another --study-name")
     study.set_metric_names([o.metric for o in space.objectives])
     study.set_user_attr("space", space.name)
     study.set_user_attr("objectives", [o.__dict__ for o in space.objectives])
     study.set_user_attr("constraints", [c.__dict__ for c in space.constraints])
-    target = space.n_trials if args.n_trials is None else args.n_trials
     remaining = target - finished_count(study)
     console.print(f"study [bold]{study_name}[/bold] in {where}: {finished_count(study)} distinct configurations "
                   f"finished, {max(0, remaining)} to run (sampler seed {seed})")
     if remaining > 0:
-        try:
-            ctx = load_context(space, args, loaded)
-        except DSEError:  # an eval set whose audio is unusable: leave no empty study behind
-            if created and not study.get_trials(deepcopy=False):
-                optuna.delete_study(study_name=study_name, storage=storage)
-            raise
+        ctx = ctx or load_context(space, args, loaded)
         baseline = ctx.space.baseline_config().to_dict()
         before = study.user_attrs.get("baseline_config")
         changed = sorted(k for k in baseline if before and k in before and before[k] != baseline[k])
@@ -165,7 +158,7 @@ def _run(args, console) -> int:
                                catch=(Exception,), gc_after_trial=True,
                                callbacks=[DistinctTrials(target), INTERRUPTS.check])
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/yellow]: the trial in flight is recorded as FAIL; "
+            console.print("[yellow]interrupted[/yellow]: a trial in flight is recorded as FAIL; "
                           "run the same command again to resume")
             _report(study, space, console)
             return 130

@@ -129,6 +129,8 @@ def test_password_in_driver_text_is_masked_even_outside_a_url():
     (f"postgresql://127.0.0.1:1/x?user=u&password={PASSWORD}", "postgresql://127.0.0.1:1/x?user=u&password=***"),
     (f"postgresql:///x?host=127.0.0.1&port=1&password={PASSWORD}", "&password=***"),
     (f"postgresql://u:{PASSWORD[:4]}@{PASSWORD[4:]}@127.0.0.1:1/x", "its password holds an '@'; write it as %40"),
+    # a user name may hold an '@' (user@server, as some hosted databases want): reached, and masked
+    (f"postgresql://u@server:{PASSWORD}@127.0.0.1:1/x", "postgresql://u@server:***@127.0.0.1:1/x': OperationalError"),
 ])
 def test_a_password_in_the_query_or_holding_an_at_is_masked(tmp_path, url, shown):
     out = cli("run", "--study", "precision", "--storage", url, cwd=tmp_path)
@@ -315,6 +317,36 @@ def test_read_only_is_fine_for_readers(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_queued_trial_is_claimed_by_one_worker_only(tmp_path):
+    # Optuna reads WAITING and then writes RUNNING; SQLite ignores the row lock, so two workers
+    # could both claim a queued trial and both run it (Optuna's own claim, raced by two threads
+    # here, took 17 of 200 trials twice). The claim is one conditional UPDATE.
+    import threading
+    from optuna.trial import TrialState
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    stores = [storage_module.make_storage(url) for _ in range(2)]
+    study = optuna.create_study(storage=stores[0], study_name="claims")
+    for i in range(200):
+        study.enqueue_trial({"a": i})
+    ids = [t._trial_id for t in study.get_trials(deepcopy=False)]
+    won = [[], []]
+
+    def claim(k):
+        for trial_id in ids:
+            if stores[k].set_trial_state_values(trial_id, TrialState.RUNNING):
+                won[k].append(trial_id)
+
+    workers = [threading.Thread(target=claim, args=(k,)) for k in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not set(won[0]) & set(won[1]) and sorted(won[0] + won[1]) == sorted(ids)
+    assert all(t.state == TrialState.RUNNING and t.datetime_start for t in study.get_trials(deepcopy=False))
+    assert not stores[1].set_trial_state_values(ids[0], TrialState.RUNNING)  # claimed already
+
+
 def test_a_locked_heartbeat_is_tried_again_and_never_kills_the_heartbeat_thread(tmp_path, monkeypatch):
     """SQLite refuses a heartbeat's lock upgrade at once ("database is locked") while another worker
     waits to commit; Optuna's heartbeat thread died of it and the trial was failed under a live
@@ -609,6 +641,8 @@ import optuna
 from optuna.storages import _heartbeat
 from optuna.study import _optimize
 where, sig = sys.argv[1], int(sys.argv[2])
+twice = where.endswith("-twice")
+where = where.removesuffix("-twice")
 sent = []
 
 def after(call):
@@ -617,6 +651,8 @@ def after(call):
         if not sent:
             sent.append(1)
             os.kill(os.getpid(), sig)
+            if twice:
+                os.kill(os.getpid(), sig)
         return result
     return patched
 
@@ -698,6 +734,18 @@ def test_a_stopped_export_leaves_the_old_bundle_or_the_new_one_and_nothing_parti
         assert (out / "MANIFEST.sha256").exists()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_in_optunas_bookkeeping_ends_the_worker_at_once(study, tmp_path, sig):
+    # raising there would leave the heartbeat thread running (a hang) or break Optuna's tell: the
+    # process ends by the signal itself instead
+    space = dict(STUDY_SPACE, model=str(study.checkpoint))
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), DSE_LOCK_DIR=str(tmp_path))
+    args = [sys.executable, "-c", SIGNAL_INSIDE, "heartbeat-twice", str(int(sig)),
+            *map(str, study_args(tmp_path, space, manifest=study.manifest))]
+    out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == -sig and "stopped at once" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_a_held_signal_is_raised_at_the_next_safe_point_and_a_second_one_at_once():
     from dse.core.interrupts import Interrupts
 
@@ -707,10 +755,22 @@ def test_a_held_signal_is_raised_at_the_next_safe_point_and_a_second_one_at_once
             interrupts.handler(signal.SIGTERM, None)
             ran_on = True
     assert ran_on and not interrupts.pending
-    with pytest.raises(KeyboardInterrupt):  # the user insists: the second is raised where it lands
+    forced = []
+    interrupts.force = forced.append  # the process itself would end here, by the signal
+    with pytest.raises(KeyboardInterrupt):  # the user insists: the second ends the process at once
         with interrupts.held():
             interrupts.handler(signal.SIGINT, None)
             interrupts.handler(signal.SIGINT, None)
+            assert forced == [signal.SIGINT]
+    with interrupts.held(last=True):  # a block that must not be cut holds every signal, and drops them
+        interrupts.handler(signal.SIGTERM, None)
+        interrupts.handler(signal.SIGTERM, None)
+    assert forced == [signal.SIGINT] and not interrupts.pending
+    with pytest.raises(OSError):  # a block that fails leaves nothing held for the next one
+        with interrupts.held():
+            interrupts.handler(signal.SIGTERM, None)
+            raise OSError("disk full")
+    assert not interrupts.pending
     with interrupts.held():
         interrupts.handler(signal.SIGTERM, None)
         with pytest.raises(KeyboardInterrupt):  # a trial's work starts: the held signal lands there

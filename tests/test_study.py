@@ -213,7 +213,8 @@ def test_two_workers_sqlite_no_trial_lost_or_duplicated(setup):
     setup["space"].write_text(yaml.safe_dump(space))
     procs = [_worker(setup, 4) for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    assert all(p.returncode == 0 for p in procs), "\n".join(f"exit {p.returncode}:\n{o[-3000:]}"
+                                                            for p, o in zip(procs, outs))
     trials = load(setup).trials
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     # the space has exactly 4 distinct configurations: each measured once, whichever worker drew it
@@ -301,3 +302,33 @@ def test_a_study_resumed_with_other_choices_is_refused_before_any_trial(setup, m
     assert len(load(setup).trials) == n
     setup["space"].write_text(yaml.safe_dump(dict(space, params=dict(before, threads={"choices": [1, 2]}))))
     assert run.main(args(setup, "--n-trials", "1")) == 0  # adding a knob is no conflict
+
+
+@pytest.mark.parametrize("name", ["moe", "full", "precision", "context", "frame", "base-latency"])
+@pytest.mark.parametrize("levels", [True, False])
+def test_a_shipped_space_resumes_its_own_trials_and_not_an_edited_copy(name, levels):
+    # a dense trial's MoE sub-knobs are recorded in canonical form: a replay through the same space
+    # gives them back, so the same command always resumes; an inserted choice changes what a level means
+    import dataclasses
+    import warnings
+
+    from dse.search.space import Param, load_space
+    from dse.search.study import resume_conflicts
+
+    space = load_space(name).for_model(True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=space.directions, sampler=optuna.samplers.RandomSampler(seed=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(20):
+            trial = study.ask()
+            trial.set_user_attr("config", space.suggest(trial, levels=levels).to_dict())
+            study.tell(trial, [0.0] * len(space.directions))
+    assert resume_conflicts(study, space, levels) == []
+    ordered = [p for p in space.params if p.ordered and len(p.choices) > 1]
+    if ordered:
+        p = ordered[0]
+        low = min(p.choices)
+        inserted = dataclasses.replace(p, choices=tuple(sorted({*p.choices, low - 1})))  # below every level
+        edited = dataclasses.replace(space, params=tuple(inserted if q is p else q for q in space.params))
+        assert any(line.startswith(f"{p.knob}:") for line in resume_conflicts(study, edited, levels))

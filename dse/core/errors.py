@@ -28,7 +28,8 @@ class ConfigError(DSEError):
 
 
 # the password runs to the last '@' before the host: an unencoded '@' inside it is still masked
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^/\s]*)@")
+# (a user name may hold an '@' itself: user@server, as some hosted databases want)
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/\s]*):(?P<password>[^/\s]*)@")
 _QUERY_PASSWORD = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd|sslpassword)=)[^&\s'\"]*")
 
 

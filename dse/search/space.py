@@ -226,14 +226,22 @@ class Space:
                     raise _err(self.path, key, f"{metric}: {model} has random weights, whose {metric.upper()} is not "
                                                "measured; use trained weights (model: default, or a checkpoint) or "
                                                "speed metrics only (rtf_p95, ttft_s, ...)")
-        adapting = [("fixed.adapt_steps", self.fixed.get("adapt_steps", 0))]
-        adapting += [(f"params.adapt_steps: {v!r}", v) for p in self.params if p.knob == "adapt_steps" for v in p.values()]
-        adapting += [(f"anchors[{i}].adapt_steps", a.get("adapt_steps", 0)) for i, a in enumerate(self.anchors)]
-        for key, steps in adapting:
+        for key, steps in self._adapt_steps():
             if steps and not can_adapt:
                 why = "has random weights" if not trained else "has no adaptation split (--adapt-set)"
                 raise _err(self.path, key, f"adapting needs trained weights and an adaptation split, and {model} "
                                            f"{why}; set adapt_steps 0")
+
+    def _adapt_steps(self) -> list[tuple[str, int]]:
+        """(where in the file, adapt_steps) for every value the space can give."""
+        steps = [("fixed.adapt_steps", self.fixed.get("adapt_steps", 0))]
+        steps += [(f"params.adapt_steps: {v!r}", v) for p in self.params if p.knob == "adapt_steps" for v in p.values()]
+        steps += [(f"anchors[{i}].adapt_steps", a.get("adapt_steps", 0)) for i, a in enumerate(self.anchors)]
+        return steps
+
+    def adapts(self) -> bool:
+        """Whether some trial of this space adapts its weights."""
+        return any(steps for _, steps in self._adapt_steps())
 
     def grid(self) -> dict[str, list]:
         return {p.knob: p.values() for p in self.params}

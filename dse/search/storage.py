@@ -62,7 +62,8 @@ def check_url(url: str) -> None:
     if not scheme:
         raise DSEError(f"storage {redact(url)!r} is not a URL; expected sqlite:///path/studies.db or "
                        "postgresql://user@host/db")
-    if url.split("://", 1)[1].split("/", 1)[0].count("@") > 1:  # the driver would take the password's tail for the host
+    userinfo = url.split("://", 1)[1].split("/", 1)[0].rpartition("@")[0]
+    if "@" in userinfo.partition(":")[2]:  # the driver would take the password's tail for the host
         raise DSEError(f"storage URL {redact(url)!r}: its password holds an '@'; write it as %40")
 
 
@@ -184,11 +185,30 @@ def _rdb_storage_class():
     :data:`HEARTBEAT_QUICK_S`) is tried again, :data:`HEARTBEAT_TRIES` times shortly apart; one
     that came after waiting out the busy timeout is not (the next beat would wait as long). A beat
     still refused is skipped with a warning, and the thread goes on: the next beat comes one
-    interval later."""
+    interval later.
+
+    A queued (WAITING) trial is claimed in one conditional UPDATE. Optuna reads the trial's state
+    and then writes RUNNING, locking the row for the read (``FOR UPDATE``); SQLite ignores that,
+    so two workers could both read WAITING and both run the trial, and the second to finish died
+    telling it ("Cannot tell a COMPLETE trial")."""
+    import datetime
+
     from optuna.storages import RDBStorage
+    from optuna.trial import TrialState
 
     class Storage(RDBStorage):
         _annotating = False
+
+        def set_trial_state_values(self, trial_id, state, values=None) -> bool:
+            if state != TrialState.RUNNING or values is not None:
+                return super().set_trial_state_values(trial_id, state, values)
+            from sqlalchemy import text
+
+            with self.engine.begin() as conn:
+                claimed = conn.execute(text("UPDATE trials SET state = 'RUNNING', datetime_start = :now "
+                                            "WHERE trial_id = :id AND state = 'WAITING'"),
+                                       {"now": datetime.datetime.now(), "id": trial_id}).rowcount
+            return claimed == 1
 
         def record_heartbeat(self, trial_id: int) -> None:
             for attempt in range(HEARTBEAT_TRIES):

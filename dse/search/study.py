@@ -792,28 +792,50 @@ def adapt_set_of(args) -> Optional[str]:
 def resume_conflicts(study, space, levels: bool) -> list[str]:
     """Why ``space`` cannot go on with ``study``'s trials, one line per knob (empty: it can).
 
-    Optuna refuses other choices for a categorical parameter (every new trial would fail), and
-    an ordered knob's level (see :meth:`Space.suggest`) would silently mean another value where
-    a choice was inserted or removed below it."""
-    params = {}
+    Optuna refuses another kind of parameter, or other choices for a categorical one (every
+    new trial would fail); and an ordered knob's level (see :meth:`Space.suggest`) would
+    silently mean another value where a choice was inserted or removed below it: each earlier
+    trial's parameters are replayed through today's space and must give its recorded values."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    kinds = {}
     for p in space.params:
         if p.choices is not None and levels and p.ordered:
-            params[p.level_name] = (p.knob, sorted(p.choices), True)
+            kinds[p.level_name] = (p.knob, None)
         elif p.choices is not None:
-            params[p.knob] = (p.knob, list(p.choices), False)
+            kinds[p.knob] = (p.knob, list(p.choices))
+        else:
+            kinds[p.knob] = (p.knob, None)
+    level_knobs = [p for p in space.params if p.choices is not None and levels and p.ordered]
     problems: dict[str, str] = {}
     for t in study.get_trials(deepcopy=False):
         for name, dist in t.distributions.items():
-            if name not in params or params[name][0] in problems:
+            if name not in kinds or kinds[name][0] in problems:
                 continue
-            knob, choices, level = params[name]
-            if level:
-                value = (t.user_attrs.get("config") or {}).get(knob)
-                now = choices[t.params[name]] if t.params[name] < len(choices) else None
-                if value is not None and now != value:
-                    problems[knob] = f"{knob}: trial {t.number}'s level {t.params[name]} was {value}, now it is {now}"
-            elif list(getattr(dist, "choices", choices)) != choices:
+            knob, choices = kinds[name]
+            if isinstance(dist, CategoricalDistribution) != (choices is not None):
+                problems[knob] = (f"{knob}: searched as {'choices' if choices is None else 'a range'} then, "
+                                  f"as {'choices' if choices is not None else 'a range'} now")
+            elif choices is not None and list(dist.choices) != choices:
                 problems[knob] = f"{knob}: {list(dist.choices)} then, {choices} now"
+        recorded = t.user_attrs.get("config")
+        replay = [p for p in level_knobs if p.level_name in t.params and p.knob not in problems]
+        if not recorded or not replay:
+            continue
+        try:
+            now = space.suggest(optuna.trial.FixedTrial(t.params), levels=levels).to_dict()
+        except IndexError:  # a level past today's choices: some were removed
+            for p in replay:
+                if t.params[p.level_name] >= len(p.choices):
+                    problems[p.knob] = f"{p.knob}: trial {t.number}'s level {t.params[p.level_name]} has no value now"
+            continue
+        except Exception:  # a parameter today's space has and this trial lacks (a knob added): nothing to replay
+            continue
+        for p in replay:
+            if p.knob in recorded and now.get(p.knob) != recorded[p.knob]:
+                problems[p.knob] = (f"{p.knob}: trial {t.number}'s level {t.params[p.level_name]} gave "
+                                    f"{recorded[p.knob]}, now it gives {now.get(p.knob)}")
     return list(problems.values())
 
 
@@ -833,6 +855,9 @@ def load_worker_model(space, args):
     loaded = with_lm(loaded, getattr(args, "lm", None))
     space.check_for(loaded.arch, loaded.lm_path is not None)
     space.check_weights(model_arg, loaded.trained, loaded.trained and adapt_set_of(args) is not None)
+    device = getattr(args, "device", "cpu")
+    if device != "cpu" and space.adapts() and not torch.cuda.is_available():  # the device adapts, nothing else
+        raise DSEError(f"--device {device}: this machine has no CUDA device torch can use; adapt on cpu")
     return loaded
 
 

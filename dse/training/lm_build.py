@@ -79,11 +79,22 @@ def check_out(out: str, force: bool) -> None:
     if path.exists():
         if not force:
             raise DSEError(f"--out {path} exists; pass --force to replace it, or choose another path")
-        try:
-            CharNgramLM.load(path)
-        except DSEError:
+        if not _is_lm_file(path):
             raise DSEError(f"--out {path} is not a dse language model; --force replaces only one: choose "
-                           "another path") from None
+                           "another path")
+
+
+def _is_lm_file(path: Path) -> bool:
+    """Whether ``path`` starts as a language model file does (its header; any version)."""
+    import gzip
+
+    from dse.core.ngram import FORMAT
+
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            return json.loads(fh.readline()).get("format") == FORMAT
+    except (OSError, EOFError, ValueError, AttributeError):
+        return False
 
 
 def main(argv=None) -> int:
@@ -118,7 +129,10 @@ def main(argv=None) -> int:
                 raise DSEError(f"no sentences in {', '.join(args.texts)}; nothing to count")
             t0 = time.perf_counter()
             lm = CharNgramLM.train(texts, CharTokenizer().symbols, order=args.order, discount=args.discount)
-            lm.save(args.out)
+            try:
+                lm.save(args.out)
+            except OSError as exc:  # a folder this user may not write, a full disk
+                raise DSEError(f"--out {args.out}: {exc.strerror or exc}") from None
             size_kib = Path(args.out).stat().st_size / 1024
             print(f"{args.out}: order {args.order}, {len(texts)} sentences, "
                   f"{sum(len(f) for t in lm.tables for f in t.values())} n-grams, {size_kib:.0f} KiB, "
@@ -131,8 +145,6 @@ def main(argv=None) -> int:
             print(f"{args.lm}: {lm.bits_per_char(texts):.3f} bits per character over {len(texts)} sentences")
     except DSEError as exc:
         return cli_error(exc)
-    except OSError as exc:  # --out in a folder this user may not write, a full disk
-        return cli_error(DSEError(f"--out {args.out}: {exc.strerror or exc}"))
     return 0
 
 
