@@ -1,7 +1,6 @@
 """``python -m dse.corpus``: see :mod:`dse.training.corpus`."""
-import sys
-
+from dse.core.errors import exit_with
 from dse.training.corpus import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

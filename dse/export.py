@@ -1,7 +1,6 @@
 """``python -m dse.export``: see :mod:`dse.deploy.export`."""
-import sys
-
+from dse.core.errors import exit_with
 from dse.deploy.export import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -1,7 +1,6 @@
 """``python -m dse.lm``: see :mod:`dse.training.lm_build`."""
-import sys
-
+from dse.core.errors import exit_with
 from dse.training.lm_build import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

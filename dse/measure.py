@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from dse.core.errors import DSEError, cli_error
+from dse.core.errors import DSEError, cli_error, exit_with
 from dse.core.measure import load_eval_audio, machine_fingerprint, measure
 
 
@@ -148,4 +148,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from dse.core.errors import DSEError, cli_error, redact
+from dse.core.errors import DSEError, cli_error, exit_with, redact
 from dse.core.interrupts import INTERRUPTS
 from dse.search.storage import DEFAULT_STORAGE
 
@@ -193,4 +193,4 @@ def _report(study, space, console) -> None:
         console.print(line)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -1,7 +1,6 @@
 """``python -m dse.train``: see :mod:`dse.training.train`."""
-import sys
-
+from dse.core.errors import exit_with
 from dse.training.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -1,7 +1,6 @@
 """``python -m dse.transcribe``: see :mod:`dse.deploy.transcribe`."""
-import sys
-
+from dse.core.errors import exit_with
 from dse.deploy.transcribe import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -1,7 +1,6 @@
 """``python -m dse.verify``: see :mod:`dse.deploy.verify`."""
-import sys
-
+from dse.core.errors import exit_with
 from dse.deploy.verify import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

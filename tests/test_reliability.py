@@ -869,3 +869,19 @@ def test_an_eval_set_without_usable_audio_leaves_no_study_behind(study, tmp_path
     out = cli("run", *study_args(tmp_path, space, manifest=manifest), cwd=tmp_path)
     assert out.returncode == 2 and "no usable utterances" in out.stderr, out.stderr
     assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 's.db'}") == []
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    # `python -m dse.lm score ... | head -c 0`: the reader is gone before the first line
+    texts = tmp_path / "t.txt"
+    texts.write_text("hello world\nthe cat sat\n")
+    assert cli("lm", "build", "--out", tmp_path / "x.lm.gz", "--order", "3", "--texts", texts, cwd=tmp_path).returncode == 0
+    read, write = os.pipe()
+    os.close(read)
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    try:
+        out = subprocess.run([sys.executable, "-m", "dse.lm", "score", str(tmp_path / "x.lm.gz"), str(texts)],
+                             stdout=write, stderr=subprocess.PIPE, env=env, cwd=tmp_path, timeout=120)
+    finally:
+        os.close(write)
+    assert out.returncode == 141 and b"Traceback" not in out.stderr, out.stderr.decode()

@@ -40,6 +40,24 @@ def redact(text: str) -> str:
     return _QUERY_PASSWORD.sub(lambda m: f"{m['key']}***", text)
 
 
+def exit_with(main) -> None:
+    """Run a command's ``main`` and exit with its status. Output piped into a reader that stops
+    early (``| head``) ends the command quietly, with the status a shell gives a process its
+    SIGPIPE ended (141), where it was a traceback."""
+    import os
+
+    try:
+        status = main()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):  # the closed one is not known: no second error at exit
+            os.dup2(devnull, stream.fileno())
+        status = 141
+    sys.exit(status)
+
+
 def cli_error(exc: BaseException) -> int:
     """The error tail every command shares: one line ``error: ...`` on stderr (passwords in
     URLs masked), and exit status 2."""
