@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from dse.core.errors import DSEError, cli_error, exit_with
+from dse.core.errors import DSEError, cli_error, exit_with, not_empty
 from dse.core.measure import load_eval_audio, machine_fingerprint, measure
 
 
@@ -113,8 +113,6 @@ def main(argv=None) -> int:
         p.error(f"--limit {args.limit}: give 1 or more utterances")
     if not 0 <= args.seed < 2**63:
         p.error(f"--seed {args.seed}: give a whole number from 0 to {2**63 - 1}")
-    if args.eval_set is not None and not args.eval_set.strip():
-        p.error("--eval-set is empty; give a JSONL manifest or a LibriSpeech directory")
     if args.adapt_steps:
         p.error(f"--adapt-steps {args.adapt_steps}: dse.measure measures weights as they are; adaptation runs in a "
                 "study (python -m dse.run with adapt_steps in its space), and dse.export writes the adapted weights")
@@ -123,7 +121,7 @@ def main(argv=None) -> int:
 
         loaded = with_lm(load_model(args.model, args.weights, args.seed), args.lm)
         config = config_from_args(args, loaded)
-        eval_set = args.eval_set or DEFAULT_EVAL
+        eval_set = not_empty(args.eval_set, "--eval-set", "a JSONL manifest or a LibriSpeech directory") or DEFAULT_EVAL
         if not args.eval_set and not os.path.exists(eval_set):
             raise DSEError(f"no --eval-set given and the shipped eval split {eval_set} is missing")
         audio = load_eval_audio(eval_set, args.limit, progress=not args.no_progress)

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from dse.core.errors import DSEError, cli_error, exit_with, redact
+from dse.core.errors import DSEError, cli_error, exit_with, not_empty, redact
 from dse.core.interrupts import INTERRUPTS
 from dse.search.storage import DEFAULT_STORAGE
 
@@ -56,8 +56,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.n_trials is not None and args.n_trials < 0:
         p.error(f"--n-trials {args.n_trials}: give 0 or more distinct configurations")
-    if args.study_name is not None and not args.study_name.strip():
-        p.error("--study-name is empty; give a name, or leave it out for the space's name")
     if args.seed is not None and not 0 <= args.seed < 2**32:
         p.error(f"--seed {args.seed}: give a whole number from 0 to {2**32 - 1}")
     if args.device != "cpu" and not args.device.startswith("cuda"):
@@ -99,9 +97,9 @@ def _run(args, console) -> int:
     eval_set_of(args)  # a missing eval set is refused before the storage is touched
     loaded = load_worker_model(space, args)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study_name = not_empty(args.study_name, "--study-name", "a name, or leave it out for the space's name") or space.name
     storage = make_storage(args.storage)
     where = redact(args.storage)
-    study_name = args.study_name or space.name
     # Each worker draws its own sampler seed unless the user fixes one: siblings on one storage
     # must not propose the same start-up configurations.
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
@@ -118,16 +116,17 @@ def _run(args, console) -> int:
         raise DSEError(f"study {study_name!r} in {where} has other objectives than {space.path}; "
                        "use another --study-name")
     levels = not isinstance(study.sampler, optuna.samplers.GridSampler)
+    finished = finished_count(study)
     conflicts = resume_conflicts(study, space, levels)
-    if conflicts and target > finished_count(study):  # with nothing to run, the front is still printed
+    if conflicts and target > finished:  # with nothing to run, the front is still printed
         raise DSEError(f"study {study_name!r} in {where} was searched with other choices than {space.path.name} "
                        f"gives now ({'; '.join(conflicts)}); put them back, or run under another --study-name")
     study.set_metric_names([o.metric for o in space.objectives])
     study.set_user_attr("space", space.name)
     study.set_user_attr("objectives", [o.__dict__ for o in space.objectives])
     study.set_user_attr("constraints", [c.__dict__ for c in space.constraints])
-    remaining = target - finished_count(study)
-    console.print(f"study [bold]{study_name}[/bold] in {where}: {finished_count(study)} distinct configurations "
+    remaining = target - finished
+    console.print(f"study [bold]{study_name}[/bold] in {where}: {finished} distinct configurations "
                   f"finished, {max(0, remaining)} to run (sampler seed {seed})")
     if remaining > 0:
         ctx = ctx or load_context(space, args, loaded)

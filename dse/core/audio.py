@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torchaudio
 
-from dse.core.errors import AudioError
+from dse.core.errors import AudioError, not_empty
 
 TARGET_RATE_HZ = 16000
 
@@ -21,9 +21,7 @@ def read_audio(path: str | os.PathLike, target_rate_hz: int = TARGET_RATE_HZ) ->
     """
     import soundfile
 
-    if not str(path).strip():
-        raise AudioError("an audio path is empty; give a file")
-    path = Path(path)
+    path = Path(not_empty(path, "an audio path", "a file", AudioError))
     if not path.exists():
         raise AudioError(f"{path}: audio file not found")
     if path.is_dir():

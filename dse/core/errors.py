@@ -40,6 +40,15 @@ def redact(text: str) -> str:
     return _QUERY_PASSWORD.sub(lambda m: f"{m['key']}***", text)
 
 
+def not_empty(value, name: str, give: str, error: type = None):
+    """``value`` as given (``None`` stays ``None``), refused (``error``, default :class:`DSEError`)
+    when it is an empty string: ``Path("")`` reads as the current folder, and ``value or default``
+    would quietly take the default."""
+    if value is not None and not str(value).strip():
+        raise (error or DSEError)(f"{name} is empty; give {give}")
+    return value
+
+
 def exit_with(main) -> None:
     """Run a command's ``main`` and exit with its status. Output piped into a reader that stops
     early (``| head``) ends the command quietly, with the status a shell gives a process its

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torchaudio.models import RNNT, emformer_rnnt_model
 
-from dse.core.errors import ModelLoadError
+from dse.core.errors import ModelLoadError, not_empty
 from dse.core.files import file_sha256
 from dse.core.features import FeatureConfig, LogMel
 from dse.core import vocab
@@ -243,8 +243,7 @@ def with_lm(loaded: LoadedModel, lm_path: Optional[str]) -> LoadedModel:
     """``loaded`` with the language model at ``lm_path`` (``None``: unchanged)."""
     if lm_path is None:
         return loaded
-    if not str(lm_path).strip():
-        raise ModelLoadError("--lm is empty; give a language model file (.lm.gz)")
+    not_empty(lm_path, "--lm", "a language model file (.lm.gz)", ModelLoadError)
     if Path(lm_path).is_dir():
         raise ModelLoadError(f"language model {lm_path} is a directory; give the .lm.gz file")
     if not Path(lm_path).is_file():
@@ -310,16 +309,14 @@ def load_model(model: Optional[str] = None, weights: Optional[str] = None, seed:
     """
     if model is None and weights is None:
         return load_checkpoint(DEFAULT_CHECKPOINT) if default_available() else random_model("base", seed)
-    if model is not None and not model.strip():
-        raise ModelLoadError("--model is empty; give an architecture name (base, small, tiny) or a checkpoint")
+    not_empty(model, "--model", "an architecture name (base, small, tiny) or a checkpoint", ModelLoadError)
     if model is not None and model not in ARCHITECTURES:
         if weights not in (None,):
             raise ModelLoadError(f"--model {model!r} is a path; do not pass --weights with it")
         return load_checkpoint(model)
     if weights is None or weights == "random":
         return random_model(model or "base", seed)
-    if not weights.strip():
-        raise ModelLoadError("--weights is empty; give 'random', a checkpoint or a torchaudio asset directory")
+    not_empty(weights, "--weights", "'random', a checkpoint or a torchaudio asset directory", ModelLoadError)
     wpath = Path(weights)
     if wpath.is_dir():
         if model not in (None, "base"):

@@ -104,7 +104,7 @@ class CharNgramLM:
         if cached is None:
             cached = np.array([math.log(p) for p in self._after(h)], np.float32)
             cached.flags.writeable = False
-            if len(self._cache) > 200_000:
+            if len(self._cache) > self.CACHE_ENTRIES:
                 self._cache.clear()
             self._cache[h] = cached
         return cached
@@ -115,7 +115,10 @@ class CharNgramLM:
 
         return torch.tensor(self.log_probs(history))
 
-    MEMO_ENTRIES = 100_000  # history suffixes whose probabilities are kept, then all dropped (~1 KB each)
+    CACHE_ENTRIES = 200_000  # full histories whose float32 log-probabilities are kept, then all dropped
+    # history suffixes whose probabilities are kept, then all dropped: about 1.06 KB each (sys.getsizeof of
+    # key, list and floats; the shipped LM, 12,580 entries; one-off)
+    MEMO_ENTRIES = 100_000
 
     def _after(self, h: str) -> List[float]:
         """Probabilities (doubles) of each symbol and the end mark after the padded history ``h``

@@ -57,6 +57,9 @@ class NumberedTokenizer:
         return {"kind": self.kind, "num_symbols": self.num_symbols}
 
 
+KINDS = ("chars", "numbered")  # what from_dict builds
+
+
 def from_dict(data: dict) -> Optional[object]:
     """The tokenizer of a ``to_dict()`` form of these kinds, ``None`` for another kind."""
     kind = data.get("kind")

@@ -41,7 +41,8 @@ from typing import Callable, Optional
 import torch
 
 from dse.deploy import lite, runtime
-from dse.core.errors import DSEError, cli_error, redact
+from dse.core.errors import DSEError, cli_error, not_empty, redact
+from dse.core.files import check_creatable
 from dse.core.interrupts import INTERRUPTS
 from dse.core.precision import apply_precision
 from dse.core.record import TrialRecord
@@ -606,11 +607,7 @@ def _check_target(out: Path, force: bool) -> None:
     here = Path.cwd().resolve()
     if out.resolve() == here or out.resolve() in here.parents:
         raise DSEError(f"--out {out} is the folder this command runs in, or holds it; choose another path")
-    ancestor = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
-    if ancestor != out and not ancestor.is_dir():
-        raise DSEError(f"--out {out}: {ancestor} is not a folder; choose another path")
-    if ancestor != out and not os.access(ancestor, os.W_OK | os.X_OK):
-        raise DSEError(f"--out {out}: this user may not create folders in {ancestor}; choose another path")
+    check_creatable(out, "--out")
     if out.exists() and not out.is_dir():
         raise DSEError(f"--out {out} exists and is not a directory; choose another path")
     if out.is_dir() and any(out.iterdir()):
@@ -669,9 +666,7 @@ def export_bundle(storage_url: str, study_name: str, out_dir, trial: Optional[in
     study or weights, or an existing non-empty ``out_dir`` without ``force``.
     """
     log = log or (lambda msg: None)
-    if not str(out_dir).strip():
-        raise DSEError("--out is empty; give the folder to write the bundle to")
-    out = Path(out_dir).absolute()
+    out = Path(not_empty(out_dir, "--out", "the folder to write the bundle to")).absolute()
     _check_target(out, force)
     study = load_study(storage_url, study_name)
     chosen = select_trial(study, trial, pick, minimize)

@@ -225,7 +225,7 @@ def needs_torch(config: dict, trial, vocabulary: dict) -> List[str]:
                    "onnxruntime)")
     if art.get("memory"):
         why.append("an encoder with memory slots")
-    if vocabulary.get("kind") not in ("chars", "numbered"):
+    if vocabulary.get("kind") not in vocab.KINDS:
         why.append(f"a {vocabulary.get('kind')} vocabulary")
     if trial.lm_weight > 0 and (not config.get("language_model") or vocabulary.get("kind") != "chars"):
         why.append("language-model fusion without a character vocabulary and the LM file")

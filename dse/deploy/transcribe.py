@@ -26,7 +26,7 @@ import torch
 
 from dse.deploy import runtime
 from dse.core.audio import read_audio
-from dse.core.errors import AudioError, DSEError, cli_error
+from dse.core.errors import AudioError, DSEError, cli_error, not_empty
 from dse.core.stream import ChunkEvent, StreamingRecognizer
 
 PCM_BYTES_PER_SAMPLE = 2
@@ -95,8 +95,7 @@ def main(argv=None) -> int:
                    help="run the encoder eagerly even if the trial was timed with torch.compile")
     args = p.parse_args(argv)
     try:
-        if not args.bundle.strip():
-            raise DSEError("the bundle path is empty; give the folder dse.export wrote")
+        not_empty(args.bundle, "the bundle path", "the folder dse.export wrote")
         if args.inputs.count("-") > 1:
             raise DSEError("'-' (standard input) can be given only once")
         if args.threads is not None and args.threads < 1:

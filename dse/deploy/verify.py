@@ -27,7 +27,7 @@ from typing import Optional
 
 from dse.deploy import runtime
 from dse.core.config import TrialConfig
-from dse.core.errors import DSEError, cli_error
+from dse.core.errors import DSEError, cli_error, not_empty
 from dse.core.knobs import KNOBS
 from dse.core.record import TrialRecord
 
@@ -97,6 +97,10 @@ def _pooled(pairs) -> Optional[float]:
     return sum(e for e, _ in pairs) / words if words else None
 
 
+NOTHING_COMPARED = ("accuracy    not compared: the record holds no error rate and no transcript of these "
+                    "utterances (random weights record none)")
+
+
 def check_accuracy(recognizer, record: dict, audio, eval_set, limit: Optional[int],
                    subset: bool = False) -> tuple[list[str], list[str]]:
     """(report lines, problems) of re-scoring ``recognizer`` on ``audio`` (:class:`dse.core.measure.EvalAudio`).
@@ -155,8 +159,7 @@ def check_accuracy(recognizer, record: dict, audio, eval_set, limit: Optional[in
         lines.append(f"transcripts {same} of {total} recorded transcripts identical"
                      + (f" ({absent} recorded utterances not in this eval set)" if absent else ""))
     if not total and all(compared[k] is None or k in not_compared for k in ("wer", "cer")):
-        lines.append("accuracy    not compared: the record holds no error rate and no transcript of these "
-                     "utterances (random weights record none)")
+        lines.append(NOTHING_COMPARED)
     if diffs:
         problems.append(f"{len(diffs)} transcript(s) differ from the record, first: {diffs[0]}")
     if problems and record.get("adapted_again"):
@@ -252,8 +255,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     bundle = Path(args.bundle)
     try:
-        if args.eval_set is not None and not args.eval_set.strip():
-            raise DSEError("--eval-set is empty; give the eval set's manifest, or leave it out for the recorded one")
+        not_empty(args.eval_set, "--eval-set", "the eval set's manifest, or leave it out for the recorded one")
         for flag, value in (("--threads", args.threads), ("--speedup-utterances", args.speedup_utterances),
                             ("--limit", args.limit)):
             if value is not None and value < 1:
@@ -296,7 +298,7 @@ def main(argv=None) -> int:
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
         return 1
-    if any(line.startswith("accuracy    not compared") for line in lines):
+    if NOTHING_COMPARED in lines:
         print("verified: every file matches its checksum; accuracy not compared (nothing recorded to compare with)")
     else:
         print("verified: accuracy identical to the record")

@@ -94,6 +94,14 @@ class Param:
     def level_name(self) -> str:
         return f"{self.knob}{LEVEL_SUFFIX}"
 
+    def as_level(self, levels: bool) -> bool:
+        """Whether :meth:`Space.suggest` asks Optuna for a level (an ordered knob, with ``levels``)."""
+        return levels and self.ordered
+
+    def optuna_name(self, levels: bool) -> str:
+        """The name of this knob's parameter in an Optuna trial."""
+        return self.level_name if self.as_level(levels) else self.knob
+
 
 @dataclasses.dataclass(frozen=True)
 class Space:
@@ -134,7 +142,7 @@ class Space:
         """
         values = dict(self.fixed)
         for p in self.params:
-            if p.choices is not None and levels and p.ordered:
+            if p.as_level(levels):
                 ordered = sorted(p.choices)
                 values[p.knob] = ordered[trial.suggest_int(p.level_name, 0, len(ordered) - 1)]
             elif p.choices is not None:
@@ -150,12 +158,12 @@ class Space:
         dense model) takes its first value."""
         params, values = {}, dict(self.fixed)
         for p in self.params:
-            level = p.choices is not None and levels and p.ordered
+            level = p.as_level(levels)
             ordered = sorted(p.values()) if level else p.values()
             mine = getattr(config, p.knob)
             value = mine if mine in ordered else ordered[0]
             values[p.knob] = value
-            params[p.level_name if level else p.knob] = ordered.index(value) if level else value
+            params[p.optuna_name(levels)] = ordered.index(value) if level else value
         try:
             return params if self._filled(values) == config else None
         except ConfigError:

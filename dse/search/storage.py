@@ -29,27 +29,25 @@ _CORRUPT = ("file is not a database", "malformed", "not a database", "file is en
 def redact_storage(text: str, url: str) -> str:
     """``text`` with the password of ``url`` masked wherever it appears: in a URL (``redact``), and
     literally or percent-encoded (drivers and SQLAlchemy may quote the URL's parts on their own)."""
-    from urllib.parse import quote, unquote
+    from urllib.parse import parse_qs, quote, unquote, urlsplit
 
     out = redact(str(text))
-    secrets = set()
-    try:
-        from sqlalchemy.engine import make_url
-
-        parsed = make_url(url)
-        secrets |= {parsed.password, parsed.query.get("password")}
-    except Exception:  # an unparsable URL: the patterns are all there is
-        pass
-    # as written: an unencoded '@' in the password makes drivers read its tail as the host
-    authority = url.split("://", 1)[-1].split("/", 1)[0]
-    if "@" in authority and ":" in authority.rsplit("@", 1)[0]:
-        raw = authority.rsplit("@", 1)[0].split(":", 1)[1]
+    secrets = set(parse_qs(urlsplit(url).query).get("password", []))
+    raw = _written_password(url)
+    if raw:  # and its pieces: a driver given an unencoded '@' in it reads the tail as the host
         secrets |= {raw, unquote(raw), *raw.split("@")}
-    for secret in sorted((s for s in secrets if isinstance(s, str)), key=len, reverse=True):
+    for secret in sorted(secrets, key=len, reverse=True):
         if len(secret) >= 3:  # shorter ones would mask letters of ordinary words
             for form in {secret, quote(secret, safe="")}:
                 out = out.replace(form, "***")
     return out
+
+
+def _written_password(url: str) -> str:
+    """The password of ``url`` as written: from the user's ':' to the last '@' before the host
+    (a user name may hold an '@', user@server; "" when there is none)."""
+    userinfo = url.split("://", 1)[-1].split("/", 1)[0].rpartition("@")[0]
+    return userinfo.partition(":")[2]
 
 
 def check_url(url: str) -> None:
@@ -62,8 +60,7 @@ def check_url(url: str) -> None:
     if not scheme:
         raise DSEError(f"storage {redact(url)!r} is not a URL; expected sqlite:///path/studies.db or "
                        "postgresql://user@host/db")
-    userinfo = url.split("://", 1)[1].split("/", 1)[0].rpartition("@")[0]
-    if "@" in userinfo.partition(":")[2]:  # the driver would take the password's tail for the host
+    if "@" in _written_password(url):  # the driver would take the password's tail for the host
         raise DSEError(f"storage URL {redact(url)!r}: its password holds an '@'; write it as %40")
 
 

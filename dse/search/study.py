@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from dse.core.config import TrialConfig
-from dse.core.errors import DSEError
+from dse.core.errors import DSEError, not_empty
 from dse.core.record import STORED_METRICS, TrialRecord
 from dse.core.interrupts import INTERRUPTS
 from dse.search.storage import STALE_REASON
@@ -386,7 +386,8 @@ def queue_after_repeat(study, space, levels: bool, rng) -> tuple[Optional[object
 
 class DistinctTrials:
     """Optuna callback: stop once the study holds ``target`` distinct finished configurations,
-    or when the space is exhausted (a duplicate found nothing left to queue)."""
+    or when the space is exhausted (:func:`queue_after_repeat`: nothing left to queue, and nothing
+    queued still waiting for a worker)."""
 
     def __init__(self, target: int):
         self.target = target
@@ -623,8 +624,7 @@ def make_objective(ctx, console, seed: Optional[int] = None):
         for o in space.objectives:
             v = metrics.get(o.metric)
             if v is None or (isinstance(v, float) and not math.isfinite(v)):
-                msg = f"objective {o.metric} was not measured" + (
-                    " (random weights: WER is not measurable)" if o.metric in ("wer", "cer") else "")
+                msg = f"objective {o.metric} was not measured"  # (random weights with WER: refused up front)
                 trial.set_user_attr("fail_reason", msg)
                 console.print(f"  trial {trial.number}: [red]failed[/red]: {msg}")
                 raise DSEError(msg)
@@ -766,9 +766,7 @@ def eval_set_of(args) -> str:
     """The eval set a worker uses (``--eval-set`` or the shipped split), checked to exist."""
     from dse.core.models import DEFAULT_EVAL
 
-    if args.eval_set is not None and not args.eval_set.strip():
-        raise DSEError("--eval-set is empty; give a JSONL manifest or a LibriSpeech directory")
-    eval_set = args.eval_set or DEFAULT_EVAL
+    eval_set = not_empty(args.eval_set, "--eval-set", "a JSONL manifest or a LibriSpeech directory") or DEFAULT_EVAL
     if not os.path.exists(eval_set):
         raise DSEError(f"eval set {eval_set} not found; pass --eval-set MANIFEST_OR_DIR")
     return str(eval_set)
@@ -779,11 +777,9 @@ def adapt_set_of(args) -> Optional[str]:
     where it is present (``None`` where it is not)."""
     from dse.core.models import DEFAULT_ADAPT
 
-    given = getattr(args, "adapt_set", None)
+    given = not_empty(getattr(args, "adapt_set", None), "--adapt-set", "the manifest of the adaptation split")
     if given is None:
         return str(DEFAULT_ADAPT) if os.path.exists(DEFAULT_ADAPT) else None
-    if not given.strip():
-        raise DSEError("--adapt-set is empty; give the manifest of the adaptation split")
     if not os.path.isfile(given):
         raise DSEError(f"adapt set {given} not found (or not a file); pass --adapt-set MANIFEST")
     return given
@@ -799,28 +795,21 @@ def resume_conflicts(study, space, levels: bool) -> list[str]:
     import optuna
     from optuna.distributions import CategoricalDistribution
 
-    kinds = {}
-    for p in space.params:
-        if p.choices is not None and levels and p.ordered:
-            kinds[p.level_name] = (p.knob, None)
-        elif p.choices is not None:
-            kinds[p.knob] = (p.knob, list(p.choices))
-        else:
-            kinds[p.knob] = (p.knob, None)
-    level_knobs = [p for p in space.params if p.choices is not None and levels and p.ordered]
+    params = {p.optuna_name(levels): p for p in space.params}
     problems: dict[str, str] = {}
     for t in study.get_trials(deepcopy=False):
         for name, dist in t.distributions.items():
-            if name not in kinds or kinds[name][0] in problems:
+            p = params.get(name)
+            if p is None or p.knob in problems:
                 continue
-            knob, choices = kinds[name]
-            if isinstance(dist, CategoricalDistribution) != (choices is not None):
-                problems[knob] = (f"{knob}: searched as {'choices' if choices is None else 'a range'} then, "
-                                  f"as {'choices' if choices is not None else 'a range'} now")
-            elif choices is not None and list(dist.choices) != choices:
-                problems[knob] = f"{knob}: {list(dist.choices)} then, {choices} now"
+            categorical = p.choices is not None and not p.as_level(levels)
+            if isinstance(dist, CategoricalDistribution) != categorical:
+                problems[p.knob] = (f"{p.knob}: searched as {'a range' if categorical else 'choices'} then, "
+                                    f"as {'choices' if categorical else 'a range'} now")
+            elif categorical and list(dist.choices) != list(p.choices):
+                problems[p.knob] = f"{p.knob}: {list(dist.choices)} then, {list(p.choices)} now"
         recorded = t.user_attrs.get("config")
-        replay = [p for p in level_knobs if p.level_name in t.params and p.knob not in problems]
+        replay = [p for p in space.params if p.as_level(levels) and p.level_name in t.params and p.knob not in problems]
         if not recorded or not replay:
             continue
         try:

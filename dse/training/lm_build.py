@@ -11,7 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from dse.core.errors import DSEError, cli_error
+from dse.core.errors import DSEError, cli_error, not_empty
+from dse.core.files import check_creatable
 from dse.core.lm import CharNgramLM
 from dse.training.corpus import load_sentences, normalise_text, shipped_texts
 
@@ -39,9 +40,7 @@ def default_texts() -> list[str]:
 
 def read_texts(path: str | os.PathLike) -> list[str]:
     """Sentences from a JSONL manifest (its ``text`` fields) or a plain text file (one per line)."""
-    p = Path(path)
-    if not str(path).strip():
-        raise DSEError("a text source is an empty path; give a JSONL manifest or a text file")
+    p = Path(not_empty(path, "a text source", "a JSONL manifest or a text file"))
     if p.is_dir():
         raise DSEError(f"text source {p} is a directory; give a JSONL manifest or a text file")
     if not p.is_file():
@@ -68,14 +67,10 @@ def read_texts(path: str | os.PathLike) -> list[str]:
 def check_out(out: str, force: bool) -> None:
     """Refuse an ``--out`` the build cannot or must not write: an empty path, a folder, a file
     under a file, or an existing file unless ``force`` (and then only a language model)."""
-    if not str(out).strip():
-        raise DSEError("--out is empty; give the language model file to write, e.g. my.lm.gz")
-    path = Path(out)
+    path = Path(not_empty(out, "--out", "the language model file to write, e.g. my.lm.gz"))
     if path.is_dir():
         raise DSEError(f"--out {path} is a directory; give a file, e.g. {path / 'model.lm.gz'}")
-    ancestor = next(p for p in path.absolute().parents if p.exists() or p == p.parent)
-    if not ancestor.is_dir():
-        raise DSEError(f"--out {path}: {ancestor} is not a folder")
+    check_creatable(path, "--out")
     if path.exists():
         if not force:
             raise DSEError(f"--out {path} exists; pass --force to replace it, or choose another path")
