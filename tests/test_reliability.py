@@ -319,7 +319,7 @@ def test_read_only_is_fine_for_readers(tmp_path):
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_queued_trial_is_claimed_by_one_worker_only(tmp_path):
     # Optuna reads WAITING and then writes RUNNING; SQLite ignores the row lock, so two workers
-    # could both claim a queued trial and both run it (Optuna's own claim, raced by two threads
+    # could both claim a queued trial and both run it (in one run, Optuna's own claim, raced by two threads
     # here, took 17 of 200 trials twice). The claim is one conditional UPDATE.
     import threading
     from optuna.trial import TrialState
